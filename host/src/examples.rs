@@ -1,0 +1,40 @@
+//! The guest examples of `guest-examples/`, built for wasm32-wasip2 by the build script and embedded.
+
+/// The echo/counter agent (durable state through the host state interface).
+pub const ECHO: &[u8] = include_bytes!(concat!(env!("TERRAPHIM_GUEST_DIR"), "/echo_agent.wasm"));
+/// The crasher agent: panics, `unreachable`, out-of-bounds memory access, stack
+/// overflow and divide-by-zero traps on request; can fail `start` or panic in `init` by config.
+pub const CRASHER: &[u8] =
+    include_bytes!(concat!(env!("TERRAPHIM_GUEST_DIR"), "/crasher_agent.wasm"));
+/// The fuel-burner agent: `burn` is an endless pure-compute loop (fuel and epoch interruption).
+pub const FUEL_BURNER: &[u8] = include_bytes!(concat!(
+    env!("TERRAPHIM_GUEST_DIR"),
+    "/fuel_burner_agent.wasm"
+));
+/// The memory-hog agent: `grow` allocates until the memory limit makes it trap; `grow <n>` takes n MiB.
+pub const MEMORY_HOG: &[u8] = include_bytes!(concat!(
+    env!("TERRAPHIM_GUEST_DIR"),
+    "/memory_hog_agent.wasm"
+));
+/// The sleeper agent: `sleep <ms>` blocks in WASI, `spin <ms>` busy-waits on the clock;
+/// config `stop_delay_ms` makes `stop` slow.
+pub const SLEEPER: &[u8] =
+    include_bytes!(concat!(env!("TERRAPHIM_GUEST_DIR"), "/sleeper_agent.wasm"));
+/// The failing-init agent: `init` returns an error unless config `succeed` is true.
+pub const FAILING_INIT: &[u8] = include_bytes!(concat!(
+    env!("TERRAPHIM_GUEST_DIR"),
+    "/failing_init_agent.wasm"
+));
+/// The exit agent: `exit <code>` calls WASI `exit`.
+pub const EXIT: &[u8] = include_bytes!(concat!(env!("TERRAPHIM_GUEST_DIR"), "/exit_agent.wasm"));
+
+/// All examples by agent-type name ("echo", "crasher", "fuel-burner", "memory-hog", "sleeper", "failing-init", "exit").
+pub const ALL: &[(&str, &[u8])] = &[
+    ("echo", ECHO),
+    ("crasher", CRASHER),
+    ("fuel-burner", FUEL_BURNER),
+    ("memory-hog", MEMORY_HOG),
+    ("sleeper", SLEEPER),
+    ("failing-init", FAILING_INIT),
+    ("exit", EXIT),
+];

@@ -1,0 +1,335 @@
+//! One live agent: one wasmtime `Store` with its own limits.
+//!
+//! Invariants:
+//! - Every call is armed with a fresh fuel budget (the smaller of the
+//!   per-call budget and what is left of the lifetime budget) and a
+//!   wall-clock deadline, enforced twice: the epoch callback traps a guest
+//!   that computes past it, and an async timeout drops a call blocked in a
+//!   host function.
+//! - Between epoch ticks nothing is checked; at each tick a running guest
+//!   yields to tokio, so a busy agent cannot starve its neighbours.
+//! - After any failure other than an application error the instance is dead
+//!   and is never re-entered: wasmtime poisons the store, and so do we.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::time::{error::Elapsed, timeout};
+use wasmtime::component::ResourceTable;
+use wasmtime::{Store, UpdateDeadline};
+
+use super::bindings::SupervisedAgent;
+use super::bindings::terraphim::agent::types as wit;
+use super::fault::{FaultHints, classify};
+use super::host::HostState;
+use super::limits::Limiter;
+use super::{AgentComponent, AgentFault, AgentLimits, CallError, Runtime, WasiGrants};
+use crate::state::StateStore;
+use crate::types::{InitArgs, SystemMessage, TerminateReason};
+
+/// What an instance is created with.
+#[derive(Clone)]
+pub struct InstanceOptions {
+    /// The agent's id: tags its logs, namespaces its state.
+    pub agent_id: String,
+    /// Its resource limits.
+    pub limits: AgentLimits,
+    /// Its WASI capabilities.
+    pub grants: WasiGrants,
+    /// Where its durable state lives.
+    pub state: Arc<dyn StateStore>,
+}
+
+/// One instantiated agent component.
+pub struct AgentInstance {
+    store: Store<HostState>,
+    guest: SupervisedAgent,
+    limits: AgentLimits,
+    /// What remains of the lifetime fuel budget, if there is one.
+    fuel_left: Option<u64>,
+    fuel_used: u64,
+    dead: bool,
+}
+
+impl std::fmt::Debug for AgentInstance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentInstance")
+            .field("agent_id", &self.store.data().agent_id)
+            .field("fuel_used", &self.fuel_used)
+            .field("dead", &self.dead)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Set the fuel budget and deadline of the next call into `store`.
+fn arm(store: &mut Store<HostState>, fuel: u64, limits: &AgentLimits) -> Result<(), AgentFault> {
+    store
+        .set_fuel(fuel)
+        .map_err(|e| AgentFault::Host(format!("cannot set fuel: {e:#}")))?;
+    let data = store.data_mut();
+    data.limiter.reset_hints();
+    data.deadline = Instant::now() + limits.deadline;
+    store.set_epoch_deadline(1);
+    Ok(())
+}
+
+fn hints(store: &Store<HostState>) -> FaultHints {
+    let l = &store.data().limiter;
+    FaultHints {
+        memory_refused: l.memory_refused,
+        table_refused: l.table_refused,
+    }
+}
+
+impl AgentInstance {
+    /// Create a store for the agent and instantiate `component` in it.
+    pub async fn instantiate(
+        runtime: &Runtime,
+        component: &AgentComponent,
+        options: InstanceOptions,
+    ) -> Result<Self, AgentFault> {
+        let InstanceOptions {
+            agent_id,
+            mut limits,
+            grants,
+            state,
+        } = options;
+        limits.memory_bytes = limits.memory_bytes.min(runtime.config().max_memory_bytes);
+        let wasi = grants.build().map_err(AgentFault::InstantiateFailed)?;
+        let mut store = Store::new(
+            runtime.engine(),
+            HostState {
+                agent_id: agent_id.into(),
+                wasi,
+                table: ResourceTable::new(),
+                limiter: Limiter::new(&limits),
+                state,
+                deadline: Instant::now(),
+            },
+        );
+        store.limiter(|s| &mut s.limiter);
+        store.epoch_deadline_callback(|ctx| {
+            Ok(if Instant::now() >= ctx.data().deadline {
+                UpdateDeadline::Interrupt
+            } else {
+                UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now()))
+            })
+        });
+        let mut this_fuel = limits.fuel_per_call.unwrap_or(u64::MAX);
+        if let Some(life) = limits.fuel_per_lifetime {
+            this_fuel = this_fuel.min(life);
+        }
+        arm(&mut store, this_fuel, &limits)?;
+        let result = timeout(limits.deadline, component.pre.instantiate_async(&mut store)).await;
+        let used = this_fuel - store.get_fuel().unwrap_or(0);
+        let guest = match result {
+            Ok(Ok(guest)) => guest,
+            Ok(Err(e)) => {
+                return Err(match classify(&e, hints(&store)) {
+                    CallError::Fault(
+                        f @ (AgentFault::MemoryLimit
+                        | AgentFault::OutOfFuel
+                        | AgentFault::DeadlineExceeded),
+                    ) => f,
+                    _ => AgentFault::InstantiateFailed(format!("{e:#}")),
+                });
+            }
+            Err(_) => return Err(AgentFault::DeadlineExceeded),
+        };
+        Ok(Self {
+            store,
+            guest,
+            fuel_left: limits.fuel_per_lifetime.map(|l| l.saturating_sub(used)),
+            limits,
+            fuel_used: used,
+            dead: false,
+        })
+    }
+
+    /// Whether the instance can still be called.
+    pub fn is_alive(&self) -> bool {
+        !self.dead
+    }
+
+    /// Fuel consumed over the instance's life.
+    pub fn fuel_used(&self) -> u64 {
+        self.fuel_used
+    }
+
+    /// The agent's id.
+    pub fn agent_id(&self) -> &str {
+        &self.store.data().agent_id
+    }
+
+    /// Arm the store for a call; the fuel budget given.
+    fn prepare(&mut self) -> Result<u64, CallError> {
+        if self.dead {
+            return Err(CallError::Fault(AgentFault::Host(
+                "the instance died earlier and cannot be re-entered".into(),
+            )));
+        }
+        let budget = match (self.limits.fuel_per_call, self.fuel_left) {
+            (Some(call), Some(left)) => call.min(left),
+            (Some(call), None) => call,
+            (None, Some(left)) => left,
+            (None, None) => u64::MAX,
+        };
+        if budget == 0 {
+            self.dead = true;
+            return Err(CallError::Fault(AgentFault::OutOfFuel));
+        }
+        arm(&mut self.store, budget, &self.limits).map_err(CallError::Fault)?;
+        Ok(budget)
+    }
+
+    /// Account the call's fuel and turn its outcome into ours.
+    fn finish<T>(
+        &mut self,
+        budget: u64,
+        outcome: Result<wasmtime::Result<T>, Elapsed>,
+    ) -> Result<T, CallError> {
+        let used = budget - self.store.get_fuel().unwrap_or(0);
+        self.fuel_used = self.fuel_used.saturating_add(used);
+        if let Some(left) = &mut self.fuel_left {
+            *left = left.saturating_sub(used);
+        }
+        let err = match outcome {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(e)) => classify(&e, hints(&self.store)),
+            Err(_) => CallError::Fault(AgentFault::DeadlineExceeded),
+        };
+        self.dead = true;
+        Err(err)
+    }
+
+    /// Call the agent's `init`. An `err` from the agent is an application
+    /// error; the caller decides that it fails the start.
+    pub async fn init(&mut self, args: &InitArgs) -> Result<(), CallError> {
+        let args = wit::InitArgs {
+            agent_id: args.agent_id.to_string(),
+            supervisor_id: args.supervisor_id.to_string(),
+            config: args.config.to_string(),
+        };
+        let budget = self.prepare()?;
+        let call = self
+            .guest
+            .terraphim_agent_agent()
+            .call_init(&mut self.store, &args);
+        let outcome = timeout(self.limits.deadline, call).await;
+        self.finish(budget, outcome)?
+            .map_err(CallError::Application)
+    }
+
+    /// Call the agent's `start`.
+    pub async fn start(&mut self) -> Result<(), CallError> {
+        let budget = self.prepare()?;
+        let call = self
+            .guest
+            .terraphim_agent_agent()
+            .call_start(&mut self.store);
+        let outcome = timeout(self.limits.deadline, call).await;
+        self.finish(budget, outcome)?
+            .map_err(CallError::Application)
+    }
+
+    /// Call the agent's `stop`.
+    pub async fn stop(&mut self) -> Result<(), CallError> {
+        let budget = self.prepare()?;
+        let call = self
+            .guest
+            .terraphim_agent_agent()
+            .call_stop(&mut self.store);
+        let outcome = timeout(self.limits.deadline, call).await;
+        self.finish(budget, outcome)?
+            .map_err(CallError::Application)
+    }
+
+    /// Send one message; the agent's reply.
+    pub async fn handle_message(&mut self, message: &str) -> Result<String, CallError> {
+        let budget = self.prepare()?;
+        let call = self
+            .guest
+            .terraphim_agent_agent()
+            .call_handle_message(&mut self.store, message);
+        let outcome = timeout(self.limits.deadline, call).await;
+        self.finish(budget, outcome)?
+            .map_err(CallError::Application)
+    }
+
+    /// Deliver a system message.
+    pub async fn handle_system_message(
+        &mut self,
+        message: &SystemMessage,
+    ) -> Result<(), CallError> {
+        let message = to_wit_system(message);
+        let budget = self.prepare()?;
+        let call = self
+            .guest
+            .terraphim_agent_agent()
+            .call_handle_system_message(&mut self.store, &message);
+        let outcome = timeout(self.limits.deadline, call).await;
+        self.finish(budget, outcome)?
+            .map_err(CallError::Application)
+    }
+
+    /// Ask the agent whether it is healthy; `Err(Application)` when it says
+    /// it is not.
+    pub async fn health_check(&mut self) -> Result<(), CallError> {
+        let budget = self.prepare()?;
+        let call = self
+            .guest
+            .terraphim_agent_agent()
+            .call_health_check(&mut self.store);
+        let outcome = timeout(self.limits.deadline, call).await;
+        self.finish(budget, outcome)?
+            .map_err(CallError::Application)
+    }
+
+    /// Tell the agent it is being terminated. Does nothing on a dead
+    /// instance.
+    pub async fn terminate(&mut self, reason: &TerminateReason) -> Result<(), CallError> {
+        if self.dead {
+            return Ok(());
+        }
+        let reason = to_wit_terminate(reason);
+        let budget = self.prepare()?;
+        let call = self
+            .guest
+            .terraphim_agent_agent()
+            .call_terminate(&mut self.store, &reason);
+        let outcome = timeout(self.limits.deadline, call).await;
+        self.finish(budget, outcome)
+    }
+}
+
+fn to_wit_status(status: &crate::types::AgentStatus) -> wit::AgentStatus {
+    use crate::types::AgentStatus as S;
+    match status {
+        S::Starting => wit::AgentStatus::Starting,
+        S::Running => wit::AgentStatus::Running,
+        S::Stopping => wit::AgentStatus::Stopping,
+        S::Stopped => wit::AgentStatus::Stopped,
+        S::Failed(e) => wit::AgentStatus::Failed(e.clone()),
+        S::Restarting => wit::AgentStatus::Restarting,
+    }
+}
+
+fn to_wit_system(message: &SystemMessage) -> wit::SystemMessage {
+    match message {
+        SystemMessage::Shutdown => wit::SystemMessage::Shutdown,
+        SystemMessage::Restart => wit::SystemMessage::Restart,
+        SystemMessage::HealthCheck => wit::SystemMessage::HealthCheck,
+        SystemMessage::StatusUpdate(s) => wit::SystemMessage::StatusUpdate(to_wit_status(s)),
+        SystemMessage::SupervisorMessage(m) => wit::SystemMessage::SupervisorMessage(m.clone()),
+    }
+}
+
+fn to_wit_terminate(reason: &TerminateReason) -> wit::TerminateReason {
+    match reason {
+        TerminateReason::Normal => wit::TerminateReason::Normal,
+        TerminateReason::Shutdown => wit::TerminateReason::Shutdown,
+        TerminateReason::Error(e) => wit::TerminateReason::Error(e.clone()),
+        TerminateReason::Timeout => wit::TerminateReason::Timeout,
+        TerminateReason::SupervisorRequest => wit::TerminateReason::SupervisorRequest,
+    }
+}

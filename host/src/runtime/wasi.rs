@@ -1,0 +1,76 @@
+//! WASI capabilities of an agent: deny by default, granted per agent.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder};
+
+/// What an agent may reach through WASI. The default grants nothing: no
+/// files, no environment, no arguments, no network, and stdio connected to
+/// nothing (reads see end of file, writes are discarded).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WasiGrants {
+    /// Let the agent write to the host's stdout.
+    pub inherit_stdout: bool,
+    /// Let the agent write to the host's stderr (where a Rust guest's panic
+    /// message goes).
+    pub inherit_stderr: bool,
+    /// Environment variables the agent sees.
+    pub env: Vec<(String, String)>,
+    /// Command-line arguments the agent sees.
+    pub args: Vec<String>,
+    /// Host directories the agent may open.
+    pub preopens: Vec<Preopen>,
+    /// Allow outgoing and incoming TCP/UDP and name lookups.
+    pub network: bool,
+}
+
+/// One host directory made visible to an agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Preopen {
+    /// The directory on the host.
+    pub host: PathBuf,
+    /// The path the agent sees it under.
+    pub guest: String,
+    /// Whether the agent may only read.
+    #[serde(default = "yes")]
+    pub read_only: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl WasiGrants {
+    /// Build the WASI context for one instance.
+    pub(crate) fn build(&self) -> Result<WasiCtx, String> {
+        let mut b = WasiCtxBuilder::new();
+        if self.inherit_stdout {
+            b.inherit_stdout();
+        }
+        if self.inherit_stderr {
+            b.inherit_stderr();
+        }
+        for (k, v) in &self.env {
+            b.env(k, v);
+        }
+        if !self.args.is_empty() {
+            b.args(&self.args);
+        }
+        for p in &self.preopens {
+            let perms = if p.read_only {
+                FsPerms::ReadOnly
+            } else {
+                FsPerms::ReadWrite
+            };
+            b.preopened_dir(&p.host, &p.guest, perms)
+                .map_err(|e| format!("cannot grant directory {}: {e}", p.host.display()))?;
+        }
+        if self.network {
+            b.inherit_network().allow_ip_name_lookup(true);
+        }
+        Ok(b.build())
+    }
+}

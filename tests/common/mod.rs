@@ -1,0 +1,81 @@
+//! Shared helpers of the integration tests.
+#![allow(dead_code)]
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use terraphim_agent_supervisor::{
+    AgentComponent, AgentInstance, AgentLimits, AgentPid, InitArgs, InstanceOptions,
+    MemoryStateStore, Runtime, StateStore, SupervisorId, WasiGrants,
+};
+
+/// One runtime (engine) shared by every test of a test binary.
+pub fn runtime() -> &'static Runtime {
+    static RUNTIME: OnceLock<Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| Runtime::new().expect("runtime"))
+}
+
+/// Load one of the embedded guest examples, compiled once per test binary.
+pub fn component(name: &str) -> AgentComponent {
+    static CACHE: OnceLock<std::sync::Mutex<Vec<(String, AgentComponent)>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let mut cache = cache.lock().unwrap();
+    if let Some((_, c)) = cache.iter().find(|(n, _)| n == name) {
+        return c.clone();
+    }
+    let bytes = terraphim_agent_supervisor::examples::ALL
+        .iter()
+        .find(|(n, _)| *n == name)
+        .unwrap_or_else(|| panic!("no guest example named {name}"))
+        .1;
+    let c = runtime().load_bytes(name, bytes).expect("example loads");
+    cache.push((name.to_owned(), c.clone()));
+    c
+}
+
+/// Limits for tests: short deadline, moderate fuel.
+pub fn test_limits() -> AgentLimits {
+    AgentLimits {
+        fuel_per_call: Some(200_000_000),
+        deadline: Duration::from_secs(2),
+        memory_bytes: 16 << 20,
+        ..AgentLimits::default()
+    }
+}
+
+/// Instantiate `name` with `limits` and run `init` + `start`.
+pub async fn started(name: &str, agent_id: &str, limits: AgentLimits) -> AgentInstance {
+    started_with(
+        name,
+        agent_id,
+        limits,
+        Arc::new(MemoryStateStore::default()),
+    )
+    .await
+}
+
+/// Like [`started`], with a given state store.
+pub async fn started_with(
+    name: &str,
+    agent_id: &str,
+    limits: AgentLimits,
+    state: Arc<dyn StateStore>,
+) -> AgentInstance {
+    let options = InstanceOptions {
+        agent_id: agent_id.to_owned(),
+        limits,
+        grants: WasiGrants::default(),
+        state,
+    };
+    let mut agent = AgentInstance::instantiate(runtime(), &component(name), options)
+        .await
+        .expect("instantiates");
+    let args = InitArgs {
+        agent_id: AgentPid::new(),
+        supervisor_id: SupervisorId::new(),
+        config: serde_json::json!({}),
+    };
+    agent.init(&args).await.expect("init");
+    agent.start().await.expect("start");
+    agent
+}
