@@ -1,21 +1,47 @@
 //! # terraphim_agent_supervisor
 //!
-//! Erlang/OTP-style supervision trees for AI agents that run as sandboxed
-//! WebAssembly components.
+//! Erlang/OTP-style supervision trees for AI agents, native or running as
+//! sandboxed WebAssembly components.
+//!
+//! - [`runtime`]: one shared wasmtime engine; each WASM agent instance in
+//!   its own store with its own fuel, memory, deadline and WASI grants;
+//!   every way an instance dies classified as an [`AgentFault`].
+//! - [`supervisor`]: supervision trees with OTP's strategies, restart types,
+//!   sliding-window intensity and escalation. The restart decision is the
+//!   plain, synchronously tested [`supervisor::decision`] module.
+//! - [`AgentFactory`] / [`SupervisedAgent`]: how agents are made and driven;
+//!   [`WasmAgentFactory`] makes WASM agents, [`TestAgentFactory`] native
+//!   test agents.
 
 #![warn(missing_docs)]
 
+mod agent;
+mod error;
 pub mod runtime;
 pub mod state;
+pub mod supervisor;
 mod types;
+mod wasm_agent;
 
+#[cfg(feature = "bundled-examples")]
+pub mod examples;
+
+pub use agent::{
+    AgentFactory, AgentSpec, ShutdownPolicy, SupervisedAgent, SupervisedAgentInfo, TestAgent,
+    TestAgentFactory,
+};
+pub use error::{ErrorCategory, SupervisionError, SupervisionResult};
 pub use runtime::{
     AgentComponent, AgentFault, AgentInstance, AgentLimits, CallError, InstanceOptions, LoadError,
     Preopen, Runtime, RuntimeConfig, WasiGrants,
 };
 pub use state::{MemoryStateStore, StateError, StateQuota, StateStore};
+pub use supervisor::{
+    AgentSupervisor, ChildCount, ChildSpec, RestartAction, RestartEntry, RestartIntensity,
+    RestartPolicy, RestartStrategy, RestartType, SupervisorConfig, SupervisorEvent,
+    SupervisorHandle, SupervisorSpec, SupervisorStatus,
+};
 pub use types::{
     AgentPid, AgentStatus, ExitReason, InitArgs, SupervisorId, SystemMessage, TerminateReason,
 };
-#[cfg(feature = "bundled-examples")]
-pub mod examples;
+pub use wasm_agent::{WasmAgent, WasmAgentFactory};

@@ -79,3 +79,34 @@ pub async fn started_with(
     agent.start().await.expect("start");
     agent
 }
+
+/// A factory with every guest example registered under its name.
+pub fn wasm_factory() -> Arc<terraphim_agent_supervisor::WasmAgentFactory> {
+    let mut factory = terraphim_agent_supervisor::WasmAgentFactory::new(runtime().clone())
+        .with_default_limits(test_limits());
+    for (name, _) in terraphim_agent_supervisor::examples::ALL {
+        factory = factory.with_component(*name, component(name));
+    }
+    Arc::new(factory)
+}
+
+/// Wait (at most 30 s, a safety net against hangs) for the first event
+/// matching `pred`.
+pub async fn wait_for(
+    events: &mut tokio::sync::broadcast::Receiver<terraphim_agent_supervisor::SupervisorEvent>,
+    pred: impl Fn(&terraphim_agent_supervisor::SupervisorEvent) -> bool,
+) -> terraphim_agent_supervisor::SupervisorEvent {
+    use tokio::sync::broadcast::error::RecvError;
+    let wait = async {
+        loop {
+            match events.recv().await {
+                Ok(event) if pred(&event) => return event,
+                Ok(_) | Err(RecvError::Lagged(_)) => continue,
+                Err(RecvError::Closed) => panic!("event channel closed"),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), wait)
+        .await
+        .expect("the expected event never came")
+}

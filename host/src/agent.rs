@@ -1,0 +1,307 @@
+//! The agent side of supervision: the [`SupervisedAgent`] trait every child
+//! implements (natively or through a WASM component), the [`AgentFactory`]
+//! that creates them, and the [`AgentSpec`] that describes one child.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::runtime::{AgentLimits, WasiGrants};
+use crate::supervisor::RestartType;
+use crate::{
+    AgentPid, AgentStatus, ExitReason, InitArgs, SupervisionError, SupervisionResult, SupervisorId,
+    SystemMessage, TerminateReason,
+};
+
+/// An agent that a supervisor can start, stop, message and restart.
+///
+/// An agent is owned by one task and called one request at a time, so it
+/// must be `Send` but need not be `Sync`.
+///
+/// Only the lifecycle (`init`, `start`, `stop`) is required. An `Err` from
+/// `handle_message` is an application error returned to the caller; the agent
+/// keeps running. An agent *dies* when a call panics or when
+/// [`exit_reason`](Self::exit_reason) reports an exit after a call: its
+/// supervisor then applies its restart strategy.
+#[async_trait]
+pub trait SupervisedAgent: Send {
+    /// Initialise with the given arguments (once per instance).
+    async fn init(&mut self, args: InitArgs) -> SupervisionResult<()>;
+
+    /// Start the agent's work.
+    async fn start(&mut self) -> SupervisionResult<()>;
+
+    /// Stop gracefully.
+    async fn stop(&mut self) -> SupervisionResult<()>;
+
+    /// Handle one application message and reply.
+    async fn handle_message(&mut self, message: String) -> SupervisionResult<String> {
+        let _ = message;
+        Err(SupervisionError::System(
+            "this agent does not handle messages".into(),
+        ))
+    }
+
+    /// Handle a control message from the supervisor.
+    async fn handle_system_message(&mut self, message: SystemMessage) -> SupervisionResult<()> {
+        let _ = message;
+        Ok(())
+    }
+
+    /// Whether the agent is healthy. Takes `&mut self` because a WASM agent
+    /// answers it by running guest code.
+    async fn health_check(&mut self) -> SupervisionResult<bool> {
+        Ok(true)
+    }
+
+    /// Last call before the agent is dropped.
+    async fn terminate(&mut self, reason: TerminateReason) -> SupervisionResult<()> {
+        let _ = reason;
+        Ok(())
+    }
+
+    /// `Some` once the agent has exited on its own (crashed, or finished);
+    /// checked by the supervisor after every call. The default never exits.
+    fn exit_reason(&self) -> Option<ExitReason> {
+        None
+    }
+}
+
+/// How a child is stopped (OTP's `shutdown`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ShutdownPolicy {
+    /// Killed at once, without a `stop` call.
+    BrutalKill,
+    /// Asked to stop; killed if it has not stopped within the duration.
+    Timeout(Duration),
+    /// Asked to stop; waited for as long as it takes (for supervisors).
+    Infinity,
+}
+
+impl Default for ShutdownPolicy {
+    fn default() -> Self {
+        ShutdownPolicy::Timeout(Duration::from_secs(5))
+    }
+}
+
+/// The description of one supervised agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentSpec {
+    /// Unique id of the agent; kept across restarts.
+    pub agent_id: AgentPid,
+    /// Agent type: which factory recipe creates it.
+    pub agent_type: String,
+    /// Configuration, passed to `init`.
+    pub config: serde_json::Value,
+    /// Name for humans and logs.
+    pub name: Option<String>,
+    /// When to restart it (OTP's `restart`).
+    #[serde(default)]
+    pub restart_type: RestartType,
+    /// How to stop it (OTP's `shutdown`).
+    #[serde(default)]
+    pub shutdown: ShutdownPolicy,
+    /// Resource limits of a WASM agent (ignored by native agents).
+    #[serde(default)]
+    pub limits: Option<AgentLimits>,
+    /// WASI capabilities of a WASM agent (ignored by native agents).
+    #[serde(default)]
+    pub wasi: WasiGrants,
+}
+
+impl AgentSpec {
+    /// A spec with a fresh id, permanent restart and the default shutdown.
+    pub fn new(agent_type: String, config: serde_json::Value) -> Self {
+        Self {
+            agent_id: AgentPid::new(),
+            agent_type,
+            config,
+            name: None,
+            restart_type: RestartType::default(),
+            shutdown: ShutdownPolicy::default(),
+            limits: None,
+            wasi: WasiGrants::default(),
+        }
+    }
+
+    /// Set the name.
+    pub fn with_name(mut self, name: String) -> Self {
+        self.name = Some(name);
+        self
+    }
+
+    /// Set the id.
+    pub fn with_id(mut self, agent_id: AgentPid) -> Self {
+        self.agent_id = agent_id;
+        self
+    }
+
+    /// Set the restart type.
+    pub fn with_restart_type(mut self, restart_type: RestartType) -> Self {
+        self.restart_type = restart_type;
+        self
+    }
+
+    /// Set the shutdown policy.
+    pub fn with_shutdown(mut self, shutdown: ShutdownPolicy) -> Self {
+        self.shutdown = shutdown;
+        self
+    }
+
+    /// Set the resource limits (WASM agents).
+    pub fn with_limits(mut self, limits: AgentLimits) -> Self {
+        self.limits = Some(limits);
+        self
+    }
+
+    /// Set the WASI grants (WASM agents).
+    pub fn with_wasi(mut self, wasi: WasiGrants) -> Self {
+        self.wasi = wasi;
+        self
+    }
+}
+
+/// What a supervisor knows about one child.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SupervisedAgentInfo {
+    /// The child's id.
+    pub pid: AgentPid,
+    /// Its supervisor.
+    pub supervisor_id: SupervisorId,
+    /// Its spec.
+    pub spec: AgentSpec,
+    /// Its status now.
+    pub status: AgentStatus,
+    /// When its current instance started.
+    pub start_time: DateTime<Utc>,
+    /// How many times it was restarted (bystander restarts included).
+    pub restart_count: u32,
+    /// When it was last restarted.
+    pub last_restart: Option<DateTime<Utc>>,
+    /// When it was last health-checked.
+    pub last_health_check: Option<DateTime<Utc>>,
+    /// Why it last exited, if it ever did.
+    pub last_exit: Option<ExitReason>,
+    /// Whether the child is itself a supervisor.
+    pub is_supervisor: bool,
+}
+
+impl SupervisedAgentInfo {
+    /// Info for a child about to start for the first time.
+    pub fn new(pid: AgentPid, supervisor_id: SupervisorId, spec: AgentSpec) -> Self {
+        Self {
+            pid,
+            supervisor_id,
+            spec,
+            status: AgentStatus::Starting,
+            start_time: Utc::now(),
+            restart_count: 0,
+            last_restart: None,
+            last_health_check: None,
+            last_exit: None,
+            is_supervisor: false,
+        }
+    }
+
+    /// Whether the child is running.
+    pub fn is_running(&self) -> bool {
+        matches!(self.status, AgentStatus::Running)
+    }
+
+    /// Whether the child has failed.
+    pub fn is_failed(&self) -> bool {
+        matches!(self.status, AgentStatus::Failed(_))
+    }
+
+    /// Time since its current instance started.
+    pub fn uptime(&self) -> chrono::Duration {
+        Utc::now() - self.start_time
+    }
+}
+
+/// Creates agents from specs.
+#[async_trait]
+pub trait AgentFactory: Send + Sync {
+    /// Create a new (not yet initialised) agent for `spec`.
+    async fn create_agent(&self, spec: &AgentSpec) -> SupervisionResult<Box<dyn SupervisedAgent>>;
+
+    /// Check a spec before anything is started.
+    fn validate_spec(&self, spec: &AgentSpec) -> SupervisionResult<()>;
+
+    /// The agent types this factory creates.
+    fn supported_types(&self) -> Vec<String>;
+}
+
+/// A minimal native agent, for tests and examples: it runs, echoes
+/// messages, and exits when told `exit:<reason>` (`exit:normal`,
+/// `exit:shutdown`, anything else is an error exit) or panics on `panic`.
+#[derive(Debug, Default)]
+pub struct TestAgent {
+    status: Option<AgentStatus>,
+    exit: Option<ExitReason>,
+}
+
+#[async_trait]
+impl SupervisedAgent for TestAgent {
+    async fn init(&mut self, _args: InitArgs) -> SupervisionResult<()> {
+        self.status = Some(AgentStatus::Starting);
+        Ok(())
+    }
+
+    async fn start(&mut self) -> SupervisionResult<()> {
+        self.status = Some(AgentStatus::Running);
+        Ok(())
+    }
+
+    async fn stop(&mut self) -> SupervisionResult<()> {
+        self.status = Some(AgentStatus::Stopped);
+        Ok(())
+    }
+
+    async fn handle_message(&mut self, message: String) -> SupervisionResult<String> {
+        match message.as_str() {
+            "panic" => panic!("test agent asked to panic"),
+            "exit:normal" => self.exit = Some(ExitReason::Normal),
+            "exit:shutdown" => self.exit = Some(ExitReason::Shutdown),
+            m if m.starts_with("exit:") => self.exit = Some(ExitReason::Error(m[5..].into())),
+            _ => {}
+        }
+        Ok(message)
+    }
+
+    async fn health_check(&mut self) -> SupervisionResult<bool> {
+        Ok(matches!(self.status, Some(AgentStatus::Running)))
+    }
+
+    fn exit_reason(&self) -> Option<ExitReason> {
+        self.exit.clone()
+    }
+}
+
+/// Factory of [`TestAgent`]s, for agent type `"test"`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TestAgentFactory;
+
+#[async_trait]
+impl AgentFactory for TestAgentFactory {
+    async fn create_agent(&self, spec: &AgentSpec) -> SupervisionResult<Box<dyn SupervisedAgent>> {
+        self.validate_spec(spec)?;
+        Ok(Box::new(TestAgent::default()))
+    }
+
+    fn validate_spec(&self, spec: &AgentSpec) -> SupervisionResult<()> {
+        if spec.agent_type != "test" {
+            return Err(SupervisionError::InvalidAgentSpec(format!(
+                "unsupported agent type `{}` (this factory supports: test)",
+                spec.agent_type
+            )));
+        }
+        Ok(())
+    }
+
+    fn supported_types(&self) -> Vec<String> {
+        vec!["test".to_string()]
+    }
+}

@@ -1,0 +1,178 @@
+//! Child tasks: the tokio task that owns one running child (a worker agent or
+//! a nested supervisor) and reports how it ended.
+//!
+//! Protocol with the supervisor:
+//! - the task first starts the child and answers on `started` (`Ok` or the
+//!   reason it could not start); a task that fails to start sends nothing
+//!   else;
+//! - afterwards, when the child ends on its own (crash, panic, exit), the
+//!   task sends one [`ChildExit`] with its incarnation number;
+//! - the supervisor asks for a graceful stop through the `stop` signal (or
+//!   aborts the task for a brutal kill). A stopped child's exit report is
+//!   still sent, but the supervisor has already forgotten that incarnation
+//!   and ignores it.
+
+use std::any::Any;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+
+use futures_util::FutureExt;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::{
+    AgentPid, ExitReason, InitArgs, SupervisedAgent, SupervisionError, SupervisionResult,
+    SystemMessage, TerminateReason,
+};
+
+/// A request to a running worker.
+pub(crate) enum WorkerCommand {
+    /// Handle a message and reply.
+    Call(String, oneshot::Sender<SupervisionResult<String>>),
+    /// Deliver a system message.
+    System(SystemMessage, oneshot::Sender<SupervisionResult<()>>),
+    /// Run a health check.
+    Health(oneshot::Sender<SupervisionResult<bool>>),
+}
+
+/// How one incarnation of a child ended on its own.
+#[derive(Debug)]
+pub(crate) struct ChildExit {
+    pub pid: AgentPid,
+    pub incarnation: u64,
+    pub reason: ExitReason,
+}
+
+/// Start-up outcome of a child task.
+pub(crate) type Started = oneshot::Sender<SupervisionResult<()>>;
+
+fn panic_message(panic: Box<dyn Any + Send>) -> String {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic payload".to_owned());
+    format!("panicked: {text}")
+}
+
+/// Spawn a child task running `body`, which must answer `started` once the
+/// child is up. Panics are caught and become the child's exit reason.
+pub(crate) fn spawn<F>(
+    pid: AgentPid,
+    incarnation: u64,
+    exits: mpsc::UnboundedSender<ChildExit>,
+    body: impl FnOnce(Started) -> F + Send + 'static,
+) -> (JoinHandle<()>, oneshot::Receiver<SupervisionResult<()>>)
+where
+    F: Future<Output = Option<ExitReason>> + Send + 'static,
+{
+    let (started_tx, started_rx) = oneshot::channel();
+    let task = tokio::spawn(async move {
+        let reason = match AssertUnwindSafe(body(started_tx)).catch_unwind().await {
+            Ok(Some(reason)) => reason,
+            // The child never started; its start-up answer said why.
+            Ok(None) => return,
+            Err(panic) => ExitReason::Error(panic_message(panic)),
+        };
+        let _ = exits.send(ChildExit {
+            pid,
+            incarnation,
+            reason,
+        });
+    });
+    (task, started_rx)
+}
+
+/// The body of a worker's task: create, init and start the agent, then
+/// serve requests until it exits or is asked to stop. `None` when it never
+/// started (the reason went to `started`).
+pub(crate) async fn run_worker(
+    create: impl Future<Output = SupervisionResult<Box<dyn SupervisedAgent>>>,
+    args: InitArgs,
+    started: Started,
+    mut commands: mpsc::Receiver<WorkerCommand>,
+    mut stop: oneshot::Receiver<()>,
+) -> Option<ExitReason> {
+    let pid = args.agent_id.clone();
+    let mut agent = match start_agent(create, args).await {
+        Ok(agent) => agent,
+        Err(e) => {
+            let _ = started.send(Err(e));
+            return None;
+        }
+    };
+    if started.send(Ok(())).is_err() {
+        // The supervisor gave up waiting (start timeout): nobody owns us.
+        let _ = agent.terminate(TerminateReason::Timeout).await;
+        return None;
+    }
+    loop {
+        let command = tokio::select! {
+            biased;
+            _ = &mut stop => None,
+            command = commands.recv() => command,
+        };
+        let Some(command) = command else {
+            let _ = agent.stop().await;
+            let _ = agent.terminate(TerminateReason::Shutdown).await;
+            return Some(ExitReason::Shutdown);
+        };
+        let exited = match command {
+            WorkerCommand::Call(message, reply) => {
+                let result = agent.handle_message(message).await;
+                answer(&*agent, &pid, result, reply)
+            }
+            WorkerCommand::System(message, reply) => {
+                let result = agent.handle_system_message(message).await;
+                answer(&*agent, &pid, result, reply)
+            }
+            WorkerCommand::Health(reply) => {
+                let result = agent.health_check().await;
+                answer(&*agent, &pid, result, reply)
+            }
+        };
+        if exited.is_some() {
+            return exited;
+        }
+    }
+}
+
+/// Reply to a request; the agent's exit reason if the request killed it.
+fn answer<T>(
+    agent: &dyn SupervisedAgent,
+    pid: &AgentPid,
+    result: SupervisionResult<T>,
+    reply: oneshot::Sender<SupervisionResult<T>>,
+) -> Option<ExitReason> {
+    match agent.exit_reason() {
+        Some(reason) => {
+            let _ = reply.send(Err(died(pid, &reason, result.err())));
+            Some(reason)
+        }
+        None => {
+            let _ = reply.send(result);
+            None
+        }
+    }
+}
+
+async fn start_agent(
+    create: impl Future<Output = SupervisionResult<Box<dyn SupervisedAgent>>>,
+    args: InitArgs,
+) -> SupervisionResult<Box<dyn SupervisedAgent>> {
+    let mut agent = create.await?;
+    agent.init(args).await?;
+    agent.start().await?;
+    Ok(agent)
+}
+
+/// The error a caller sees when the agent died handling its request.
+fn died(pid: &AgentPid, reason: &ExitReason, error: Option<SupervisionError>) -> SupervisionError {
+    match (reason, error) {
+        (ExitReason::Fault(fault), _) => SupervisionError::AgentCrashed(pid.clone(), fault.clone()),
+        (_, Some(error)) => error,
+        (reason, None) => {
+            SupervisionError::AgentExecutionFailed(pid.clone(), format!("agent exited: {reason}"))
+        }
+    }
+}

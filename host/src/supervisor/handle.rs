@@ -1,0 +1,426 @@
+//! The handles users hold: [`SupervisorHandle`] (cheap to clone, talks to a
+//! running supervisor task) and [`AgentSupervisor`] (the original API: owns
+//! a root supervisor's configuration and lifecycle).
+
+use std::sync::Arc;
+
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+
+use super::actor::{self, Command, Route, Shared, lock};
+use super::child::WorkerCommand;
+use super::{
+    ChildCount, ChildSpec, RestartEntry, SupervisorConfig, SupervisorEvent, SupervisorSpec,
+    SupervisorStatus,
+};
+use crate::{
+    AgentFactory, AgentPid, AgentSpec, ExitReason, SupervisedAgentInfo, SupervisionError,
+    SupervisionResult, SupervisorId, SystemMessage,
+};
+
+/// Capacity of a tree's event channel; slow subscribers miss the oldest.
+const EVENT_CAPACITY: usize = 4096;
+
+/// A handle to a running supervisor (root or nested). Cheap to clone.
+#[derive(Clone)]
+pub struct SupervisorHandle {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) commands: mpsc::Sender<Command>,
+}
+
+impl std::fmt::Debug for SupervisorHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SupervisorHandle")
+            .field("id", &self.shared.id)
+            .field("status", &self.status())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SupervisorHandle {
+    /// The supervisor's id.
+    pub fn id(&self) -> &SupervisorId {
+        &self.shared.id
+    }
+
+    /// The supervisor's status now.
+    pub fn status(&self) -> SupervisorStatus {
+        self.shared.status()
+    }
+
+    /// The events of the whole tree this supervisor belongs to.
+    pub fn subscribe(&self) -> broadcast::Receiver<SupervisorEvent> {
+        self.shared.events.subscribe()
+    }
+
+    /// The error for a request the supervisor task can no longer take.
+    fn gone(&self) -> SupervisionError {
+        match self.status() {
+            SupervisorStatus::Failed(_) => SupervisionError::MaxRestartsExceeded(self.id().clone()),
+            status => SupervisionError::System(format!(
+                "supervisor {} is not running ({status:?})",
+                self.id()
+            )),
+        }
+    }
+
+    async fn request<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> SupervisionResult<T> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(make(tx))
+            .await
+            .map_err(|_| self.gone())?;
+        rx.await.map_err(|_| self.gone())
+    }
+
+    /// Add a child (agent or supervisor) and start it; it is kept only if
+    /// it starts. Duplicate ids are refused.
+    pub async fn add_child(&self, child: impl Into<ChildSpec>) -> SupervisionResult<AgentPid> {
+        let child = child.into();
+        self.request(|r| Command::AddChild(child, r)).await?
+    }
+
+    /// Add an agent and start it.
+    pub async fn spawn_agent(&self, spec: AgentSpec) -> SupervisionResult<AgentPid> {
+        self.add_child(spec).await
+    }
+
+    /// Add a nested supervisor and start it with its children.
+    pub async fn spawn_supervisor(&self, spec: SupervisorSpec) -> SupervisionResult<AgentPid> {
+        self.add_child(spec).await
+    }
+
+    /// Report from outside that a child exited with `reason`: its running
+    /// instance is killed and the restart strategy applied. Fails with
+    /// `MaxRestartsExceeded` when this makes the supervisor give up.
+    pub async fn handle_agent_exit(
+        &self,
+        agent_id: AgentPid,
+        reason: ExitReason,
+    ) -> SupervisionResult<()> {
+        self.request(|r| Command::ReportExit(agent_id, reason, r))
+            .await?
+    }
+
+    /// The children in start order, with their status (OTP's
+    /// `which_children`).
+    pub async fn get_children(&self) -> Vec<(AgentPid, SupervisedAgentInfo)> {
+        lock(&self.shared.table)
+            .infos
+            .iter()
+            .map(|info| (info.pid.clone(), info.clone()))
+            .collect()
+    }
+
+    /// Every exit and what was done about it, oldest first.
+    pub async fn get_restart_history(&self) -> Vec<RestartEntry> {
+        lock(&self.shared.table).history.iter().cloned().collect()
+    }
+
+    /// OTP's `count_children`.
+    pub async fn count_children(&self) -> SupervisionResult<ChildCount> {
+        self.request(Command::Count).await
+    }
+
+    /// Stop a child under its shutdown policy without restarting it; its
+    /// spec is kept (removed for a temporary child).
+    pub async fn terminate_child(&self, agent_id: &AgentPid) -> SupervisionResult<()> {
+        let pid = agent_id.clone();
+        self.request(|r| Command::Terminate(pid, r)).await?
+    }
+
+    /// Start a terminated child again. `AgentRunning` if it runs.
+    pub async fn restart_child(&self, agent_id: &AgentPid) -> SupervisionResult<()> {
+        let pid = agent_id.clone();
+        self.request(|r| Command::Restart(pid, r)).await?
+    }
+
+    /// Remove a terminated child's spec. `AgentRunning` if it runs.
+    pub async fn delete_child(&self, agent_id: &AgentPid) -> SupervisionResult<()> {
+        let pid = agent_id.clone();
+        self.request(|r| Command::Delete(pid, r)).await?
+    }
+
+    /// The handle of a child that is a supervisor.
+    pub fn child_supervisor(&self, agent_id: &AgentPid) -> SupervisionResult<SupervisorHandle> {
+        match self.shared.route(agent_id) {
+            Some(Route::Supervisor(handle)) => Ok(handle),
+            Some(Route::Down) => Err(SupervisionError::CommunicationFailed(format!(
+                "supervisor {agent_id} is not running"
+            ))),
+            Some(Route::Worker(_)) => Err(SupervisionError::InvalidAgentSpec(format!(
+                "child {agent_id} is an agent, not a supervisor"
+            ))),
+            None => Err(SupervisionError::AgentNotFound(agent_id.clone())),
+        }
+    }
+
+    fn worker(&self, agent_id: &AgentPid) -> SupervisionResult<mpsc::Sender<WorkerCommand>> {
+        if let SupervisorStatus::Failed(_) = self.status() {
+            return Err(self.gone());
+        }
+        match self.shared.route(agent_id) {
+            Some(Route::Worker(tx)) => Ok(tx),
+            Some(Route::Down) => Err(SupervisionError::CommunicationFailed(format!(
+                "agent {agent_id} is not running (restarting or stopped)"
+            ))),
+            Some(Route::Supervisor(_)) => Err(SupervisionError::InvalidAgentSpec(format!(
+                "child {agent_id} is a supervisor, not an agent"
+            ))),
+            None => Err(SupervisionError::AgentNotFound(agent_id.clone())),
+        }
+    }
+
+    /// Send `command` to a worker and wait for its answer, bounded by the
+    /// supervisor's `agent_timeout`.
+    async fn ask<T>(
+        &self,
+        agent_id: &AgentPid,
+        command: impl FnOnce(oneshot::Sender<SupervisionResult<T>>) -> WorkerCommand,
+    ) -> SupervisionResult<T> {
+        let worker = self.worker(agent_id)?;
+        let (tx, rx) = oneshot::channel();
+        let exchange = async {
+            worker.send(command(tx)).await.map_err(|_| {
+                SupervisionError::CommunicationFailed(format!("agent {agent_id} stopped"))
+            })?;
+            rx.await.map_err(|_| {
+                SupervisionError::CommunicationFailed(format!(
+                    "agent {agent_id} stopped before replying"
+                ))
+            })?
+        };
+        timeout(self.shared.config.agent_timeout, exchange)
+            .await
+            .map_err(|_| SupervisionError::Timeout)?
+    }
+
+    /// Send a message to an agent and return its reply. The call goes
+    /// straight to the agent's task, not through the supervisor task.
+    pub async fn call(&self, agent_id: &AgentPid, message: String) -> SupervisionResult<String> {
+        let max = self.shared.config.max_message_bytes;
+        if message.len() > max {
+            return Err(SupervisionError::MessageTooLarge {
+                len: message.len(),
+                max,
+            });
+        }
+        self.ask(agent_id, |r| WorkerCommand::Call(message, r))
+            .await
+    }
+
+    /// Deliver a system message to an agent.
+    pub async fn send_system_message(
+        &self,
+        agent_id: &AgentPid,
+        message: SystemMessage,
+    ) -> SupervisionResult<()> {
+        self.ask(agent_id, |r| WorkerCommand::System(message, r))
+            .await
+    }
+
+    /// Ask an agent whether it is healthy.
+    pub async fn health_check(&self, agent_id: &AgentPid) -> SupervisionResult<bool> {
+        self.ask(agent_id, WorkerCommand::Health).await
+    }
+}
+
+struct Root {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+/// A root supervisor: the original `terraphim_agent_supervisor` API.
+///
+/// `new` only configures; `start` spawns the supervisor task and starts the
+/// initial children in order; `stop` stops them in reverse order. Between
+/// the two, crashes are detected and handled by the supervisor itself.
+pub struct AgentSupervisor {
+    config: SupervisorConfig,
+    factory: Arc<dyn AgentFactory>,
+    initial: Vec<ChildSpec>,
+    events: broadcast::Sender<SupervisorEvent>,
+    handle: Option<SupervisorHandle>,
+    root: Option<Root>,
+}
+
+impl std::fmt::Debug for AgentSupervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentSupervisor")
+            .field("id", &self.config.supervisor_id)
+            .field("status", &self.status())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AgentSupervisor {
+    /// A supervisor with `config` whose agents `factory` creates. Nothing
+    /// runs until [`start`](Self::start).
+    pub fn new(config: SupervisorConfig, factory: Arc<dyn AgentFactory>) -> Self {
+        Self {
+            config,
+            factory,
+            initial: Vec::new(),
+            events: broadcast::channel(EVENT_CAPACITY).0,
+            handle: None,
+            root: None,
+        }
+    }
+
+    /// Add a child started (in order) by [`start`](Self::start).
+    pub fn with_child(mut self, child: impl Into<ChildSpec>) -> Self {
+        self.initial.push(child.into());
+        self
+    }
+
+    /// The supervisor's id.
+    pub fn id(&self) -> &SupervisorId {
+        &self.config.supervisor_id
+    }
+
+    /// The supervisor's status.
+    pub fn status(&self) -> SupervisorStatus {
+        match &self.handle {
+            Some(handle) => handle.status(),
+            None => SupervisorStatus::Stopped,
+        }
+    }
+
+    /// The events of the tree (subscribe before `start` to see everything).
+    pub fn subscribe(&self) -> broadcast::Receiver<SupervisorEvent> {
+        self.events.subscribe()
+    }
+
+    /// A cloneable handle to the running supervisor.
+    pub fn handle(&self) -> SupervisionResult<SupervisorHandle> {
+        match (&self.handle, &self.root) {
+            (Some(handle), Some(_)) => Ok(handle.clone()),
+            (Some(handle), None) => Err(handle.gone()),
+            _ => Err(SupervisionError::System(format!(
+                "supervisor {} is not running",
+                self.id()
+            ))),
+        }
+    }
+
+    /// Start the supervisor and its initial children, one at a time in
+    /// order. If one fails to start, those already started are stopped in
+    /// reverse order and the error (`AgentStartFailed`) is returned.
+    pub async fn start(&mut self) -> SupervisionResult<()> {
+        let active = matches!(
+            self.status(),
+            SupervisorStatus::Starting | SupervisorStatus::Running | SupervisorStatus::Stopping
+        );
+        if self.root.is_some() && active {
+            return Err(SupervisionError::System(format!(
+                "supervisor {} is already running",
+                self.id()
+            )));
+        }
+        let (handle, actor) = actor::new_supervisor(
+            self.config.clone(),
+            self.factory.clone(),
+            self.events.clone(),
+        );
+        let (started_tx, started_rx) = oneshot::channel();
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let initial = self.initial.clone();
+        let task = tokio::spawn(async move {
+            actor.run(initial, started_tx, stop_rx).await;
+        });
+        self.handle = Some(handle);
+        match started_rx.await {
+            Ok(Ok(())) => {
+                self.root = Some(Root {
+                    stop: stop_tx,
+                    task,
+                });
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(SupervisionError::System(
+                "the supervisor task ended while starting".into(),
+            )),
+        }
+    }
+
+    /// Stop every child in reverse start order, then the supervisor.
+    pub async fn stop(&mut self) -> SupervisionResult<()> {
+        let Some(Root { stop, task }) = self.root.take() else {
+            return Ok(());
+        };
+        let _ = stop.send(());
+        task.await
+            .map_err(|e| SupervisionError::ShutdownFailed(e.to_string()))
+    }
+
+    /// Add an agent and start it. See [`SupervisorHandle::spawn_agent`].
+    pub async fn spawn_agent(&mut self, spec: AgentSpec) -> SupervisionResult<AgentPid> {
+        self.handle()?.spawn_agent(spec).await
+    }
+
+    /// Add a nested supervisor. See [`SupervisorHandle::spawn_supervisor`].
+    pub async fn spawn_supervisor(&mut self, spec: SupervisorSpec) -> SupervisionResult<AgentPid> {
+        self.handle()?.spawn_supervisor(spec).await
+    }
+
+    /// Report an exit from outside. See
+    /// [`SupervisorHandle::handle_agent_exit`].
+    pub async fn handle_agent_exit(
+        &mut self,
+        agent_id: AgentPid,
+        reason: ExitReason,
+    ) -> SupervisionResult<()> {
+        self.handle()?.handle_agent_exit(agent_id, reason).await
+    }
+
+    /// The children in start order (empty before the first start).
+    pub async fn get_children(&self) -> Vec<(AgentPid, SupervisedAgentInfo)> {
+        match &self.handle {
+            Some(handle) => handle.get_children().await,
+            None => Vec::new(),
+        }
+    }
+
+    /// The restart history, oldest first.
+    pub async fn get_restart_history(&self) -> Vec<RestartEntry> {
+        match &self.handle {
+            Some(handle) => handle.get_restart_history().await,
+            None => Vec::new(),
+        }
+    }
+
+    /// Send a message to an agent; its reply. See [`SupervisorHandle::call`].
+    pub async fn call(&self, agent_id: &AgentPid, message: String) -> SupervisionResult<String> {
+        self.handle()?.call(agent_id, message).await
+    }
+
+    /// OTP's `count_children`.
+    pub async fn count_children(&self) -> SupervisionResult<ChildCount> {
+        self.handle()?.count_children().await
+    }
+
+    /// OTP's `terminate_child`.
+    pub async fn terminate_child(&self, agent_id: &AgentPid) -> SupervisionResult<()> {
+        self.handle()?.terminate_child(agent_id).await
+    }
+
+    /// OTP's `restart_child`.
+    pub async fn restart_child(&self, agent_id: &AgentPid) -> SupervisionResult<()> {
+        self.handle()?.restart_child(agent_id).await
+    }
+
+    /// OTP's `delete_child`.
+    pub async fn delete_child(&self, agent_id: &AgentPid) -> SupervisionResult<()> {
+        self.handle()?.delete_child(agent_id).await
+    }
+
+    /// The handle of a child that is a supervisor.
+    pub fn child_supervisor(&self, agent_id: &AgentPid) -> SupervisionResult<SupervisorHandle> {
+        self.handle()?.child_supervisor(agent_id)
+    }
+}

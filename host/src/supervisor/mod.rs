@@ -1,0 +1,294 @@
+//! Supervision trees with Erlang/OTP semantics.
+//!
+//! - [`decision`]: the restart decision as plain functions (what to stop,
+//!   what to restart, when to give up), with no runtime in it.
+//! - `actor`: the supervisor task that owns a tree level's state and carries
+//!   out decisions; `child`: the tasks that own running children.
+//! - [`AgentSupervisor`] / [`SupervisorHandle`]: the handles users hold.
+
+mod actor;
+mod child;
+pub mod decision;
+mod handle;
+mod policy;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+pub use decision::{RestartStrategy, RestartType};
+pub use handle::{AgentSupervisor, SupervisorHandle};
+pub use policy::{RestartIntensity, RestartPolicy};
+
+use crate::{AgentFactory, AgentPid, AgentSpec, ExitReason, ShutdownPolicy, SupervisorId};
+
+/// Configuration of one supervisor.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SupervisorConfig {
+    /// The supervisor's id.
+    pub supervisor_id: SupervisorId,
+    /// Strategy and intensity.
+    pub restart_policy: RestartPolicy,
+    /// Bound on starting a child (create + init + start) and on a call's
+    /// reply.
+    pub agent_timeout: Duration,
+    /// Interval of health checks (reserved; health checks are not run yet).
+    pub health_check_interval: Duration,
+    /// Most children this supervisor accepts.
+    pub max_children: usize,
+    /// Largest message [`AgentSupervisor::call`] accepts, in bytes.
+    pub max_message_bytes: usize,
+    /// Most restart-history entries kept (oldest dropped first).
+    pub max_history: usize,
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        Self {
+            supervisor_id: SupervisorId::new(),
+            restart_policy: RestartPolicy::default(),
+            agent_timeout: Duration::from_secs(30),
+            health_check_interval: Duration::from_secs(60),
+            max_children: 100,
+            max_message_bytes: 1 << 20,
+            max_history: 10_000,
+        }
+    }
+}
+
+/// State of a supervisor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SupervisorStatus {
+    /// Starting its initial children.
+    Starting,
+    /// Supervising.
+    Running,
+    /// Stopping its children.
+    Stopping,
+    /// Not running (never started, or stopped).
+    Stopped,
+    /// Gave up: its restart intensity was exceeded.
+    Failed(String),
+}
+
+/// What a supervisor did about one exit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RestartAction {
+    /// The exited child was restarted.
+    Restarted,
+    /// The child was stopped and restarted because a sibling exited
+    /// (one-for-all, rest-for-one); the payload is that sibling.
+    RestartedWithSibling(AgentPid),
+    /// Not restarted; spec kept (transient child exiting normally, or a
+    /// child terminated on request).
+    NotRestarted,
+    /// Not restarted; spec removed (temporary child).
+    Removed,
+    /// A restart attempt failed to start the child.
+    StartFailed,
+    /// The restart intensity was exceeded: the supervisor gave up.
+    Escalated,
+}
+
+/// One entry of the restart history.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RestartEntry {
+    /// The child concerned.
+    pub agent_id: AgentPid,
+    /// When.
+    pub timestamp: DateTime<Utc>,
+    /// Why it exited.
+    pub reason: ExitReason,
+    /// What the supervisor did.
+    pub action: RestartAction,
+}
+
+/// A lifecycle event of a supervision tree. Every supervisor of a tree sends
+/// to the same channel; `supervisor` says which.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum SupervisorEvent {
+    /// A child started (first start).
+    ChildStarted {
+        /// Its supervisor.
+        supervisor: SupervisorId,
+        /// The child.
+        agent: AgentPid,
+        /// Its name, if any.
+        name: Option<String>,
+    },
+    /// A child exited on its own or was reported exited.
+    ChildExited {
+        /// Its supervisor.
+        supervisor: SupervisorId,
+        /// The child.
+        agent: AgentPid,
+        /// Why.
+        reason: ExitReason,
+    },
+    /// A child was restarted.
+    ChildRestarted {
+        /// Its supervisor.
+        supervisor: SupervisorId,
+        /// The child.
+        agent: AgentPid,
+        /// Its restart count now.
+        restart_count: u32,
+    },
+    /// A child was stopped by its supervisor.
+    ChildStopped {
+        /// Its supervisor.
+        supervisor: SupervisorId,
+        /// The child.
+        agent: AgentPid,
+    },
+    /// A child's spec was removed.
+    ChildRemoved {
+        /// Its supervisor.
+        supervisor: SupervisorId,
+        /// The child.
+        agent: AgentPid,
+    },
+    /// The supervisor exceeded its restart intensity and gave up.
+    Escalated {
+        /// The supervisor.
+        supervisor: SupervisorId,
+    },
+    /// The supervisor stopped.
+    SupervisorStopped {
+        /// The supervisor.
+        supervisor: SupervisorId,
+    },
+}
+
+/// A nested supervisor, as a child of another supervisor.
+#[derive(Clone)]
+pub struct SupervisorSpec {
+    /// Its id as a child of its parent.
+    pub id: AgentPid,
+    /// Name for humans.
+    pub name: Option<String>,
+    /// Its configuration.
+    pub config: SupervisorConfig,
+    /// The factory of its agents.
+    pub factory: Arc<dyn AgentFactory>,
+    /// Its initial children, started in order.
+    pub children: Vec<ChildSpec>,
+    /// When its parent restarts it.
+    pub restart_type: RestartType,
+    /// How its parent stops it (OTP's default for supervisors: infinity).
+    pub shutdown: ShutdownPolicy,
+}
+
+impl std::fmt::Debug for SupervisorSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SupervisorSpec")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("config", &self.config)
+            .field("children", &self.children)
+            .field("restart_type", &self.restart_type)
+            .field("shutdown", &self.shutdown)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SupervisorSpec {
+    /// A permanent nested supervisor with no children yet.
+    pub fn new(config: SupervisorConfig, factory: Arc<dyn AgentFactory>) -> Self {
+        Self {
+            id: AgentPid::new(),
+            name: None,
+            config,
+            factory,
+            children: Vec::new(),
+            restart_type: RestartType::Permanent,
+            shutdown: ShutdownPolicy::Infinity,
+        }
+    }
+
+    /// Set its name.
+    pub fn with_name(mut self, name: String) -> Self {
+        self.name = Some(name);
+        self
+    }
+
+    /// Add an initial child.
+    pub fn with_child(mut self, child: impl Into<ChildSpec>) -> Self {
+        self.children.push(child.into());
+        self
+    }
+
+    /// Set its restart type.
+    pub fn with_restart_type(mut self, restart_type: RestartType) -> Self {
+        self.restart_type = restart_type;
+        self
+    }
+
+    /// Set its shutdown policy.
+    pub fn with_shutdown(mut self, shutdown: ShutdownPolicy) -> Self {
+        self.shutdown = shutdown;
+        self
+    }
+}
+
+/// A child of a supervisor: an agent or a nested supervisor.
+#[derive(Debug, Clone)]
+pub enum ChildSpec {
+    /// A worker agent.
+    Agent(AgentSpec),
+    /// A nested supervisor.
+    Supervisor(SupervisorSpec),
+}
+
+impl From<AgentSpec> for ChildSpec {
+    fn from(spec: AgentSpec) -> Self {
+        ChildSpec::Agent(spec)
+    }
+}
+
+impl From<SupervisorSpec> for ChildSpec {
+    fn from(spec: SupervisorSpec) -> Self {
+        ChildSpec::Supervisor(spec)
+    }
+}
+
+impl ChildSpec {
+    /// The child's id.
+    pub fn id(&self) -> &AgentPid {
+        match self {
+            ChildSpec::Agent(a) => &a.agent_id,
+            ChildSpec::Supervisor(s) => &s.id,
+        }
+    }
+
+    /// The child's restart type.
+    pub fn restart_type(&self) -> RestartType {
+        match self {
+            ChildSpec::Agent(a) => a.restart_type,
+            ChildSpec::Supervisor(s) => s.restart_type,
+        }
+    }
+
+    /// The child's shutdown policy.
+    pub fn shutdown(&self) -> ShutdownPolicy {
+        match self {
+            ChildSpec::Agent(a) => a.shutdown,
+            ChildSpec::Supervisor(s) => s.shutdown,
+        }
+    }
+}
+
+/// OTP's `count_children`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ChildCount {
+    /// All child specs.
+    pub specs: usize,
+    /// Children running now.
+    pub active: usize,
+    /// Children that are supervisors.
+    pub supervisors: usize,
+    /// Children that are workers.
+    pub workers: usize,
+}
