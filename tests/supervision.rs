@@ -588,8 +588,10 @@ async fn management_calls_follow_otp() {
 #[tokio::test]
 async fn application_errors_are_replies_and_oversized_messages_are_refused() {
     let echo = spec("echo", "e");
-    let mut cfg = SupervisorConfig::default();
-    cfg.max_message_bytes = 16;
+    let cfg = SupervisorConfig {
+        max_message_bytes: 16,
+        ..SupervisorConfig::default()
+    };
     let (mut sup, _events) = tree(cfg, std::slice::from_ref(&echo)).await;
     let err = sup.call(&echo.agent_id, String::new()).await.unwrap_err();
     assert!(

@@ -7,10 +7,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use serde_json::json;
 use terraphim_agent_supervisor::{
-    AgentInstance, AgentLimits, AgentPid, InitArgs, InstanceOptions, MemoryStateStore, Runtime,
-    SupervisorId, WasiGrants, examples,
+    AgentInstance, AgentLimits, AgentPid, AgentSpec, AgentSupervisor, InitArgs, InstanceOptions,
+    MemoryStateStore, RestartIntensity, RestartPolicy, RestartStrategy, Runtime, SupervisorConfig,
+    SupervisorEvent, SupervisorId, WasiGrants, WasmAgentFactory, examples,
 };
+use tokio::sync::broadcast;
 
 /// Percentiles of a set of samples.
 struct Stats {
@@ -106,15 +109,146 @@ async fn raw_wasmtime(runtime: &Runtime) {
     );
 }
 
+fn factory(runtime: &Runtime) -> Arc<WasmAgentFactory> {
+    let mut factory = WasmAgentFactory::new(runtime.clone());
+    for (name, bytes) in examples::ALL {
+        let component = runtime.load_bytes(name, bytes).expect("example loads");
+        factory = factory.with_component(*name, component);
+    }
+    Arc::new(factory)
+}
+
+fn config(strategy: RestartStrategy, max_children: usize) -> SupervisorConfig {
+    SupervisorConfig {
+        // Never give up: the benchmark crashes on purpose, many times.
+        restart_policy: RestartPolicy::new(
+            strategy,
+            RestartIntensity::new(u32::MAX, Duration::from_millis(1)),
+        ),
+        max_children,
+        ..SupervisorConfig::default()
+    }
+}
+
+async fn restarted(events: &mut broadcast::Receiver<SupervisorEvent>, pid: &AgentPid) {
+    loop {
+        match events.recv().await {
+            Ok(SupervisorEvent::ChildRestarted { agent, .. }) if &agent == pid => return,
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(e) => panic!("event channel: {e}"),
+        }
+    }
+}
+
+/// A `crasher` first, then `children - 1` echo agents; the crasher traps
+/// while handling a message, and the clock stops when its restarted
+/// instance has answered the next message (the OTP anchor's scenario).
+async fn crash_to_ready(
+    factory: &Arc<WasmAgentFactory>,
+    strategy: RestartStrategy,
+    children: usize,
+    iterations: usize,
+) -> Stats {
+    let crasher = AgentSpec::new("crasher".into(), json!({}));
+    let pid = crasher.agent_id.clone();
+    let mut sup =
+        AgentSupervisor::new(config(strategy, children), factory.clone()).with_child(crasher);
+    for _ in 1..children {
+        sup = sup.with_child(AgentSpec::new("echo".into(), json!({})));
+    }
+    let mut events = sup.subscribe();
+    sup.start().await.expect("tree starts");
+    let mut samples = Vec::with_capacity(iterations);
+    for _ in 0..iterations {
+        let t0 = Instant::now();
+        sup.call(&pid, "unreachable".into())
+            .await
+            .expect_err("traps");
+        restarted(&mut events, &pid).await;
+        let reply = sup
+            .call(&pid, "ping".into())
+            .await
+            .expect("new instance answers");
+        samples.push(t0.elapsed());
+        assert_eq!(reply, "pong");
+    }
+    sup.stop().await.expect("tree stops");
+    stats(samples)
+}
+
+async fn supervised(runtime: &Runtime) {
+    let factory = factory(runtime);
+    for (strategy, children, iters) in [
+        (RestartStrategy::OneForOne, 1, 5000),
+        (RestartStrategy::OneForOne, 100, 2000),
+        (RestartStrategy::OneForAll, 10, 1000),
+        (RestartStrategy::RestForOne, 10, 1000),
+    ] {
+        let s = crash_to_ready(&factory, strategy, children, iterations(iters)).await;
+        print(
+            &format!("crash-to-ready {strategy:?} children={children}"),
+            &s,
+        );
+    }
+
+    // Spawn rate: supervised echo agents added one by one.
+    let n = iterations(800);
+    let mut sup = AgentSupervisor::new(config(RestartStrategy::OneForOne, n), factory.clone());
+    sup.start().await.expect("supervisor starts");
+    let t0 = Instant::now();
+    for _ in 0..n {
+        sup.spawn_agent(AgentSpec::new("echo".into(), json!({})))
+            .await
+            .expect("spawn");
+    }
+    let elapsed = t0.elapsed();
+    println!(
+        "{:<48} {:>9.0} agents/s ({n} agents, {:.1} us each)",
+        "spawn_agent (create + instantiate + init + start)",
+        n as f64 / elapsed.as_secs_f64(),
+        elapsed.as_secs_f64() * 1e6 / n as f64
+    );
+    sup.stop().await.expect("stops");
+
+    // Round trips through the supervisor's call path.
+    let echo = AgentSpec::new("echo".into(), json!({}));
+    let pid = echo.agent_id.clone();
+    let mut sup =
+        AgentSupervisor::new(config(RestartStrategy::OneForOne, 1), factory).with_child(echo);
+    sup.start().await.expect("starts");
+    let n = iterations(100_000);
+    let t0 = Instant::now();
+    for _ in 0..n {
+        sup.call(&pid, "ping".into()).await.expect("reply");
+    }
+    let elapsed = t0.elapsed();
+    println!(
+        "{:<48} {:>9.0} calls/s  ({:.2} us each)",
+        "supervisor call path handle-message(\"ping\")",
+        n as f64 / elapsed.as_secs_f64(),
+        elapsed.as_secs_f64() * 1e6 / n as f64
+    );
+    sup.stop().await.expect("stops");
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; ignore arguments.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
+    // The measured code runs in a spawned task, as agents' callers do: the
+    // block_on thread is not a runtime worker, and every wake-up from it
+    // would cross threads.
     rt.block_on(async {
-        let runtime = Runtime::new().expect("wasm runtime");
-        println!("== raw wasmtime (one agent instance, no supervisor) ==");
-        raw_wasmtime(&runtime).await;
+        tokio::spawn(async {
+            let runtime = Runtime::new().expect("wasm runtime");
+            println!("== raw wasmtime (one agent instance, no supervisor) ==");
+            raw_wasmtime(&runtime).await;
+            println!("== supervised (AgentSupervisor + WasmAgentFactory) ==");
+            supervised(&runtime).await;
+        })
+        .await
+        .expect("benchmark task");
     });
 }

@@ -20,6 +20,7 @@ mod error;
 pub mod runtime;
 pub mod state;
 pub mod supervisor;
+pub mod tree;
 mod types;
 mod wasm_agent;
 
@@ -45,3 +46,14 @@ pub use types::{
     AgentPid, AgentStatus, ExitReason, InitArgs, SupervisorId, SystemMessage, TerminateReason,
 };
 pub use wasm_agent::{WasmAgent, WasmAgentFactory};
+
+/// The original `terraphim_agent_supervisor` README's examples, run as
+/// doctests so that every one of them keeps compiling and working.
+#[doc = include_str!("origin_readme.md")]
+#[cfg(doctest)]
+pub struct OriginReadmeExamples;
+
+/// The project README's examples, run as doctests.
+#[doc = include_str!("../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeExamples;

@@ -128,9 +128,18 @@ pub(crate) fn load(
 ) -> Result<AgentComponent, LoadError> {
     let binary = match binary_layer(bytes) {
         Some(_) => std::borrow::Cow::Borrowed(bytes),
+        None if std::str::from_utf8(bytes).is_err() => {
+            return Err(LoadError::NotWasm {
+                name: name.to_owned(),
+                reason: "neither a WebAssembly binary (no `\\0asm` header) nor WAT text".into(),
+            });
+        }
         None => wat::parse_bytes(bytes).map_err(|e| LoadError::NotWasm {
             name: name.to_owned(),
-            reason: e.to_string(),
+            reason: format!(
+                "not valid WAT text: {}",
+                e.to_string().lines().next().unwrap_or("")
+            ),
         })?,
     };
     match binary_layer(&binary) {

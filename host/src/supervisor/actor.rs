@@ -29,13 +29,13 @@ use super::{
     SupervisorHandle, SupervisorStatus,
 };
 use crate::{
-    AgentFactory, AgentPid, AgentSpec, AgentStatus, ExitReason, InitArgs, ShutdownPolicy,
-    SupervisedAgentInfo, SupervisionError, SupervisionResult, SupervisorId,
+    AgentFactory, AgentFault, AgentPid, AgentSpec, AgentStatus, ExitReason, InitArgs,
+    ShutdownPolicy, SupervisedAgentInfo, SupervisionError, SupervisionResult, SupervisorId,
 };
 
 /// Requests from handles to the supervisor task.
 pub(crate) enum Command {
-    AddChild(ChildSpec, Reply<AgentPid>),
+    AddChild(Box<ChildSpec>, Reply<AgentPid>),
     ReportExit(AgentPid, ExitReason, Reply<()>),
     Count(oneshot::Sender<ChildCount>),
     Terminate(AgentPid, Reply<()>),
@@ -567,8 +567,7 @@ impl Actor {
             let Some((failed, error)) = self.start_all(cause, &start).await else {
                 return Ok(());
             };
-            let reason = ExitReason::Error(format!("restart failed: {error}"));
-            self.record(&failed, reason.clone(), RestartAction::StartFailed);
+            let reason = ExitReason::Fault(AgentFault::InitFailed(error.to_string()));
             if let Some(idx) = self.index(&failed) {
                 self.update(idx, |info| {
                     info.last_exit = Some(reason.clone());
@@ -578,21 +577,31 @@ impl Actor {
             let refs = self.refs();
             let strategy = self.shared.config.restart_policy.strategy;
             let now = Instant::now();
-            match decide(
+            let decision = decide(
                 strategy,
                 &refs,
                 &failed,
                 ExitKind::Abnormal,
                 &mut self.window,
                 now,
-            ) {
+            );
+            match decision {
                 Ok(Decision::Restart {
                     stop: s,
                     remove: r,
                     start: st,
-                }) => (stop, remove, start) = (s, r, st),
-                Ok(Decision::Escalate { stop }) => return self.escalate(&stop).await,
-                Ok(Decision::NoRestart { .. }) | Err(_) => return Ok(()),
+                }) => {
+                    self.record(&failed, reason, RestartAction::StartFailed);
+                    (stop, remove, start) = (s, r, st);
+                }
+                Ok(Decision::Escalate { stop }) => {
+                    self.record(&failed, reason, RestartAction::Escalated);
+                    return self.escalate(&stop).await;
+                }
+                Ok(Decision::NoRestart { .. }) | Err(_) => {
+                    self.record(&failed, reason, RestartAction::StartFailed);
+                    return Ok(());
+                }
             }
         }
     }
@@ -644,6 +653,9 @@ impl Actor {
         self.emit(SupervisorEvent::Escalated {
             supervisor: self.sup(),
         });
+        self.emit(SupervisorEvent::SupervisorStopped {
+            supervisor: self.sup(),
+        });
         Err(Escalated)
     }
 
@@ -655,7 +667,7 @@ impl Actor {
     async fn serve(&mut self, command: Command) -> Result<(), Escalated> {
         match command {
             Command::AddChild(spec, reply) => {
-                let result = self.add_child(spec).await;
+                let result = self.add_child(*spec).await;
                 let _ = reply.send(result);
             }
             Command::ReportExit(pid, reason, reply) => {

@@ -80,7 +80,7 @@ impl SupervisorHandle {
     /// Add a child (agent or supervisor) and start it; it is kept only if
     /// it starts. Duplicate ids are refused.
     pub async fn add_child(&self, child: impl Into<ChildSpec>) -> SupervisionResult<AgentPid> {
-        let child = child.into();
+        let child = Box::new(child.into());
         self.request(|r| Command::AddChild(child, r)).await?
     }
 

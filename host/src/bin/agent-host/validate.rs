@@ -1,0 +1,89 @@
+//! `agent-host validate`: load each file as an agent component and say
+//! whether it implements the `supervised-agent` world.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::Args;
+use terraphim_agent_supervisor::{LoadError, Runtime};
+
+use crate::{CliResult, EXIT_FAILURE};
+
+/// The world every agent component must implement.
+const WORLD: &str = "terraphim:agent/supervised-agent@0.1.0";
+
+pub const LONG_ABOUT: &str = "\
+Check that WebAssembly files implement the agent world
+terraphim:agent/supervised-agent@0.1.0.
+
+Each file is compiled, type-checked against the world and linked against the
+host's imports, as a supervisor does before starting it. One line per file:
+`ok: PATH implements ...` on stdout, or `error: PATH ...` on stderr with the
+reason (not WebAssembly, a core module rather than a component, a missing or
+mistyped export, an import the host does not provide, ...).
+
+Exits 0 if every file is valid, 1 if any is not.";
+
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// Agent components to check (`.wasm` binaries or `.wat` text).
+    #[arg(required = true, value_name = "PATH")]
+    paths: Vec<PathBuf>,
+}
+
+/// Is `path` a tree file (`.toml`)?
+fn is_tree_file(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|ext| ext.eq_ignore_ascii_case("toml"))
+}
+
+/// The reason `path` failed to load, on one line, starting with the path.
+fn describe(path: &Path, error: &LoadError) -> String {
+    match error {
+        // The other variants' messages already start with the path.
+        LoadError::Io { source, .. } => {
+            format!("{}: cannot read the file: {source}", path.display())
+        }
+        other => one_line(&other.to_string()),
+    }
+}
+
+/// The first line of `text`, plus the position of a WAT parse error (whose
+/// message goes on with a source snippet: `--> <anon>:LINE:COLUMN`, ...).
+fn one_line(text: &str) -> String {
+    let first = text.lines().next().unwrap_or_default().trim_end();
+    let position = text.lines().find_map(|line| {
+        let mut parts = line.trim().strip_prefix("--> ")?.rsplitn(3, ':');
+        let column = parts.next()?;
+        let line = parts.next()?;
+        Some(format!(" (line {line}, column {column})"))
+    });
+    format!("{first}{}", position.unwrap_or_default())
+}
+
+pub fn run(args: &ValidateArgs) -> CliResult {
+    let runtime = Runtime::new()?;
+    let mut failed = 0usize;
+    for path in &args.paths {
+        if is_tree_file(path) {
+            eprintln!(
+                "error: {}: tree files are not supported yet (validate takes .wasm components)",
+                path.display()
+            );
+            failed += 1;
+            continue;
+        }
+        match runtime.load_file(path) {
+            Ok(_) => println!("ok: {} implements {WORLD}", path.display()),
+            Err(e) => {
+                eprintln!("error: {}", describe(path, &e));
+                failed += 1;
+            }
+        }
+    }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILURE)
+    })
+}

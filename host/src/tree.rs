@@ -1,0 +1,907 @@
+//! Supervision-tree files: a TOML description of supervisors, their
+//! children, restart policies, limits and WASI grants.
+//!
+//! ```toml
+//! [defaults.limits]            # for every agent that does not say otherwise
+//! fuel_per_call = 50_000_000
+//! deadline_ms = 1000
+//!
+//! [supervisor]                 # the root
+//! name = "root"
+//! strategy = "one_for_one"     # one_for_all, rest_for_one
+//! max_restarts = 5             # within time_window_ms
+//! time_window_ms = 60_000
+//!
+//! [[supervisor.children]]      # an agent: it has a `component`
+//! name = "echo"
+//! component = "agents/echo_agent.wasm"   # relative to this file
+//! restart = "permanent"        # transient, temporary
+//! shutdown = "5s"              # "brutal_kill", "infinity", "250ms"
+//! config = { greeting = "hi" } # JSON handed to init
+//! limits = { memory_bytes = 16_777_216 }
+//! wasi = { env = { LANG = "C" }, inherit_stderr = true }
+//!
+//! [[supervisor.children]]      # a nested supervisor: it has `children`
+//! name = "pipeline"
+//! strategy = "rest_for_one"
+//! [[supervisor.children.children]]
+//! name = "stage-1"
+//! component = "agents/echo_agent.wasm"
+//! ```
+//!
+//! Loading checks the syntax, the field names (a typo is an error naming the
+//! known fields) and every value; [`TreeFile::check`] also compiles each
+//! component and checks that it implements the agent world. Every problem
+//! names the file, the field and what to write instead.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::runtime::{AgentComponent, AgentLimits, Preopen, Runtime, WasiGrants};
+use crate::supervisor::{
+    AgentSupervisor, ChildSpec, RestartIntensity, RestartPolicy, RestartStrategy, RestartType,
+    SupervisorConfig, SupervisorSpec,
+};
+use crate::{AgentFactory, AgentPid, AgentSpec, ShutdownPolicy, WasmAgentFactory};
+
+/// A problem with a tree file: where, and what to do about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeProblem {
+    /// The tree file.
+    pub file: PathBuf,
+    /// The field, as a path (`supervisor.children[1].limits.memory_bytes`);
+    /// empty for the file as a whole.
+    pub field: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+impl fmt::Display for TreeProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}: {}", self.file.display(), self.message)
+        } else {
+            write!(
+                f,
+                "{}: `{}`: {}",
+                self.file.display(),
+                self.field,
+                self.message
+            )
+        }
+    }
+}
+
+/// Every problem found in a tree file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct TreeError {
+    /// The problems, in file order.
+    pub problems: Vec<TreeProblem>,
+}
+
+impl fmt::Display for TreeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    defaults: RawDefaults,
+    supervisor: RawNode,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDefaults {
+    #[serde(default)]
+    limits: RawLimits,
+    shutdown: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum RawStrategy {
+    OneForOne,
+    OneForAll,
+    RestForOne,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum RawRestart {
+    Permanent,
+    Transient,
+    Temporary,
+}
+
+/// One node: a supervisor (it has `children`) or an agent (it has a
+/// `component`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    name: String,
+    // agent fields
+    component: Option<PathBuf>,
+    config: Option<toml::Value>,
+    limits: Option<RawLimits>,
+    wasi: Option<RawWasi>,
+    // supervisor fields
+    strategy: Option<RawStrategy>,
+    max_restarts: Option<i64>,
+    time_window_ms: Option<i64>,
+    max_children: Option<i64>,
+    children: Option<Vec<RawNode>>,
+    // both
+    restart: Option<RawRestart>,
+    shutdown: Option<String>,
+}
+
+/// Limits as written: signed, so that a negative value gets a clear message
+/// instead of a type error.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    fuel_per_call: Option<i64>,
+    fuel_per_lifetime: Option<i64>,
+    memory_bytes: Option<i64>,
+    table_elements: Option<i64>,
+    instances: Option<i64>,
+    deadline_ms: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWasi {
+    #[serde(default)]
+    inherit_stdout: bool,
+    #[serde(default)]
+    inherit_stderr: bool,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    args: Vec<String>,
+    #[serde(default)]
+    preopens: Vec<RawPreopen>,
+    #[serde(default)]
+    network: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPreopen {
+    host: PathBuf,
+    guest: String,
+    #[serde(default = "yes")]
+    read_only: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A validated tree: every value checked, component paths resolved.
+#[derive(Debug, Clone)]
+pub struct TreeFile {
+    /// The file it came from.
+    pub path: PathBuf,
+    /// The root supervisor.
+    pub root: TreeSupervisor,
+}
+
+/// A supervisor of a tree file.
+#[derive(Debug, Clone)]
+pub struct TreeSupervisor {
+    /// Its name (unique among its siblings).
+    pub name: String,
+    /// Its strategy and intensity.
+    pub policy: RestartPolicy,
+    /// Most children.
+    pub max_children: usize,
+    /// Its restart type (when it is a child).
+    pub restart: RestartType,
+    /// Its shutdown policy (when it is a child).
+    pub shutdown: ShutdownPolicy,
+    /// Its children, in start order.
+    pub children: Vec<TreeNode>,
+}
+
+/// An agent of a tree file.
+#[derive(Debug, Clone)]
+pub struct TreeAgent {
+    /// Its name (unique among its siblings).
+    pub name: String,
+    /// The component file, resolved against the tree file's folder.
+    pub component: PathBuf,
+    /// JSON configuration handed to `init`.
+    pub config: serde_json::Value,
+    /// Restart type.
+    pub restart: RestartType,
+    /// Shutdown policy.
+    pub shutdown: ShutdownPolicy,
+    /// Limits (defaults merged in).
+    pub limits: AgentLimits,
+    /// WASI grants.
+    pub wasi: WasiGrants,
+}
+
+/// A child in a tree file.
+#[derive(Debug, Clone)]
+pub enum TreeNode {
+    /// An agent.
+    Agent(TreeAgent),
+    /// A nested supervisor.
+    Supervisor(TreeSupervisor),
+}
+
+impl TreeNode {
+    /// The node's name.
+    pub fn name(&self) -> &str {
+        match self {
+            TreeNode::Agent(a) => &a.name,
+            TreeNode::Supervisor(s) => &s.name,
+        }
+    }
+}
+
+/// Collects problems while a raw file is turned into a [`TreeFile`].
+struct Checker<'a> {
+    file: &'a Path,
+    dir: PathBuf,
+    problems: Vec<TreeProblem>,
+}
+
+impl Checker<'_> {
+    fn problem(&mut self, field: &str, message: impl Into<String>) {
+        self.problems.push(TreeProblem {
+            file: self.file.to_owned(),
+            field: field.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    fn positive(&mut self, field: &str, value: Option<i64>, what: &str) -> Option<u64> {
+        match value {
+            Some(v) if v > 0 => Some(v as u64),
+            Some(v) => {
+                self.problem(
+                    field,
+                    format!("must be a positive {what}, got {v}; remove it for the default"),
+                );
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn limits(&mut self, field: &str, base: &AgentLimits, raw: &RawLimits) -> AgentLimits {
+        let mut l = base.clone();
+        let f = |name: &str| format!("{field}.{name}");
+        if let Some(v) = self.positive(&f("fuel_per_call"), raw.fuel_per_call, "amount of fuel") {
+            l.fuel_per_call = Some(v);
+        }
+        if let Some(v) = self.positive(
+            &f("fuel_per_lifetime"),
+            raw.fuel_per_lifetime,
+            "amount of fuel",
+        ) {
+            l.fuel_per_lifetime = Some(v);
+        }
+        if let Some(v) = self.positive(&f("memory_bytes"), raw.memory_bytes, "number of bytes") {
+            if v < 1 << 16 {
+                self.problem(
+                    &f("memory_bytes"),
+                    format!("{v} is below one 64 KiB WebAssembly page; use at least 65536 (a Rust agent needs about 1.1 MiB)"),
+                );
+            } else {
+                l.memory_bytes = usize::try_from(v).unwrap_or(usize::MAX);
+            }
+        }
+        if let Some(v) = self.positive(&f("table_elements"), raw.table_elements, "count") {
+            l.table_elements = usize::try_from(v).unwrap_or(usize::MAX);
+        }
+        if let Some(v) = self.positive(&f("instances"), raw.instances, "count") {
+            l.instances = usize::try_from(v).unwrap_or(usize::MAX);
+        }
+        if let Some(v) = self.positive(&f("deadline_ms"), raw.deadline_ms, "number of milliseconds")
+        {
+            l.deadline = Duration::from_millis(v);
+        }
+        l
+    }
+
+    fn shutdown(
+        &mut self,
+        field: &str,
+        text: Option<&str>,
+        default: ShutdownPolicy,
+    ) -> ShutdownPolicy {
+        let Some(text) = text else { return default };
+        match parse_shutdown(text) {
+            Some(policy) => policy,
+            None => {
+                self.problem(
+                    field,
+                    format!("`{text}` is not a shutdown policy; write \"brutal_kill\", \"infinity\" or a time such as \"5s\" or \"250ms\""),
+                );
+                default
+            }
+        }
+    }
+
+    fn node(&mut self, field: &str, raw: RawNode, defaults: &Defaults) -> Option<TreeNode> {
+        let is_supervisor = raw.children.is_some() || raw.strategy.is_some();
+        if is_supervisor {
+            if raw.component.is_some() {
+                self.problem(
+                    field,
+                    "has both `component` (an agent) and `children`/`strategy` (a supervisor); keep one",
+                );
+            }
+            for (name, set) in [
+                ("config", raw.config.is_some()),
+                ("limits", raw.limits.is_some()),
+                ("wasi", raw.wasi.is_some()),
+            ] {
+                if set {
+                    self.problem(
+                        &format!("{field}.{name}"),
+                        "only agents take this; move it to the agents under `children` (or to [defaults])",
+                    );
+                }
+            }
+            Some(TreeNode::Supervisor(self.supervisor(field, raw, defaults)))
+        } else {
+            self.agent(field, raw, defaults).map(TreeNode::Agent)
+        }
+    }
+
+    fn supervisor(&mut self, field: &str, raw: RawNode, defaults: &Defaults) -> TreeSupervisor {
+        let strategy = match raw.strategy {
+            Some(RawStrategy::OneForAll) => RestartStrategy::OneForAll,
+            Some(RawStrategy::RestForOne) => RestartStrategy::RestForOne,
+            Some(RawStrategy::OneForOne) | None => RestartStrategy::OneForOne,
+        };
+        let mut intensity = RestartIntensity::default();
+        match raw.max_restarts {
+            Some(v) if v < 0 => self.problem(
+                &format!("{field}.max_restarts"),
+                format!("must be 0 or more, got {v} (0 means: give up on the first crash)"),
+            ),
+            Some(v) => intensity.max_restarts = u32::try_from(v).unwrap_or(u32::MAX),
+            None => {}
+        }
+        if let Some(ms) = self.positive(
+            &format!("{field}.time_window_ms"),
+            raw.time_window_ms,
+            "number of milliseconds",
+        ) {
+            intensity.time_window = Duration::from_millis(ms);
+        }
+        let max_children = self
+            .positive(&format!("{field}.max_children"), raw.max_children, "count")
+            .map_or(SupervisorConfig::default().max_children, |v| {
+                usize::try_from(v).unwrap_or(usize::MAX)
+            });
+        let children_raw = raw.children.unwrap_or_default();
+        let mut children = Vec::with_capacity(children_raw.len());
+        let mut names: HashMap<String, usize> = HashMap::new();
+        for (i, child) in children_raw.into_iter().enumerate() {
+            let child_field = format!("{field}.children[{i}]");
+            if let Some(first) = names.insert(child.name.clone(), i) {
+                self.problem(
+                    &format!("{child_field}.name"),
+                    format!(
+                        "`{}` is already the name of children[{first}]; names must be unique among siblings",
+                        child.name
+                    ),
+                );
+            }
+            if let Some(node) = self.node(&child_field, child, defaults) {
+                children.push(node);
+            }
+        }
+        if children.len() > max_children {
+            self.problem(
+                &format!("{field}.max_children"),
+                format!(
+                    "{} children are declared but max_children is {max_children}; raise it",
+                    children.len()
+                ),
+            );
+        }
+        TreeSupervisor {
+            name: raw.name,
+            policy: RestartPolicy::new(strategy, intensity),
+            max_children,
+            restart: restart_type(raw.restart),
+            shutdown: self.shutdown(
+                &format!("{field}.shutdown"),
+                raw.shutdown.as_deref(),
+                ShutdownPolicy::Infinity,
+            ),
+            children,
+        }
+    }
+
+    fn agent(&mut self, field: &str, raw: RawNode, defaults: &Defaults) -> Option<TreeAgent> {
+        for (name, set) in [
+            ("max_restarts", raw.max_restarts.is_some()),
+            ("time_window_ms", raw.time_window_ms.is_some()),
+            ("max_children", raw.max_children.is_some()),
+        ] {
+            if set {
+                self.problem(
+                    &format!("{field}.{name}"),
+                    "only supervisors take this; give the node `children` to make it a supervisor, or remove it",
+                );
+            }
+        }
+        let Some(component) = raw.component else {
+            self.problem(
+                field,
+                format!(
+                    "`{}` has no `component`; add `component = \"path/to/agent.wasm\"` (relative to the tree file), or `children` to make it a supervisor",
+                    raw.name
+                ),
+            );
+            return None;
+        };
+        let resolved = self.dir.join(&component);
+        if !resolved.is_file() {
+            self.problem(
+                &format!("{field}.component"),
+                format!(
+                    "no file at {} (paths are relative to the tree file's folder); build the agent with `cargo build --release --target wasm32-wasip2` and point here to its .wasm",
+                    resolved.display()
+                ),
+            );
+        }
+        let config = match raw.config.map(serde_json::to_value).transpose() {
+            Ok(config) => config.unwrap_or(serde_json::Value::Object(Default::default())),
+            Err(e) => {
+                self.problem(
+                    &format!("{field}.config"),
+                    format!("cannot be turned into JSON: {e}"),
+                );
+                serde_json::Value::Null
+            }
+        };
+        let limits = self.limits(
+            &format!("{field}.limits"),
+            &defaults.limits,
+            &raw.limits.unwrap_or_default(),
+        );
+        let wasi = raw.wasi.map(|w| self.wasi(w)).unwrap_or_default();
+        Some(TreeAgent {
+            name: raw.name,
+            component: resolved,
+            config,
+            restart: restart_type(raw.restart),
+            shutdown: self.shutdown(
+                &format!("{field}.shutdown"),
+                raw.shutdown.as_deref(),
+                defaults.shutdown,
+            ),
+            limits,
+            wasi,
+        })
+    }
+
+    fn wasi(&mut self, raw: RawWasi) -> WasiGrants {
+        WasiGrants {
+            inherit_stdout: raw.inherit_stdout,
+            inherit_stderr: raw.inherit_stderr,
+            env: raw.env.into_iter().collect(),
+            args: raw.args,
+            preopens: raw
+                .preopens
+                .into_iter()
+                .map(|p| Preopen {
+                    host: self.dir.join(p.host),
+                    guest: p.guest,
+                    read_only: p.read_only,
+                })
+                .collect(),
+            network: raw.network,
+        }
+    }
+}
+
+struct Defaults {
+    limits: AgentLimits,
+    shutdown: ShutdownPolicy,
+}
+
+fn restart_type(raw: Option<RawRestart>) -> RestartType {
+    match raw {
+        Some(RawRestart::Transient) => RestartType::Transient,
+        Some(RawRestart::Temporary) => RestartType::Temporary,
+        Some(RawRestart::Permanent) | None => RestartType::Permanent,
+    }
+}
+
+/// `"brutal_kill"`, `"infinity"`, `"5s"`, `"250ms"`.
+fn parse_shutdown(text: &str) -> Option<ShutdownPolicy> {
+    match text {
+        "brutal_kill" => Some(ShutdownPolicy::BrutalKill),
+        "infinity" => Some(ShutdownPolicy::Infinity),
+        _ => {
+            let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit())?);
+            let n: u64 = number.parse().ok()?;
+            let d = match unit {
+                "ms" => Duration::from_millis(n),
+                "s" => Duration::from_secs(n),
+                _ => return None,
+            };
+            (!d.is_zero()).then_some(ShutdownPolicy::Timeout(d))
+        }
+    }
+}
+
+/// Turn a `toml` parse error into a problem that names the field when the
+/// parser knows it.
+fn parse_problem(file: &Path, text: &str, e: &toml::de::Error) -> TreeProblem {
+    let location = e
+        .span()
+        .map(|span| {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            format!(" (line {line})")
+        })
+        .unwrap_or_default();
+    let mut message = e.message().trim().to_owned();
+    if message.starts_with("unknown field") {
+        message.push_str("; check the spelling");
+    }
+    TreeProblem {
+        file: file.to_owned(),
+        field: String::new(),
+        message: format!("{message}{location}"),
+    }
+}
+
+impl TreeFile {
+    /// Read and check the tree file at `path` (syntax, field names, values,
+    /// component files present). Components are not compiled: see
+    /// [`check`](Self::check).
+    pub fn load(path: impl AsRef<Path>) -> Result<Self, TreeError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| TreeError {
+            problems: vec![TreeProblem {
+                file: path.to_owned(),
+                field: String::new(),
+                message: format!("cannot read the file: {e}"),
+            }],
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Check `text` as if it were the content of the file at `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, TreeError> {
+        let raw: RawFile = toml::from_str(text).map_err(|e| TreeError {
+            problems: vec![parse_problem(path, text, &e)],
+        })?;
+        let mut checker = Checker {
+            file: path,
+            dir: path.parent().map(Path::to_owned).unwrap_or_default(),
+            problems: Vec::new(),
+        };
+        let defaults = Defaults {
+            limits: checker.limits(
+                "defaults.limits",
+                &AgentLimits::default(),
+                &raw.defaults.limits,
+            ),
+            shutdown: checker.shutdown(
+                "defaults.shutdown",
+                raw.defaults.shutdown.as_deref(),
+                ShutdownPolicy::default(),
+            ),
+        };
+        if raw.supervisor.component.is_some() {
+            checker.problem(
+                "supervisor.component",
+                "the root must be a supervisor; put the agent under [[supervisor.children]]",
+            );
+        }
+        let root = checker.supervisor("supervisor", raw.supervisor, &defaults);
+        if checker.problems.is_empty() {
+            Ok(TreeFile {
+                path: path.to_owned(),
+                root,
+            })
+        } else {
+            Err(TreeError {
+                problems: checker.problems,
+            })
+        }
+    }
+
+    /// Every agent of the tree with its field path, depth first.
+    pub fn agents(&self) -> Vec<(String, &TreeAgent)> {
+        fn walk<'a>(s: &'a TreeSupervisor, field: &str, out: &mut Vec<(String, &'a TreeAgent)>) {
+            for (i, child) in s.children.iter().enumerate() {
+                let f = format!("{field}.children[{i}]");
+                match child {
+                    TreeNode::Agent(a) => out.push((f, a)),
+                    TreeNode::Supervisor(s) => walk(s, &f, out),
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.root, "supervisor", &mut out);
+        out
+    }
+
+    /// Compile every component and check it implements the agent world; the
+    /// loaded components by path, or every problem found.
+    pub fn check(&self, runtime: &Runtime) -> Result<HashMap<PathBuf, AgentComponent>, TreeError> {
+        let mut components = HashMap::new();
+        let mut problems = Vec::new();
+        for (field, agent) in self.agents() {
+            if components.contains_key(&agent.component) {
+                continue;
+            }
+            match runtime.load_file(&agent.component) {
+                Ok(c) => {
+                    components.insert(agent.component.clone(), c);
+                }
+                Err(e) => problems.push(TreeProblem {
+                    file: self.path.clone(),
+                    field: format!("{field}.component"),
+                    message: e.to_string(),
+                }),
+            }
+        }
+        if problems.is_empty() {
+            Ok(components)
+        } else {
+            Err(TreeError { problems })
+        }
+    }
+
+    /// Build the root supervisor (not started) over `runtime`, with the
+    /// names of every node by id (`root/pipeline/stage-1`).
+    pub fn build(&self, runtime: &Runtime) -> Result<(AgentSupervisor, TreeNames), TreeError> {
+        let components = self.check(runtime)?;
+        let mut factory = WasmAgentFactory::new(runtime.clone());
+        for (path, component) in components {
+            factory = factory.with_component(path.display().to_string(), component);
+        }
+        let factory: Arc<dyn AgentFactory> = Arc::new(factory);
+        let mut names = TreeNames::default();
+        let config = supervisor_config(&self.root);
+        let mut sup = AgentSupervisor::new(config, factory.clone());
+        for child in &self.root.children {
+            sup = sup.with_child(child_spec(child, &self.root.name, &factory, &mut names));
+        }
+        Ok((sup, names))
+    }
+}
+
+fn supervisor_config(s: &TreeSupervisor) -> SupervisorConfig {
+    SupervisorConfig {
+        restart_policy: s.policy.clone(),
+        max_children: s.max_children,
+        ..SupervisorConfig::default()
+    }
+}
+
+fn child_spec(
+    node: &TreeNode,
+    parent: &str,
+    factory: &Arc<dyn AgentFactory>,
+    names: &mut TreeNames,
+) -> ChildSpec {
+    let path = format!("{parent}/{}", node.name());
+    match node {
+        TreeNode::Agent(a) => {
+            let spec = AgentSpec::new(a.component.display().to_string(), a.config.clone())
+                .with_name(a.name.clone())
+                .with_restart_type(a.restart)
+                .with_shutdown(a.shutdown)
+                .with_limits(a.limits.clone())
+                .with_wasi(a.wasi.clone());
+            names.insert(spec.agent_id.clone(), path);
+            ChildSpec::Agent(spec)
+        }
+        TreeNode::Supervisor(s) => {
+            let mut spec = SupervisorSpec::new(supervisor_config(s), factory.clone())
+                .with_name(s.name.clone())
+                .with_restart_type(s.restart)
+                .with_shutdown(s.shutdown);
+            names.insert(spec.id.clone(), path.clone());
+            for child in &s.children {
+                spec = spec.with_child(child_spec(child, &path, factory, names));
+            }
+            ChildSpec::Supervisor(spec)
+        }
+    }
+}
+
+/// The path names (`root/pipeline/stage-1`) of a built tree's nodes.
+#[derive(Debug, Clone, Default)]
+pub struct TreeNames {
+    by_id: HashMap<AgentPid, String>,
+}
+
+impl TreeNames {
+    fn insert(&mut self, id: AgentPid, path: String) {
+        self.by_id.insert(id, path);
+    }
+
+    /// The path name of `id`.
+    pub fn name(&self, id: &AgentPid) -> Option<&str> {
+        self.by_id.get(id).map(String::as_str)
+    }
+
+    /// The id of the node whose path name is `path`, or whose own name is
+    /// `path` when that is unambiguous.
+    pub fn id(&self, path: &str) -> Option<&AgentPid> {
+        if let Some((id, _)) = self.by_id.iter().find(|(_, p)| *p == path) {
+            return Some(id);
+        }
+        let mut found = self
+            .by_id
+            .iter()
+            .filter(|(_, p)| p.rsplit('/').next() == Some(path));
+        match (found.next(), found.next()) {
+            (Some((id, _)), None) => Some(id),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<TreeFile, TreeError> {
+        TreeFile::parse(Path::new("/nonexistent/tree.toml"), text)
+    }
+
+    fn problems(text: &str) -> Vec<String> {
+        parse(text)
+            .unwrap_err()
+            .problems
+            .into_iter()
+            .map(|p| p.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn shutdown_policies() {
+        assert_eq!(
+            parse_shutdown("brutal_kill"),
+            Some(ShutdownPolicy::BrutalKill)
+        );
+        assert_eq!(parse_shutdown("infinity"), Some(ShutdownPolicy::Infinity));
+        assert_eq!(
+            parse_shutdown("250ms"),
+            Some(ShutdownPolicy::Timeout(Duration::from_millis(250)))
+        );
+        assert_eq!(
+            parse_shutdown("5s"),
+            Some(ShutdownPolicy::Timeout(Duration::from_secs(5)))
+        );
+        for bad in ["", "5", "0s", "5m", "s", "-1s"] {
+            assert_eq!(parse_shutdown(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_typo_names_the_field_and_the_known_ones() {
+        let p =
+            problems("[supervisor]\nname = \"r\"\nstrategy = \"one_for_one\"\nmax_restart = 3\n");
+        assert_eq!(p.len(), 1);
+        assert!(p[0].contains("/nonexistent/tree.toml"), "{}", p[0]);
+        assert!(p[0].contains("max_restart"), "{}", p[0]);
+        assert!(
+            p[0].contains("max_restarts"),
+            "lists the known fields: {}",
+            p[0]
+        );
+        assert!(p[0].contains("line 4"), "{}", p[0]);
+    }
+
+    #[test]
+    fn an_unknown_strategy_lists_the_known_ones() {
+        let p = problems("[supervisor]\nname = \"r\"\nstrategy = \"one_for_none\"\n");
+        assert!(
+            p[0].contains("one_for_none") && p[0].contains("rest_for_one"),
+            "{}",
+            p[0]
+        );
+    }
+
+    #[test]
+    fn every_value_problem_is_listed() {
+        let p = problems(
+            r#"
+            [defaults.limits]
+            memory_bytes = -5
+            [supervisor]
+            name = "root"
+            max_restarts = -1
+            [[supervisor.children]]
+            name = "a"
+            component = "missing.wasm"
+            shutdown = "soon"
+            limits = { deadline_ms = 0, fuel_per_call = 1 }
+            [[supervisor.children]]
+            name = "a"
+            "#,
+        );
+        let all = p.join("\n");
+        for needle in [
+            "`defaults.limits.memory_bytes`: must be a positive number of bytes, got -5",
+            "`supervisor.max_restarts`: must be 0 or more",
+            "`supervisor.children[0].component`: no file at /nonexistent/missing.wasm",
+            "`supervisor.children[0].shutdown`: `soon` is not a shutdown policy",
+            "`supervisor.children[0].limits.deadline_ms`: must be a positive number of milliseconds, got 0",
+            "`supervisor.children[1].name`: `a` is already the name of children[0]",
+            "`supervisor.children[1]`: `a` has no `component`",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn a_valid_tree_with_a_nested_supervisor() {
+        let dir = std::env::temp_dir().join(format!("tree-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.wasm"), b"").unwrap();
+        let text = r#"
+            [defaults.limits]
+            fuel_per_call = 1000
+            [supervisor]
+            name = "root"
+            strategy = "one_for_all"
+            max_restarts = 0
+            [[supervisor.children]]
+            name = "inner"
+            strategy = "rest_for_one"
+            [[supervisor.children.children]]
+            name = "a"
+            component = "a.wasm"
+            restart = "transient"
+            shutdown = "brutal_kill"
+            config = { k = [1, 2] }
+            limits = { memory_bytes = 2_000_000 }
+            wasi = { env = { K = "v" } }
+        "#;
+        let tree = TreeFile::parse(&dir.join("tree.toml"), text).unwrap();
+        assert_eq!(tree.root.policy.strategy, RestartStrategy::OneForAll);
+        assert_eq!(tree.root.policy.intensity.max_restarts, 0);
+        let TreeNode::Supervisor(inner) = &tree.root.children[0] else {
+            panic!("inner is a supervisor")
+        };
+        assert_eq!(inner.policy.strategy, RestartStrategy::RestForOne);
+        let TreeNode::Agent(a) = &inner.children[0] else {
+            panic!("a is an agent")
+        };
+        assert_eq!(a.component, dir.join("a.wasm"));
+        assert_eq!(a.restart, RestartType::Transient);
+        assert_eq!(a.shutdown, ShutdownPolicy::BrutalKill);
+        assert_eq!(a.config, serde_json::json!({ "k": [1, 2] }));
+        assert_eq!(a.limits.fuel_per_call, Some(1000), "default merged");
+        assert_eq!(a.limits.memory_bytes, 2_000_000);
+        assert_eq!(a.wasi.env, vec![("K".to_owned(), "v".to_owned())]);
+        assert_eq!(tree.agents().len(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
