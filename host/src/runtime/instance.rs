@@ -61,6 +61,20 @@ impl std::fmt::Debug for AgentInstance {
     }
 }
 
+/// Call a guest export of `$self` under a fresh fuel budget and the
+/// deadline, turning its outcome into a `Result<_, CallError>`.
+macro_rules! guarded {
+    ($self:ident, $export:ident ( $($arg:expr),* )) => {{
+        let budget = $self.prepare()?;
+        let call = $self
+            .guest
+            .terraphim_agent_agent()
+            .$export(&mut $self.store $(, $arg)*);
+        let outcome = timeout($self.limits.deadline, call).await;
+        $self.finish(budget, outcome)
+    }};
+}
+
 /// Set the fuel budget and deadline of the next call into `store`.
 fn arm(store: &mut Store<HostState>, fuel: u64, limits: &AgentLimits) -> Result<(), AgentFault> {
     store
@@ -210,50 +224,22 @@ impl AgentInstance {
             supervisor_id: args.supervisor_id.to_string(),
             config: args.config.to_string(),
         };
-        let budget = self.prepare()?;
-        let call = self
-            .guest
-            .terraphim_agent_agent()
-            .call_init(&mut self.store, &args);
-        let outcome = timeout(self.limits.deadline, call).await;
-        self.finish(budget, outcome)?
-            .map_err(CallError::Application)
+        guarded!(self, call_init(&args))?.map_err(CallError::Application)
     }
 
     /// Call the agent's `start`.
     pub async fn start(&mut self) -> Result<(), CallError> {
-        let budget = self.prepare()?;
-        let call = self
-            .guest
-            .terraphim_agent_agent()
-            .call_start(&mut self.store);
-        let outcome = timeout(self.limits.deadline, call).await;
-        self.finish(budget, outcome)?
-            .map_err(CallError::Application)
+        guarded!(self, call_start())?.map_err(CallError::Application)
     }
 
     /// Call the agent's `stop`.
     pub async fn stop(&mut self) -> Result<(), CallError> {
-        let budget = self.prepare()?;
-        let call = self
-            .guest
-            .terraphim_agent_agent()
-            .call_stop(&mut self.store);
-        let outcome = timeout(self.limits.deadline, call).await;
-        self.finish(budget, outcome)?
-            .map_err(CallError::Application)
+        guarded!(self, call_stop())?.map_err(CallError::Application)
     }
 
     /// Send one message; the agent's reply.
     pub async fn handle_message(&mut self, message: &str) -> Result<String, CallError> {
-        let budget = self.prepare()?;
-        let call = self
-            .guest
-            .terraphim_agent_agent()
-            .call_handle_message(&mut self.store, message);
-        let outcome = timeout(self.limits.deadline, call).await;
-        self.finish(budget, outcome)?
-            .map_err(CallError::Application)
+        guarded!(self, call_handle_message(message))?.map_err(CallError::Application)
     }
 
     /// Deliver a system message.
@@ -262,27 +248,13 @@ impl AgentInstance {
         message: &SystemMessage,
     ) -> Result<(), CallError> {
         let message = to_wit_system(message);
-        let budget = self.prepare()?;
-        let call = self
-            .guest
-            .terraphim_agent_agent()
-            .call_handle_system_message(&mut self.store, &message);
-        let outcome = timeout(self.limits.deadline, call).await;
-        self.finish(budget, outcome)?
-            .map_err(CallError::Application)
+        guarded!(self, call_handle_system_message(&message))?.map_err(CallError::Application)
     }
 
     /// Ask the agent whether it is healthy; `Err(Application)` when it says
     /// it is not.
     pub async fn health_check(&mut self) -> Result<(), CallError> {
-        let budget = self.prepare()?;
-        let call = self
-            .guest
-            .terraphim_agent_agent()
-            .call_health_check(&mut self.store);
-        let outcome = timeout(self.limits.deadline, call).await;
-        self.finish(budget, outcome)?
-            .map_err(CallError::Application)
+        guarded!(self, call_health_check())?.map_err(CallError::Application)
     }
 
     /// Tell the agent it is being terminated. Does nothing on a dead
@@ -292,13 +264,7 @@ impl AgentInstance {
             return Ok(());
         }
         let reason = to_wit_terminate(reason);
-        let budget = self.prepare()?;
-        let call = self
-            .guest
-            .terraphim_agent_agent()
-            .call_terminate(&mut self.store, &reason);
-        let outcome = timeout(self.limits.deadline, call).await;
-        self.finish(budget, outcome)
+        guarded!(self, call_terminate(&reason))
     }
 }
 
