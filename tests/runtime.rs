@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::{component, runtime, started, started_with, test_limits};
+use common::{component, runtime, started, started_granted, started_with, test_limits};
 use terraphim_agent_supervisor::{
     AgentFault, AgentInstance, AgentLimits, CallError, InstanceOptions, LoadError,
-    MemoryStateStore, Runtime, RuntimeConfig, WasiGrants,
+    MemoryStateStore, Preopen, Runtime, RuntimeConfig, WasiGrants,
 };
 
 async fn crash(name: &str, limits: AgentLimits, message: &str) -> CallError {
@@ -369,4 +369,61 @@ fn a_component_of_another_world_names_what_is_missing() {
 fn a_missing_file_is_an_io_error() {
     let err = runtime().load_file("/nonexistent/agent.wasm").unwrap_err();
     assert!(matches!(err, LoadError::Io { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn wasi_grants_nothing_by_default() {
+    let mut probe = started("sandbox-probe", "probe", test_limits()).await;
+    assert_eq!(probe.handle_message("env PATH").await.unwrap(), "unset");
+    assert_eq!(probe.handle_message("args").await.unwrap(), "");
+    for message in ["read /etc/hostname", "read /", "connect 127.0.0.1:9"] {
+        let err = probe.handle_message(message).await.unwrap_err();
+        assert!(
+            matches!(err, CallError::Application(_)),
+            "{message}: {err:?}"
+        );
+    }
+    assert!(
+        probe.is_alive(),
+        "a refused capability is an error, not a crash"
+    );
+}
+
+#[tokio::test]
+async fn wasi_grants_exactly_what_the_spec_grants() {
+    let dir = std::env::temp_dir().join(format!("wasi-grant-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("hello.txt"), "hello from the host").unwrap();
+    let grants = WasiGrants {
+        env: vec![("GREETING".into(), "hi".into())],
+        args: vec!["probe".into(), "--verbose".into()],
+        preopens: vec![Preopen {
+            host: dir.clone(),
+            guest: "/data".into(),
+            read_only: true,
+        }],
+        ..WasiGrants::default()
+    };
+    let state = Arc::new(MemoryStateStore::default());
+    let mut probe = started_granted("sandbox-probe", "granted", test_limits(), state, grants).await;
+    assert_eq!(probe.handle_message("env GREETING").await.unwrap(), "hi");
+    assert_eq!(probe.handle_message("env PATH").await.unwrap(), "unset");
+    assert_eq!(
+        probe.handle_message("args").await.unwrap(),
+        "probe --verbose"
+    );
+    assert_eq!(
+        probe.handle_message("read /data/hello.txt").await.unwrap(),
+        "hello from the host"
+    );
+    // Outside the granted directory nothing is visible.
+    probe
+        .handle_message("read /etc/hostname")
+        .await
+        .unwrap_err();
+    probe
+        .handle_message("read /data/../../etc/hostname")
+        .await
+        .unwrap_err();
+    std::fs::remove_dir_all(&dir).unwrap();
 }

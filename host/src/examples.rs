@@ -28,7 +28,15 @@ pub const FAILING_INIT: &[u8] = include_bytes!(concat!(
 /// The exit agent: `exit <code>` calls WASI `exit`.
 pub const EXIT: &[u8] = include_bytes!(concat!(env!("TERRAPHIM_GUEST_DIR"), "/exit_agent.wasm"));
 
-/// All examples by agent-type name ("echo", "crasher", "fuel-burner", "memory-hog", "sleeper", "failing-init", "exit").
+/// The sandbox-probe agent: reports which environment variables, arguments,
+/// files and network addresses it can reach (WASI is deny-by-default).
+pub const SANDBOX_PROBE: &[u8] = include_bytes!(concat!(
+    env!("TERRAPHIM_GUEST_DIR"),
+    "/sandbox_probe_agent.wasm"
+));
+
+/// All examples by agent-type name ("echo", "crasher", "fuel-burner",
+/// "memory-hog", "sleeper", "failing-init", "exit", "sandbox-probe").
 pub const ALL: &[(&str, &[u8])] = &[
     ("echo", ECHO),
     ("crasher", CRASHER),
@@ -37,4 +45,5 @@ pub const ALL: &[(&str, &[u8])] = &[
     ("sleeper", SLEEPER),
     ("failing-init", FAILING_INIT),
     ("exit", EXIT),
+    ("sandbox-probe", SANDBOX_PROBE),
 ];

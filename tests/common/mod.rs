@@ -61,10 +61,21 @@ pub async fn started_with(
     limits: AgentLimits,
     state: Arc<dyn StateStore>,
 ) -> AgentInstance {
+    started_granted(name, agent_id, limits, state, WasiGrants::default()).await
+}
+
+/// Like [`started_with`], with WASI grants.
+pub async fn started_granted(
+    name: &str,
+    agent_id: &str,
+    limits: AgentLimits,
+    state: Arc<dyn StateStore>,
+    grants: WasiGrants,
+) -> AgentInstance {
     let options = InstanceOptions {
         agent_id: agent_id.to_owned(),
         limits,
-        grants: WasiGrants::default(),
+        grants,
         state,
     };
     let mut agent = AgentInstance::instantiate(runtime(), &component(name), options)
