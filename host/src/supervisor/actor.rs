@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
 use super::child::{self, ChildExit, Started, WorkerCommand};
-use super::decision::{ChildRef, Decision, ExitKind, RestartWindow, decide};
+use super::decision::{ChildRef, Decision, ExitKind, RestartWindow, decide, decide_failed_start};
 use super::{
     ChildCount, ChildSpec, RestartAction, RestartEntry, SupervisorConfig, SupervisorEvent,
     SupervisorHandle, SupervisorStatus,
@@ -554,12 +554,12 @@ impl Actor {
         mut start: Vec<AgentPid>,
     ) -> Result<(), Escalated> {
         loop {
+            self.stop_ids(&stop).await;
             for id in &start {
                 if let Some(idx) = self.index(id) {
                     self.update(idx, |info| info.status = AgentStatus::Restarting);
                 }
             }
-            self.stop_ids(&stop).await;
             for id in &remove {
                 self.record(id, ExitReason::Shutdown, RestartAction::Removed);
                 self.remove_and_report(id);
@@ -577,14 +577,7 @@ impl Actor {
             let refs = self.refs();
             let strategy = self.shared.config.restart_policy.strategy;
             let now = Instant::now();
-            let decision = decide(
-                strategy,
-                &refs,
-                &failed,
-                ExitKind::Abnormal,
-                &mut self.window,
-                now,
-            );
+            let decision = decide_failed_start(strategy, &refs, &failed, &mut self.window, now);
             match decision {
                 Ok(Decision::Restart {
                     stop: s,
