@@ -1,8 +1,15 @@
 //! The `agent-host` command line, run as a process.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use terraphim_agent_supervisor::examples::{CRASHER, ECHO};
+
+/// Hang guard for every wait on a child process (never a timing assertion).
+const HANG_GUARD: Duration = Duration::from_secs(120);
 
 fn agent_host(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_agent-host"))
@@ -118,7 +125,7 @@ fn validate_reports_each_path_and_fails_if_any_fails() {
     );
     assert!(stderr.contains(&missing), "stderr:\n{stderr}");
     assert!(
-        stderr.contains("tree.toml: tree files are not supported yet"),
+        stderr.contains("tree.toml: cannot read the file"),
         "stderr:\n{stderr}"
     );
 }
@@ -129,12 +136,22 @@ fn help_of_every_subcommand_exits_zero() {
         &["--help"][..],
         &["demo", "--help"],
         &["validate", "--help"],
+        &["run", "--help"],
+        &["call", "--help"],
+        &["status", "--help"],
         &["help", "demo"],
     ] {
         let out = agent_host(args);
         let stdout = text(&out.stdout);
         assert_eq!(out.status.code(), Some(0), "{args:?}:\n{stdout}");
         assert!(stdout.contains("Usage: agent-host"), "{args:?}:\n{stdout}");
+    }
+    for command in ["run", "call", "status", "validate"] {
+        let stdout = text(&agent_host(&[command, "--help"]).stdout);
+        assert!(
+            stdout.contains("Exit status") && stdout.contains("2  usage error"),
+            "{command} --help:\n{stdout}"
+        );
     }
     assert!(text(&agent_host(&["--help"]).stdout).contains("Exit status"));
 }
@@ -146,6 +163,9 @@ fn usage_errors_exit_two() {
         &["frobnicate"],
         &["validate"],
         &["demo", "--seconds", "0"],
+        &["run"],
+        &["call", "tree.toml", "echo"],
+        &["status", "tree.toml", "--frobnicate"],
     ] {
         let out = agent_host(args);
         assert_eq!(
@@ -155,4 +175,542 @@ fn usage_errors_exit_two() {
             text(&out.stderr)
         );
     }
+}
+
+// ---------------------------------------------------------------------------
+// Tree files: validate, run, call, status
+// ---------------------------------------------------------------------------
+
+/// A directory no other test (run) uses, with the example components in it;
+/// removed on drop. It is also the `XDG_RUNTIME_DIR` of the commands run in
+/// it, so control sockets land here.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        let path = std::env::temp_dir().join(format!(
+            "agent-host-cli-{}-{nanos}-{name}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&path).expect("temp dir created");
+        std::fs::write(path.join("echo.wasm"), ECHO).expect("echo.wasm written");
+        std::fs::write(path.join("crasher.wasm"), CRASHER).expect("crasher.wasm written");
+        Self(path)
+    }
+
+    /// Write `contents` to `name` in the directory; its path.
+    fn write(&self, name: &str, contents: &str) -> String {
+        let path = self.0.join(name);
+        std::fs::write(&path, contents).expect("file written");
+        path.to_str().expect("temp path is UTF-8").to_owned()
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_agent-host"));
+        command
+            .args(args)
+            .env_remove("RUST_LOG")
+            .env("XDG_RUNTIME_DIR", &self.0);
+        command
+    }
+
+    /// Run `agent-host args` to the end (bounded by the hang guard).
+    fn agent_host(&self, args: &[&str]) -> Output {
+        let mut child = self
+            .command(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("agent-host runs");
+        let stdout = read_all(child.stdout.take().expect("piped stdout"));
+        let stderr = read_all(child.stderr.take().expect("piped stderr"));
+        let status = wait_bounded(&mut child, args);
+        Output {
+            status,
+            stdout: stdout.join().expect("stdout reader"),
+            stderr: stderr.join().expect("stderr reader"),
+        }
+    }
+
+    /// The control sockets in the directory.
+    fn sockets(&self) -> Vec<String> {
+        std::fs::read_dir(&self.0)
+            .expect("temp dir readable")
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|name| name.ends_with(".sock"))
+            .collect()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn read_all(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = pipe.read_to_end(&mut bytes);
+        bytes
+    })
+}
+
+fn wait_bounded(child: &mut Child, what: &[&str]) -> ExitStatus {
+    let deadline = Instant::now() + HANG_GUARD;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("agent-host {what:?} did not exit within {HANG_GUARD:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A tree of three agents at the root and a nested supervisor with one.
+const TREE: &str = r#"
+[supervisor]
+name = "root"
+strategy = "one_for_one"
+max_restarts = 10
+time_window_ms = 60_000
+
+[[supervisor.children]]
+name = "echo"
+component = "echo.wasm"
+
+[[supervisor.children]]
+name = "crasher"
+component = "crasher.wasm"
+
+[[supervisor.children]]
+name = "echo2"
+component = "echo.wasm"
+
+[[supervisor.children]]
+name = "team"
+strategy = "one_for_all"
+
+[[supervisor.children.children]]
+name = "echo-a"
+component = "echo.wasm"
+"#;
+
+/// Every node of [`TREE`], in start order (a nested supervisor starts
+/// after its children).
+const STARTED: [&str; 5] = [
+    "root/echo",
+    "root/crasher",
+    "root/echo2",
+    "root/team/echo-a",
+    "root/team",
+];
+
+/// An `agent-host run` in the background, its stdout read line by line.
+struct RunningHost {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+    stderr: Option<std::thread::JoinHandle<Vec<u8>>>,
+}
+
+impl RunningHost {
+    fn start(dir: &TempDir, args: &[&str]) -> Self {
+        let mut child = dir
+            .command(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("agent-host run starts");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr = read_all(child.stderr.take().expect("piped stderr"));
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+            stderr: Some(stderr),
+        }
+    }
+
+    /// Read lines until `done` says every expected line came.
+    fn wait_for(&mut self, what: &str, mut done: impl FnMut(&[String]) -> bool) {
+        let deadline = Instant::now() + HANG_GUARD;
+        while !done(&self.seen) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(e) => panic!(
+                    "waiting for {what}: {e:?}; stdout so far:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// Wait for the exit; the status, every stdout line and the stderr.
+    fn finish(mut self) -> (ExitStatus, Vec<String>, String) {
+        let status = wait_bounded(&mut self.child, &["run"]);
+        while let Ok(line) = self.lines.recv_timeout(HANG_GUARD) {
+            self.seen.push(line);
+        }
+        let stderr = self.stderr.take().map(|h| h.join().expect("stderr reader"));
+        (
+            status,
+            std::mem::take(&mut self.seen),
+            text(&stderr.unwrap_or_default()),
+        )
+    }
+}
+
+impl Drop for RunningHost {
+    fn drop(&mut self) {
+        // A failed test must not leave the host running.
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `(path, what)` of a text event line: `[  0.001s] root/echo   started`.
+fn event(line: &str) -> Option<(&str, &str)> {
+    let rest = line.strip_prefix('[')?.split_once("s] ")?.1;
+    let (path, what) = rest.split_once(' ')?;
+    Some((path, what.trim()))
+}
+
+fn paths_with<'a>(lines: &'a [String], what: &str) -> Vec<&'a str> {
+    lines
+        .iter()
+        .filter_map(|l| event(l))
+        .filter(|(_, w)| *w == what)
+        .map(|(path, _)| path)
+        .collect()
+}
+
+#[test]
+fn validate_accepts_a_valid_tree_file() {
+    let dir = TempDir::new("valid-tree");
+    let tree = dir.write("tree.toml", TREE);
+    let out = dir.agent_host(&["validate", &tree]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{}", text(&out.stderr));
+    assert!(
+        stdout.contains(&format!(
+            "ok: {tree}: a tree of 4 agents under 2 supervisors"
+        )),
+        "stdout:\n{stdout}"
+    );
+}
+
+#[test]
+fn validate_names_the_file_the_field_and_the_fix_of_each_tree_problem() {
+    let dir = TempDir::new("bad-trees");
+    dir.write("other.wasm", "(component)");
+    let agent = |extra: &str| {
+        format!("[supervisor]\nname = \"root\"\n[[supervisor.children]]\nname = \"a\"\n{extra}\n")
+    };
+    let cases: [(&str, String, &[&str]); 6] = [
+        (
+            "typo.toml",
+            "[supervisor]\nname = \"root\"\nmax_restart = 3\n".into(),
+            &["max_restart", "max_restarts", "check the spelling"],
+        ),
+        (
+            "strategy.toml",
+            "[supervisor]\nname = \"root\"\nstrategy = \"one_for_some\"\n".into(),
+            &["strategy", "one_for_some", "rest_for_one"],
+        ),
+        (
+            "missing.toml",
+            agent("component = \"missing.wasm\""),
+            &[
+                "supervisor.children[0].component",
+                "missing.wasm",
+                "cargo build --release --target wasm32-wasip2",
+            ],
+        ),
+        (
+            "world.toml",
+            agent("component = \"other.wasm\""),
+            &[
+                "supervisor.children[0].component",
+                "other.wasm",
+                "does not implement the world `supervised-agent`",
+            ],
+        ),
+        (
+            "negative.toml",
+            agent("component = \"echo.wasm\"\nlimits = { memory_bytes = -4 }"),
+            &[
+                "supervisor.children[0].limits.memory_bytes",
+                "got -4",
+                "remove it for the default",
+            ],
+        ),
+        (
+            "zero.toml",
+            agent("component = \"echo.wasm\"\nlimits = { deadline_ms = 0 }"),
+            &[
+                "supervisor.children[0].limits.deadline_ms",
+                "got 0",
+                "remove it for the default",
+            ],
+        ),
+    ];
+    for (name, contents, needles) in cases {
+        let file = dir.write(name, &contents);
+        let out = dir.agent_host(&["validate", &file]);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: stderr:\n{stderr}");
+        assert!(
+            stderr.starts_with(&format!("error: {file}: ")),
+            "{name}: stderr:\n{stderr}"
+        );
+        for needle in needles {
+            assert!(
+                stderr.contains(needle),
+                "{name}: no {needle:?} in stderr:\n{stderr}"
+            );
+        }
+        // `run` refuses the same file with the same problems.
+        let run = dir.agent_host(&["run", &file]);
+        assert_eq!(run.status.code(), Some(1), "{name}: run");
+        assert_eq!(text(&run.stderr), stderr, "{name}: run");
+    }
+}
+
+#[test]
+fn run_serves_call_and_status_and_stops_in_reverse_order_on_ctrl_c() {
+    let dir = TempDir::new("run");
+    let tree = dir.write("tree.toml", TREE);
+    let mut host = RunningHost::start(&dir, &["run", &tree]);
+    host.wait_for("every child to start", |seen| {
+        let started = paths_with(seen, "started");
+        STARTED.iter().all(|p| started.contains(p))
+    });
+
+    let call = dir.agent_host(&["call", &tree, "echo", "count"]);
+    assert_eq!(
+        (call.status.code(), text(&call.stdout).as_str()),
+        (Some(0), "1\n"),
+        "stderr:\n{}",
+        text(&call.stderr)
+    );
+    assert_eq!(text(&call.stderr), "", "a running host: no note");
+    let nested = dir.agent_host(&["call", &tree, "root/team/echo-a", "hello"]);
+    assert_eq!(text(&nested.stdout), "echo: hello\n");
+
+    let status = dir.agent_host(&["status", &tree]);
+    let table = text(&status.stdout);
+    assert_eq!(status.status.code(), Some(0), "{}", text(&status.stderr));
+    for path in STARTED {
+        assert!(
+            table
+                .lines()
+                .any(|l| l.starts_with(&format!("{path} ")) && l.contains(" running ")),
+            "{path} is not listed as running:\n{table}"
+        );
+    }
+    let status = dir.agent_host(&["status", &tree, "--json"]);
+    let rows: Vec<serde_json::Value> = text(&status.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON row"))
+        .collect();
+    let paths: Vec<&str> = rows.iter().filter_map(|r| r["path"].as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "root/echo",
+            "root/crasher",
+            "root/echo2",
+            "root/team",
+            "root/team/echo-a"
+        ],
+        "depth first, in start order"
+    );
+    assert!(rows.iter().all(|r| r["status"] == "Running"), "{rows:?}");
+
+    let second = dir.agent_host(&["run", &tree]);
+    assert_eq!(second.status.code(), Some(1));
+    assert!(
+        text(&second.stderr).contains("a host is already running this tree"),
+        "{}",
+        text(&second.stderr)
+    );
+
+    host.signal("INT");
+    let (status, lines, stderr) = host.finish();
+    assert!(
+        status.success(),
+        "{status:?}\nstdout:\n{}\nstderr:\n{stderr}",
+        lines.join("\n")
+    );
+    assert_eq!(
+        paths_with(&lines, "stopped"),
+        [
+            "root/team/echo-a",
+            "root/team",
+            "root/echo2",
+            "root/crasher",
+            "root/echo"
+        ],
+        "reverse start order; stdout:\n{}",
+        lines.join("\n")
+    );
+    assert!(dir.sockets().is_empty(), "socket left: {:?}", dir.sockets());
+
+    let gone = dir.agent_host(&["status", &tree]);
+    assert_eq!(gone.status.code(), Some(1));
+    assert!(
+        text(&gone.stderr).contains("no host is running"),
+        "{}",
+        text(&gone.stderr)
+    );
+}
+
+#[test]
+fn a_crash_in_a_call_is_an_error_and_the_agent_comes_back() {
+    let dir = TempDir::new("crash");
+    let tree = dir.write("tree.toml", TREE);
+    let mut host = RunningHost::start(&dir, &["run", &tree, "--json"]);
+    let json_paths = |seen: &[String], kind: &str| -> Vec<String> {
+        seen.iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["event"].get(kind).is_some())
+            .filter_map(|v| v["path"].as_str().map(str::to_owned))
+            .collect()
+    };
+    host.wait_for("every child to start", |seen| {
+        let started = json_paths(seen, "ChildStarted");
+        STARTED.iter().all(|p| started.iter().any(|s| s == p))
+    });
+
+    let crash = dir.agent_host(&["call", &tree, "crasher", "panic"]);
+    let stderr = text(&crash.stderr);
+    assert_eq!(crash.status.code(), Some(1), "stderr:\n{stderr}");
+    assert!(
+        stderr.starts_with("error: root/crasher crashed: guest panic"),
+        "stderr:\n{stderr}"
+    );
+
+    let mut attempts = 0;
+    loop {
+        let ping = dir.agent_host(&["call", &tree, "crasher", "ping"]);
+        if ping.status.success() {
+            assert_eq!(text(&ping.stdout), "pong\n");
+            break;
+        }
+        let stderr = text(&ping.stderr);
+        attempts += 1;
+        assert!(
+            stderr.contains("restarting") && attempts < 100,
+            "attempt {attempts}: {stderr}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    host.wait_for("the crasher's restart", |seen| {
+        json_paths(seen, "ChildRestarted")
+            .iter()
+            .any(|p| p == "root/crasher")
+    });
+
+    host.signal("TERM");
+    let (status, lines, stderr) = host.finish();
+    assert!(status.success(), "{status:?}\nstderr:\n{stderr}");
+    for line in &lines {
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    }
+    let exited: Vec<serde_json::Value> = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["event"].get("ChildExited").is_some())
+        .collect();
+    assert_eq!(exited.len(), 1, "{exited:?}");
+    assert_eq!(exited[0]["path"], "root/crasher");
+    let last = lines.last().map(String::as_str).unwrap_or_default();
+    assert!(last.contains(r#""kind":"stopped""#), "{last}");
+}
+
+#[test]
+fn call_without_a_running_host_runs_the_tree_for_that_call() {
+    let dir = TempDir::new("one-shot");
+    let tree = dir.write("tree.toml", TREE);
+    let out = dir.agent_host(&["call", &tree, "echo", "count"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{stderr}");
+    assert_eq!(text(&out.stdout), "1\n");
+    assert!(
+        stderr.contains(&format!(
+            "no running host for {tree}: started it for this call; state is not kept"
+        )),
+        "stderr:\n{stderr}"
+    );
+
+    let unknown = dir.agent_host(&["call", &tree, "nobody", "count"]);
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(
+        text(&unknown.stderr).contains("no agent `nobody` in the tree"),
+        "{}",
+        text(&unknown.stderr)
+    );
+
+    let status = dir.agent_host(&["status", &tree]);
+    assert_eq!(status.status.code(), Some(1));
+    assert!(
+        text(&status.stderr).contains("no host is running"),
+        "{}",
+        text(&status.stderr)
+    );
+    assert!(dir.sockets().is_empty(), "{:?}", dir.sockets());
+}
+
+#[test]
+fn a_stale_socket_is_replaced() {
+    let dir = TempDir::new("stale");
+    let tree = dir.write("tree.toml", TREE);
+    let socket = dir.0.join("control.sock");
+    // A socket file nobody listens on, as a killed host leaves behind.
+    drop(std::os::unix::net::UnixListener::bind(&socket).expect("bind"));
+    assert!(socket.exists());
+    let socket = socket.to_str().expect("UTF-8");
+    let mut host = RunningHost::start(&dir, &["run", &tree, "--socket", socket]);
+    host.wait_for("every child to start", |seen| {
+        let started = paths_with(seen, "started");
+        STARTED.iter().all(|p| started.contains(p))
+    });
+    let call = dir.agent_host(&["call", &tree, "echo2", "count", "--socket", socket]);
+    assert_eq!(text(&call.stdout), "1\n", "{}", text(&call.stderr));
+    host.signal("INT");
+    let (status, _, stderr) = host.finish();
+    assert!(status.success(), "{stderr}");
+    assert!(!Path::new(socket).exists(), "the socket is removed on exit");
 }

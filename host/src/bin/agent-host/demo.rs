@@ -2,10 +2,8 @@
 //! driven into crashes for a few seconds, with every lifecycle event and
 //! every call printed as it happens.
 
-use std::collections::HashMap;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
@@ -14,14 +12,14 @@ use serde_json::json;
 use terraphim_agent_supervisor::{
     AgentLimits, AgentPid, AgentSpec, AgentStatus, AgentSupervisor, ExitReason, RestartIntensity,
     RestartPolicy, RestartStrategy, Runtime, SupervisedAgentInfo, SupervisionError,
-    SupervisionResult, SupervisorConfig, SupervisorEvent, SupervisorId, SupervisorSpec,
-    SupervisorStatus, WasmAgentFactory, examples,
+    SupervisionResult, SupervisorConfig, SupervisorSpec, SupervisorStatus, WasmAgentFactory,
+    examples,
 };
-use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
 use tokio::sync::oneshot;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use crate::output::{Out, seconds, stamp};
+use crate::events::{Names, PENDING_WAIT, Printer, Shared, describe_error, status_text};
+use crate::output::{Out, seconds};
 use crate::{CliResult, EXIT_FAILURE};
 
 pub const LONG_ABOUT: &str = "\
@@ -50,8 +48,6 @@ Exits 0, or 1 if the tree cannot start or its root supervisor gives up.";
 
 /// Time between two driver steps.
 const TICK: Duration = Duration::from_millis(400);
-/// How long an exit is held back, waiting for its restart, to print both on one line.
-const PENDING_WAIT: Duration = Duration::from_millis(200);
 /// The reason the driver reports for the failures it injects.
 const INJECTED: &str = "demo: injected failure";
 /// Fuel per call of the fuel-burner.
@@ -78,85 +74,6 @@ pub struct DemoArgs {
     /// Print JSON lines (events, calls, the final table) instead of text.
     #[arg(long)]
     json: bool,
-}
-
-/// Human names for the ids in events.
-struct Names {
-    supervisors: HashMap<SupervisorId, String>,
-    /// Child id → (its supervisor's name, its name).
-    children: HashMap<AgentPid, (String, String)>,
-    width: usize,
-}
-
-fn short(id: String) -> String {
-    id.chars().take(8).collect()
-}
-
-impl Names {
-    fn supervisor(&self, id: &SupervisorId) -> String {
-        self.supervisors
-            .get(id)
-            .cloned()
-            .unwrap_or_else(|| short(id.to_string()))
-    }
-
-    /// The child's own name.
-    fn name(&self, pid: &AgentPid) -> String {
-        self.children
-            .get(pid)
-            .map(|(_, name)| name.clone())
-            .unwrap_or_else(|| short(pid.to_string()))
-    }
-
-    /// `supervisor/child`.
-    fn label(&self, pid: &AgentPid) -> String {
-        match self.children.get(pid) {
-            Some((sup, name)) => format!("{sup}/{name}"),
-            None => short(pid.to_string()),
-        }
-    }
-
-    /// Replace the ids in `text` (from a library error) by names.
-    fn humanise(&self, text: String) -> String {
-        let mut text = text;
-        for pid in self.children.keys() {
-            text = text.replace(&pid.to_string(), &self.label(pid));
-        }
-        for (id, name) in &self.supervisors {
-            text = text.replace(&id.to_string(), name);
-        }
-        text
-    }
-
-    /// One text line: time, padded label, text.
-    fn row(&self, at: Duration, label: &str, text: &str) -> String {
-        format!("{} {label:<width$}  {text}", stamp(at), width = self.width)
-    }
-}
-
-/// A caller-facing description of a failed call.
-fn describe_error(error: &SupervisionError, names: &Names) -> String {
-    let text = match error {
-        SupervisionError::AgentCrashed(_, fault) => format!("crashed: {fault}"),
-        SupervisionError::AgentExecutionFailed(_, e) => format!("error reply: {e}"),
-        SupervisionError::MaxRestartsExceeded(id) => format!(
-            "supervisor {} gave up (restart intensity exceeded)",
-            names.supervisor(id)
-        ),
-        other => other.to_string(),
-    };
-    names.humanise(text)
-}
-
-fn status_text(status: &AgentStatus) -> String {
-    match status {
-        AgentStatus::Starting => "starting".into(),
-        AgentStatus::Running => "running".into(),
-        AgentStatus::Stopping => "stopping".into(),
-        AgentStatus::Stopped => "stopped".into(),
-        AgentStatus::Failed(_) => "failed".into(),
-        AgentStatus::Restarting => "restarting".into(),
-    }
 }
 
 fn plural(n: u32, one: &str, many: &str) -> String {
@@ -242,36 +159,23 @@ fn build_tree() -> Result<(Tree, Names), Box<dyn std::error::Error>> {
         ..SupervisorConfig::default()
     };
 
-    let mut names = Names {
-        supervisors: HashMap::from([
-            (root_config.supervisor_id.clone(), "root".into()),
-            (team_id, "team".into()),
-        ]),
-        children: HashMap::new(),
-        width: 0,
-    };
+    let mut names = Names::with_root(root_config.supervisor_id.clone(), "root");
+    names.add_supervisor(team_id, "team");
     for spec in [&echo, &crasher, &fuel_burner, &memory_hog] {
-        names.children.insert(
+        names.add_child(
             spec.agent_id.clone(),
-            ("root".into(), spec.name.clone().unwrap_or_default()),
+            "root",
+            spec.name.as_deref().unwrap_or_default(),
         );
     }
-    names
-        .children
-        .insert(team.id.clone(), ("root".into(), "team".into()));
+    names.add_child(team.id.clone(), "root", "team");
     for spec in [&team_a, &team_b] {
-        names.children.insert(
+        names.add_child(
             spec.agent_id.clone(),
-            ("team".into(), spec.name.clone().unwrap_or_default()),
+            "team",
+            spec.name.as_deref().unwrap_or_default(),
         );
     }
-    names.width = names
-        .children
-        .keys()
-        .map(|pid| names.label(pid).len())
-        .max()
-        .unwrap_or(0)
-        .max(12);
 
     let tree = Tree {
         echo: echo.agent_id.clone(),
@@ -421,7 +325,7 @@ async fn send(
     shared.set_in_flight(Some(pid.clone()));
     let result = tree.call(pid, message).await;
     if out.json() {
-        let (supervisor, agent) = names.children.get(pid).cloned().unwrap_or_default();
+        let (supervisor, agent) = names.parts(pid);
         let (reply, error) = match &result {
             Ok(reply) => (Some(reply.as_str()), None),
             Err(e) => (None, Some(describe_error(e, names))),
@@ -453,7 +357,7 @@ async fn send(
 /// supervisor restarts the agent before it answers).
 async fn inject(tree: &mut Tree, names: &Names, out: &Out, pid: &AgentPid) {
     let reason = ExitReason::Error(INJECTED.into());
-    let (supervisor, agent) = names.children.get(pid).cloned().unwrap_or_default();
+    let (supervisor, agent) = names.parts(pid);
     let line = |error: Option<String>| {
         if out.json() {
             out.json_line(&InjectLine {
@@ -475,247 +379,6 @@ async fn inject(tree: &mut Tree, names: &Names, out: &Out, pid: &AgentPid) {
     line(None);
     if let Err(e) = tree.inject(pid, reason.clone()).await {
         line(Some(describe_error(&e, names)));
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Event printing
-// ---------------------------------------------------------------------------
-
-#[derive(Serialize)]
-struct EventLine<'a> {
-    kind: &'static str,
-    t: f64,
-    supervisor: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    agent: Option<String>,
-    event: &'a SupervisorEvent,
-}
-
-/// State shared by the driver and the event printer.
-#[derive(Default)]
-struct Shared {
-    /// The agent a call is in flight to: its exit is printed after the
-    /// call's own line.
-    in_flight: Mutex<Option<AgentPid>>,
-    /// Set once the tree is being stopped.
-    stopping: AtomicBool,
-}
-
-impl Shared {
-    fn set_in_flight(&self, pid: Option<AgentPid>) {
-        *self.in_flight.lock().unwrap_or_else(|p| p.into_inner()) = pid;
-    }
-
-    fn is_in_flight(&self, pid: &AgentPid) -> bool {
-        self.in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            == Some(pid)
-    }
-}
-
-/// An exit held back to be printed on one line with its restart, after the
-/// line of the call that caused it.
-struct Pending {
-    at: Duration,
-    since: std::time::Instant,
-    agent: AgentPid,
-    reason: ExitReason,
-    restart_count: Option<u32>,
-}
-
-struct Printer {
-    out: Arc<Out>,
-    names: Arc<Names>,
-    shared: Arc<Shared>,
-    pending: Option<Pending>,
-    /// Per supervisor, the last child that exited (the cause of sibling restarts).
-    last_exit: HashMap<SupervisorId, AgentPid>,
-    /// Children stopped during the final stop, in order.
-    stopped: Vec<String>,
-}
-
-impl Printer {
-    /// Print the held-back exit: always if `force`, else once its restart
-    /// came (or [`PENDING_WAIT`] passed) and the call that caused it printed
-    /// its line (or a second passed).
-    fn flush(&mut self, force: bool) {
-        let Some(p) = &self.pending else { return };
-        let age = p.since.elapsed();
-        let settled = p.restart_count.is_some() || age >= PENDING_WAIT;
-        let call_done = !self.shared.is_in_flight(&p.agent) || age >= Duration::from_secs(1);
-        if !(force || settled && call_done) {
-            return;
-        }
-        let Some(p) = self.pending.take() else { return };
-        let text = match p.restart_count {
-            Some(n) => format!("exited: {} -> restarted (restart #{n})", p.reason),
-            None => format!("exited: {}", p.reason),
-        };
-        self.out
-            .line(&self.names.row(p.at, &self.names.label(&p.agent), &text));
-    }
-
-    fn print(&self, label: &str, text: &str) {
-        self.out
-            .line(&self.names.row(self.out.elapsed(), label, text));
-    }
-
-    fn json(&self, event: &SupervisorEvent) {
-        let (supervisor, agent) = match event {
-            SupervisorEvent::ChildStarted {
-                supervisor, agent, ..
-            }
-            | SupervisorEvent::ChildExited {
-                supervisor, agent, ..
-            }
-            | SupervisorEvent::ChildRestarted {
-                supervisor, agent, ..
-            }
-            | SupervisorEvent::ChildStopped { supervisor, agent }
-            | SupervisorEvent::ChildRemoved { supervisor, agent } => {
-                (supervisor, Some(self.names.name(agent)))
-            }
-            SupervisorEvent::Escalated { supervisor }
-            | SupervisorEvent::SupervisorStopped { supervisor } => (supervisor, None),
-        };
-        self.out.json_line(&EventLine {
-            kind: "event",
-            t: seconds(self.out.elapsed()),
-            supervisor: self.names.supervisor(supervisor),
-            agent,
-            event,
-        });
-    }
-
-    fn on_event(&mut self, event: SupervisorEvent) {
-        let stopping = self.shared.stopping.load(Ordering::Relaxed);
-        if stopping && let SupervisorEvent::ChildStopped { agent, .. } = &event {
-            self.stopped.push(self.names.label(agent));
-        }
-        if self.out.json() {
-            self.json(&event);
-            return;
-        }
-        let names = self.names.clone();
-        match event {
-            SupervisorEvent::ChildStarted { agent, .. } => {
-                self.flush(true);
-                self.print(&names.label(&agent), "started");
-            }
-            SupervisorEvent::ChildExited {
-                supervisor,
-                agent,
-                reason,
-            } => {
-                self.flush(true);
-                self.last_exit.insert(supervisor, agent.clone());
-                self.pending = Some(Pending {
-                    at: self.out.elapsed(),
-                    since: std::time::Instant::now(),
-                    agent,
-                    reason,
-                    restart_count: None,
-                });
-            }
-            SupervisorEvent::ChildRestarted {
-                supervisor,
-                agent,
-                restart_count,
-            } => {
-                if let Some(p) = &mut self.pending
-                    && p.agent == agent
-                    && p.restart_count.is_none()
-                {
-                    p.restart_count = Some(restart_count);
-                    self.flush(false);
-                    return;
-                }
-                self.flush(true);
-                let text = match self.last_exit.get(&supervisor) {
-                    Some(cause) if *cause != agent => format!(
-                        "restarted together with {} (restart #{restart_count})",
-                        names.name(cause)
-                    ),
-                    _ => format!("restarted (restart #{restart_count})"),
-                };
-                self.print(&names.label(&agent), &text);
-            }
-            SupervisorEvent::ChildStopped { supervisor, agent } => {
-                self.flush(true);
-                let text = match self.last_exit.get(&supervisor) {
-                    Some(cause) if !stopping && *cause != agent => {
-                        format!("stopped, because its sibling {} exited", names.name(cause))
-                    }
-                    _ => "stopped".to_owned(),
-                };
-                self.print(&names.label(&agent), &text);
-            }
-            SupervisorEvent::ChildRemoved { agent, .. } => {
-                self.flush(true);
-                self.print(&names.label(&agent), "removed");
-            }
-            SupervisorEvent::Escalated { supervisor } => {
-                self.flush(true);
-                let name = names.supervisor(&supervisor);
-                let text = if name == "root" {
-                    "gave up: restart intensity exceeded; the tree is down"
-                } else {
-                    "gave up: restart intensity exceeded (escalated to its parent)"
-                };
-                self.print(&name, text);
-            }
-            SupervisorEvent::SupervisorStopped { supervisor } => {
-                self.flush(true);
-                self.print(&names.supervisor(&supervisor), "supervisor stopped");
-            }
-        }
-    }
-
-    fn on_lagged(&mut self, missed: u64) {
-        self.flush(true);
-        if !self.out.json() {
-            self.out.line(&format!("({missed} events missed)"));
-        }
-    }
-
-    /// Print events until `finish` fires, then drain what is left. Returns
-    /// the children stopped after `stopping` was set, in order.
-    async fn run(
-        mut self,
-        mut events: broadcast::Receiver<SupervisorEvent>,
-        mut finish: oneshot::Receiver<()>,
-    ) -> Vec<String> {
-        loop {
-            let wait = if self.pending.is_some() {
-                Duration::from_millis(10)
-            } else {
-                Duration::from_secs(3600)
-            };
-            tokio::select! {
-                biased;
-                event = events.recv() => match event {
-                    Ok(event) => self.on_event(event),
-                    Err(RecvError::Lagged(missed)) => self.on_lagged(missed),
-                    Err(RecvError::Closed) => break,
-                },
-                _ = tokio::time::sleep(wait) => self.flush(false),
-                _ = &mut finish => {
-                    loop {
-                        match events.try_recv() {
-                            Ok(event) => self.on_event(event),
-                            Err(TryRecvError::Lagged(missed)) => self.on_lagged(missed),
-                            Err(_) => break,
-                        }
-                    }
-                    break;
-                }
-            }
-        }
-        self.flush(true);
-        self.stopped
     }
 }
 
@@ -777,7 +440,7 @@ async fn summary(tree: &Tree, names: &Names, out: &Out) {
     let rows = children(tree).await;
     if out.json() {
         for info in &rows {
-            let (supervisor, name) = names.children.get(&info.pid).cloned().unwrap_or_default();
+            let (supervisor, name) = names.parts(&info.pid);
             out.json_line(&ChildLine {
                 kind: "child",
                 supervisor,
@@ -789,7 +452,7 @@ async fn summary(tree: &Tree, names: &Names, out: &Out) {
         }
         return;
     }
-    let w = names.width;
+    let w = names.width();
     out.line("");
     out.line("Children now (get_children):");
     out.line(&format!(
@@ -838,14 +501,7 @@ pub async fn run(args: DemoArgs) -> CliResult {
 
     let shared = Arc::new(Shared::default());
     let (finish_tx, finish_rx) = oneshot::channel();
-    let printer = Printer {
-        out: out.clone(),
-        names: names.clone(),
-        shared: shared.clone(),
-        pending: None,
-        last_exit: HashMap::new(),
-        stopped: Vec::new(),
-    };
+    let printer = Printer::new(out.clone(), names.clone(), shared.clone(), true);
     let printer = tokio::spawn(printer.run(tree.sup.subscribe(), finish_rx));
 
     if let Err(e) = tree.sup.start().await {
@@ -917,7 +573,7 @@ pub async fn run(args: DemoArgs) -> CliResult {
         out.line("");
         out.line("Stopping the tree: every supervisor stops its children in reverse start order.");
     }
-    shared.stopping.store(true, Ordering::Relaxed);
+    shared.set_stopping();
     let stopped = tree.sup.stop().await;
     let _ = finish_tx.send(());
     let order = match tokio::time::timeout(Duration::from_secs(5), printer).await {

@@ -3,10 +3,19 @@
 //!
 //! - `demo`: a supervision tree over the embedded example agents, driven
 //!   into crashes so that the restarts can be watched (no file needed).
-//! - `validate`: does a `.wasm` file implement the agent world?
+//! - `run`: start a supervision tree from a tree file, print its events,
+//!   serve its control socket, stop it cleanly on Ctrl-C or SIGTERM.
+//! - `call`, `status`: reach a running tree through its control socket.
+//! - `validate`: does a `.wasm` file implement the agent world? Is a tree
+//!   file right?
 
+mod client;
+mod control;
 mod demo;
+mod events;
 mod output;
+mod run;
+mod tree_host;
 mod validate;
 
 use std::io::IsTerminal;
@@ -29,6 +38,11 @@ supervisor, and every agent runs within its own fuel, memory and time limits.
 
 New here? Run `agent-host demo`: it starts a small tree of example agents,
 makes some of them crash and shows their supervisors restarting them.
+
+Your own tree: describe it in a tree file (TOML; see the README), check it
+with `agent-host validate tree.toml`, start it with `agent-host run
+tree.toml`, and from another terminal talk to it with `agent-host call
+tree.toml AGENT MESSAGE` and `agent-host status tree.toml`.
 
 Exit status:
   0  success
@@ -57,7 +71,16 @@ enum Command {
     /// Watch a supervision tree of example agents crash and get restarted.
     #[command(long_about = demo::LONG_ABOUT)]
     Demo(demo::DemoArgs),
-    /// Check that WebAssembly files implement the agent world.
+    /// Start a supervision tree from a tree file and keep it running.
+    #[command(long_about = run::LONG_ABOUT)]
+    Run(run::RunArgs),
+    /// Send a message to an agent of a running tree.
+    #[command(long_about = client::CALL_LONG_ABOUT)]
+    Call(client::CallArgs),
+    /// Show the status of every node of a running tree.
+    #[command(long_about = client::STATUS_LONG_ABOUT)]
+    Status(client::StatusArgs),
+    /// Check agent components and tree files.
     #[command(long_about = validate::LONG_ABOUT)]
     Validate(validate::ValidateArgs),
 }
@@ -94,6 +117,9 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Demo(args) => demo::run(args).await,
+            Command::Run(args) => run::run(args).await,
+            Command::Call(args) => client::call(args).await,
+            Command::Status(args) => client::status(args).await,
             Command::Validate(args) => validate::run(&args),
         }
     });

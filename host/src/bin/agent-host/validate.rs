@@ -5,28 +5,39 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Args;
+use terraphim_agent_supervisor::tree::{TreeFile, TreeNode, TreeSupervisor};
 use terraphim_agent_supervisor::{LoadError, Runtime};
 
+use crate::tree_host::report;
 use crate::{CliResult, EXIT_FAILURE};
 
 /// The world every agent component must implement.
 const WORLD: &str = "terraphim:agent/supervised-agent@0.1.0";
 
 pub const LONG_ABOUT: &str = "\
-Check that WebAssembly files implement the agent world
-terraphim:agent/supervised-agent@0.1.0.
+Check agent components and tree files.
 
-Each file is compiled, type-checked against the world and linked against the
-host's imports, as a supervisor does before starting it. One line per file:
-`ok: PATH implements ...` on stdout, or `error: PATH ...` on stderr with the
-reason (not WebAssembly, a core module rather than a component, a missing or
-mistyped export, an import the host does not provide, ...).
+A component (.wasm binary or .wat text) must implement the agent world
+terraphim:agent/supervised-agent@0.1.0: it is compiled, type-checked against
+the world and linked against the host's imports, as a supervisor does before
+starting it. One line per file: `ok: PATH implements ...` on stdout, or
+`error: PATH ...` on stderr with the reason (not WebAssembly, a core module
+rather than a component, a missing or mistyped export, an import the host
+does not provide, ...).
 
-Exits 0 if every file is valid, 1 if any is not.";
+A tree file (.toml) is read and checked as `agent-host run` would: its
+syntax, its field names, every value, and each component it names (compiled
+and checked against the world). Every problem is printed on its own line,
+`error: FILE: `FIELD`: what is wrong and what to write instead`.
+
+Exit status:
+  0  every file is valid
+  1  some file is not
+  2  usage error";
 
 #[derive(Debug, Args)]
 pub struct ValidateArgs {
-    /// Agent components to check (`.wasm` binaries or `.wat` text).
+    /// Agent components (`.wasm` binaries or `.wat` text) and tree files (`.toml`) to check.
     #[arg(required = true, value_name = "PATH")]
     paths: Vec<PathBuf>,
 }
@@ -61,16 +72,49 @@ fn one_line(text: &str) -> String {
     format!("{first}{}", position.unwrap_or_default())
 }
 
+/// Load and check the tree file at `path`, printing every problem; whether
+/// it is valid.
+fn check_tree(runtime: &Runtime, path: &Path) -> bool {
+    let checked = TreeFile::load(path).and_then(|tree| tree.check(runtime).map(|_| tree));
+    match checked {
+        Ok(tree) => {
+            let (agents, supervisors) = count(&tree.root);
+            println!(
+                "ok: {}: a tree of {agents} agent{} under {supervisors} supervisor{}",
+                path.display(),
+                if agents == 1 { "" } else { "s" },
+                if supervisors == 1 { "" } else { "s" },
+            );
+            true
+        }
+        Err(e) => {
+            report(&e);
+            false
+        }
+    }
+}
+
+/// (agents, supervisors) of the tree under `s`, `s` included.
+fn count(s: &TreeSupervisor) -> (usize, usize) {
+    s.children
+        .iter()
+        .fold((0, 1), |(agents, supervisors), child| match child {
+            TreeNode::Agent(_) => (agents + 1, supervisors),
+            TreeNode::Supervisor(nested) => {
+                let (a, s) = count(nested);
+                (agents + a, supervisors + s)
+            }
+        })
+}
+
 pub fn run(args: &ValidateArgs) -> CliResult {
     let runtime = Runtime::new()?;
     let mut failed = 0usize;
     for path in &args.paths {
         if is_tree_file(path) {
-            eprintln!(
-                "error: {}: tree files are not supported yet (validate takes .wasm components)",
-                path.display()
-            );
-            failed += 1;
+            if !check_tree(&runtime, path) {
+                failed += 1;
+            }
             continue;
         }
         match runtime.load_file(path) {

@@ -1,0 +1,207 @@
+//! `agent-host call` and `agent-host status`: talk to the host running a
+//! tree through its control socket.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::Args;
+use terraphim_agent_supervisor::Runtime;
+use terraphim_agent_supervisor::tree::TreeFile;
+
+use crate::control::{self, Request};
+use crate::events::status_text;
+use crate::output::Out;
+use crate::tree_host::{Failure, Index, NodeStatus, report};
+use crate::{CliResult, EXIT_FAILURE};
+
+pub const CALL_LONG_ABOUT: &str = "\
+Send a message to an agent of a running tree and print its reply.
+
+AGENT is the agent's path in the tree, such as root/team/echo-a (the root
+supervisor's name, the nested supervisors' names, the agent's name), or
+just its name (echo-a) when no other node has that name.
+
+The message goes to the host started by `agent-host run TREE` (through its
+control socket; see `agent-host run --help`). The reply is printed on
+stdout. A failed call (the agent crashed, returned an error, is restarting,
+or is unknown) prints `error: ...` on stderr.
+
+If no host is running the tree, the tree is started for this one call and
+stopped after it (a note on stderr says so): its agents start afresh and
+what they keep is lost at the end.
+
+Exit status:
+  0  the agent replied
+  1  the call failed, or the tree file has problems
+  2  usage error";
+
+pub const STATUS_LONG_ABOUT: &str = "\
+Print the status of every node of a running tree.
+
+One row per node, depth first in start order (a nested supervisor's
+children follow it): its path, whether it is an agent or a supervisor, its
+status (running, restarting, stopped, failed, ...), how many times it was
+restarted, and why it last exited. With --json each row is a JSON object
+on its own line:
+{\"path\":...,\"status\":\"Running\",\"restart_count\":0,\"last_exit\":null,\"supervisor\":false}
+
+The tree must be running (`agent-host run TREE`); status does not start it.
+
+Exit status:
+  0  the status was printed
+  1  no host is running the tree, or it could not be reached
+  2  usage error";
+
+#[derive(Debug, Args)]
+pub struct CallArgs {
+    /// The tree file (TOML) of the running host.
+    #[arg(value_name = "TREE.toml")]
+    tree: PathBuf,
+    /// The agent: its path (root/team/echo-a) or its unique name (echo-a).
+    #[arg(value_name = "AGENT")]
+    agent: String,
+    /// The message to send (it may start with `-`).
+    #[arg(value_name = "MESSAGE", allow_hyphen_values = true)]
+    message: String,
+    /// The host's control socket (default: derived from the tree's path).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The tree file (TOML) of the running host.
+    #[arg(value_name = "TREE.toml")]
+    tree: PathBuf,
+    /// Print one JSON object per node instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// The host's control socket (default: derived from the tree's path).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+}
+
+fn failed(failure: &Failure) -> ExitCode {
+    eprintln!("error: {}", failure.error);
+    ExitCode::from(EXIT_FAILURE)
+}
+
+pub async fn call(args: CallArgs) -> CliResult {
+    let socket = control::socket_for(&args.tree, args.socket.as_deref())?;
+    let Some(stream) = control::connect(&socket).await? else {
+        return one_shot(&args).await;
+    };
+    let request = Request::Call {
+        agent: args.agent,
+        message: args.message,
+    };
+    Ok(match control::request::<String>(stream, &request).await? {
+        Ok(reply) => {
+            Out::new(false).line(&reply);
+            ExitCode::SUCCESS
+        }
+        Err(failure) => failed(&failure),
+    })
+}
+
+/// No host runs the tree: start it, call, stop it.
+async fn one_shot(args: &CallArgs) -> CliResult {
+    let file = match TreeFile::load(&args.tree) {
+        Ok(file) => file,
+        Err(e) => {
+            report(&e);
+            return Ok(ExitCode::from(EXIT_FAILURE));
+        }
+    };
+    let runtime = Runtime::new()?;
+    let (mut sup, index) = match Index::build(&file, &runtime) {
+        Ok(built) => built,
+        Err(e) => {
+            report(&e);
+            return Ok(ExitCode::from(EXIT_FAILURE));
+        }
+    };
+    if let Err(e) = sup.start().await {
+        let why = index.names().humanise(e.to_string());
+        return Err(format!("the tree did not start: {why}").into());
+    }
+    eprintln!(
+        "no running host for {}: started it for this call; state is not kept",
+        args.tree.display()
+    );
+    let result = match sup.handle() {
+        Ok(root) => index.call(&root, &args.agent, args.message.clone()).await,
+        Err(e) => Err(Failure {
+            error: index.names().humanise(e.to_string()),
+            category: format!("{:?}", e.category()),
+        }),
+    };
+    if let Err(e) = sup.stop().await {
+        tracing::warn!(
+            "stopping the tree: {}",
+            index.names().humanise(e.to_string())
+        );
+    }
+    Ok(match result {
+        Ok(reply) => {
+            Out::new(false).line(&reply);
+            ExitCode::SUCCESS
+        }
+        Err(failure) => failed(&failure),
+    })
+}
+
+pub async fn status(args: StatusArgs) -> CliResult {
+    let socket = control::socket_for(&args.tree, args.socket.as_deref())?;
+    let Some(stream) = control::connect(&socket).await? else {
+        return Err(not_running(&args.tree, &socket).into());
+    };
+    let rows = match control::request::<Vec<NodeStatus>>(stream, &Request::Status).await? {
+        Ok(rows) => rows,
+        Err(failure) => return Ok(failed(&failure)),
+    };
+    let out = Out::new(args.json);
+    if out.json() {
+        for row in &rows {
+            out.json_line(row);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let w = rows
+        .iter()
+        .map(|r| r.path.len())
+        .max()
+        .unwrap_or(0)
+        .max("PATH".len());
+    out.line(&format!(
+        "{:<w$}  {:<10}  {:<10}  {:>8}  LAST EXIT",
+        "PATH", "KIND", "STATUS", "RESTARTS"
+    ));
+    for row in &rows {
+        let last = row
+            .last_exit
+            .as_ref()
+            .map_or_else(|| "-".to_owned(), ToString::to_string);
+        out.line(&format!(
+            "{:<w$}  {:<10}  {:<10}  {:>8}  {last}",
+            row.path,
+            if row.supervisor {
+                "supervisor"
+            } else {
+                "agent"
+            },
+            status_text(&row.status),
+            row.restart_count,
+        ));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn not_running(tree: &Path, socket: &Path) -> String {
+    format!(
+        "no host is running {} (nothing listens on {}); start one with `agent-host run {}`",
+        tree.display(),
+        socket.display(),
+        tree.display()
+    )
+}

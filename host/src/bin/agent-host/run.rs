@@ -1,0 +1,224 @@
+//! `agent-host run TREE.toml`: start a supervision tree from a file, print
+//! its lifecycle events, serve the control socket, and stop the tree in
+//! reverse start order on Ctrl-C or SIGTERM.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Args;
+use serde::Serialize;
+use terraphim_agent_supervisor::tree::TreeFile;
+use terraphim_agent_supervisor::{Runtime, SupervisorEvent, SupervisorStatus};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::oneshot;
+
+use crate::events::{Printer, Shared};
+use crate::output::Out;
+use crate::tree_host::{Index, report};
+use crate::{CliResult, EXIT_FAILURE, control};
+
+pub const LONG_ABOUT: &str = "\
+Start the supervision tree described by a tree file, and keep it running.
+
+The tree file (TOML) declares the root supervisor, its children (agents,
+each a WebAssembly component, and nested supervisors), their restart
+policies and limits; see the README's \"Command line\" section. Every problem
+in the file is printed as an `error: FILE: `FIELD`: what to do` line.
+
+Once started, one line per lifecycle event is printed: a child started,
+exited (and why), was restarted, a supervisor gave up (escalated), a child
+or supervisor stopped. With --json each line is a JSON object instead:
+{\"kind\":\"event\",\"t\":SECONDS,\"supervisor\":...,\"agent\":...,\"path\":...,\"event\":{...}},
+after a first {\"kind\":\"listening\",...} line and before a last
+{\"kind\":\"stopped\",\"order\":[...]} line.
+
+While it runs, `agent-host call TREE AGENT MESSAGE` and `agent-host status
+TREE` reach it through a Unix control socket: by default
+$XDG_RUNTIME_DIR/agent-host-<hash of the tree's path>.sock (the temp dir
+if XDG_RUNTIME_DIR is not set), or --socket PATH. A second `run` of the
+same tree is refused while the first runs.
+
+Ctrl-C (SIGINT) or SIGTERM stops the tree: every supervisor stops its
+children in reverse start order, each within its shutdown policy. A second
+Ctrl-C exits at once without waiting.
+
+Exit status:
+  0  stopped by Ctrl-C or SIGTERM
+  1  the tree file has problems, the tree did not start, another host runs
+     it, its root supervisor gave up (restart intensity exceeded), or a
+     second Ctrl-C cut the stop short
+  2  usage error";
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The tree file (TOML).
+    #[arg(value_name = "TREE.toml")]
+    tree: PathBuf,
+    /// Print JSON lines instead of text.
+    #[arg(long)]
+    json: bool,
+    /// The control socket to listen on (default: derived from the tree's path).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct ListeningLine<'a> {
+    kind: &'static str,
+    tree: &'a Path,
+    socket: &'a Path,
+    agents: usize,
+    supervisors: usize,
+}
+
+#[derive(Serialize)]
+struct StoppedLine<'a> {
+    kind: &'static str,
+    /// `SIGINT` or `SIGTERM`; none when the root supervisor gave up.
+    signal: Option<&'a str>,
+    /// The children stopped, in order.
+    order: Vec<String>,
+}
+
+/// Why the host stops.
+enum Stop {
+    Signal(&'static str),
+    RootDown,
+}
+
+pub async fn run(args: RunArgs) -> CliResult {
+    let file = match TreeFile::load(&args.tree) {
+        Ok(file) => file,
+        Err(e) => {
+            report(&e);
+            return Ok(ExitCode::from(EXIT_FAILURE));
+        }
+    };
+    let socket = control::socket_for(&args.tree, args.socket.as_deref())?;
+    let runtime = Runtime::new()?;
+    let (mut sup, index) = match Index::build(&file, &runtime) {
+        Ok(built) => built,
+        Err(e) => {
+            report(&e);
+            return Ok(ExitCode::from(EXIT_FAILURE));
+        }
+    };
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let listener = control::listen(&socket).await?;
+
+    let out = Arc::new(Out::new(args.json));
+    let names = index.names().clone();
+    if out.json() {
+        out.json_line(&ListeningLine {
+            kind: "listening",
+            tree: &args.tree,
+            socket: &socket,
+            agents: index.agents(),
+            supervisors: index.supervisors(),
+        });
+    } else {
+        out.line(&format!(
+            "Running {}: {} under {}. Ctrl-C stops it.",
+            args.tree.display(),
+            count(index.agents(), "agent", "agents"),
+            count(index.supervisors(), "supervisor", "supervisors"),
+        ));
+        out.line(&format!(
+            "Control socket: {} (for `agent-host call` and `agent-host status`)",
+            socket.display()
+        ));
+    }
+    out.start_clock();
+    let shared = Arc::new(Shared::default());
+    let (finish_tx, finish_rx) = oneshot::channel();
+    let printer = Printer::new(out.clone(), names.clone(), shared.clone(), false);
+    let printer = tokio::spawn(printer.run(sup.subscribe(), finish_rx));
+    let mut watch = sup.subscribe();
+    let finish = |finish_tx: oneshot::Sender<()>, printer| async move {
+        let _ = finish_tx.send(());
+        match tokio::time::timeout(std::time::Duration::from_secs(5), printer).await {
+            Ok(Ok(order)) => order,
+            _ => Vec::new(),
+        }
+    };
+
+    if let Err(e) = sup.start().await {
+        drop(listener);
+        finish(finish_tx, printer).await;
+        return Err(format!("the tree did not start: {}", names.humanise(e.to_string())).into());
+    }
+    let root = sup.handle()?;
+    index.register_supervisors(&root);
+
+    let why = loop {
+        tokio::select! {
+            _ = sigint.recv() => break Stop::Signal("SIGINT"),
+            _ = sigterm.recv() => break Stop::Signal("SIGTERM"),
+            accepted = listener.listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    tokio::spawn(control::serve(stream, root.clone(), index.clone()));
+                }
+                Err(e) => tracing::warn!("control socket: accept failed: {e}"),
+            },
+            event = watch.recv() => match event {
+                Ok(SupervisorEvent::SupervisorStopped { supervisor }) if names.is_root(&supervisor) => {
+                    break Stop::RootDown;
+                }
+                Err(RecvError::Closed) => break Stop::RootDown,
+                _ => {
+                    if matches!(sup.status(), SupervisorStatus::Failed(_)) {
+                        break Stop::RootDown;
+                    }
+                }
+            },
+        }
+    };
+    // No new clients: from now on `call` runs the tree on its own.
+    drop(listener);
+
+    let signal = match why {
+        Stop::Signal(signal) => Some(signal),
+        Stop::RootDown => None,
+    };
+    if let Some(signal) = signal {
+        shared.set_stopping();
+        if !out.json() {
+            out.line(&format!(
+                "{signal}: stopping the tree; children stop in reverse start order."
+            ));
+        }
+    }
+    let stopped = tokio::select! {
+        stopped = sup.stop() => stopped,
+        _ = sigint.recv() => {
+            eprintln!("error: interrupted again: exiting without waiting for the tree to stop");
+            return Ok(ExitCode::from(EXIT_FAILURE));
+        }
+    };
+    let order = finish(finish_tx, printer).await;
+    if out.json() {
+        out.json_line(&StoppedLine {
+            kind: "stopped",
+            signal,
+            order,
+        });
+    } else if signal.is_some() {
+        out.line("Stopped.");
+    }
+    stopped.map_err(|e| names.humanise(e.to_string()))?;
+    if let SupervisorStatus::Failed(why) = sup.status() {
+        eprintln!(
+            "error: the root supervisor `{}` gave up ({why}); the tree is down",
+            index.root()
+        );
+        return Ok(ExitCode::from(EXIT_FAILURE));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn count(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
