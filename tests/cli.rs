@@ -441,12 +441,16 @@ fn validate_names_the_file_the_field_and_the_fix_of_each_tree_problem() {
         (
             "typo.toml",
             "[supervisor]\nname = \"root\"\nmax_restart = 3\n".into(),
-            &["max_restart", "max_restarts", "check the spelling"],
+            &["`supervisor.max_restart`", "did you mean `max_restarts`?"],
         ),
         (
             "strategy.toml",
             "[supervisor]\nname = \"root\"\nstrategy = \"one_for_some\"\n".into(),
-            &["strategy", "one_for_some", "rest_for_one"],
+            &[
+                "`supervisor.strategy`",
+                "one_for_some",
+                "did you mean `one_for_one`?",
+            ],
         ),
         (
             "missing.toml",
@@ -464,6 +468,7 @@ fn validate_names_the_file_the_field_and_the_fix_of_each_tree_problem() {
                 "supervisor.children[0].component",
                 "other.wasm",
                 "does not implement the world `supervised-agent`",
+                "wit/agent.wit",
             ],
         ),
         (

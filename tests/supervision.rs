@@ -419,7 +419,10 @@ async fn stop_runs_in_reverse_start_order() {
     sup.stop().await.unwrap();
     let mut stopped = Vec::new();
     while stopped.len() < 3 {
-        if let SupervisorEvent::ChildStopped { agent, .. } = wait_for(&mut events, |_| true).await {
+        if let SupervisorEvent::ChildStopped { agent, killed, .. } =
+            wait_for(&mut events, |_| true).await
+        {
+            assert!(!killed, "a prompt stop is not a kill");
             stopped.push(agent);
         }
     }
@@ -443,7 +446,7 @@ async fn a_child_that_ignores_stop_is_killed_after_its_timeout_or_at_once() {
         slow(ShutdownPolicy::Timeout(Duration::from_millis(100))),
         slow(ShutdownPolicy::BrutalKill),
     ];
-    let (mut sup, _events) = tree(
+    let (mut sup, mut events) = tree(
         config(RestartStrategy::OneForOne, 5, Duration::from_secs(60)),
         &specs,
     )
@@ -452,6 +455,14 @@ async fn a_child_that_ignores_stop_is_killed_after_its_timeout_or_at_once() {
         .await
         .expect("stop must not wait for the slow agents")
         .unwrap();
+    let mut killed = 0;
+    while killed < 2 {
+        if let SupervisorEvent::ChildStopped { killed: true, .. } =
+            wait_for(&mut events, |_| true).await
+        {
+            killed += 1;
+        }
+    }
     for (_, info) in sup.get_children().await {
         assert_eq!(info.status, AgentStatus::Stopped);
     }

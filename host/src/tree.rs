@@ -401,6 +401,15 @@ impl Checker<'_> {
         let mut names: HashMap<String, usize> = HashMap::new();
         for (i, child) in children_raw.into_iter().enumerate() {
             let child_field = format!("{field}.children[{i}]");
+            if child.name.is_empty() || child.name.contains('/') {
+                self.problem(
+                    &format!("{child_field}.name"),
+                    format!(
+                        "`{}` cannot name a node: use a non-empty name without `/` (paths such as root/team/echo are built from names)",
+                        child.name
+                    ),
+                );
+            }
             if let Some(first) = names.insert(child.name.clone(), i) {
                 self.problem(
                     &format!("{child_field}.name"),
@@ -552,26 +561,61 @@ fn parse_shutdown(text: &str) -> Option<ShutdownPolicy> {
     }
 }
 
-/// Turn a `toml` parse error into a problem that names the field when the
-/// parser knows it.
-fn parse_problem(file: &Path, text: &str, e: &toml::de::Error) -> TreeProblem {
+/// Turn a parse error into a problem that names the field (as a path such as
+/// `supervisor.children[1].strategy`) and, for a misspelt name, suggests the
+/// closest known one.
+fn parse_problem(file: &Path, text: &str, field: String, e: toml::de::Error) -> TreeProblem {
     let location = e
         .span()
         .map(|span| {
             let before = &text[..span.start.min(text.len())];
-            let line = before.matches('\n').count() + 1;
-            format!(" (line {line})")
+            format!(" (line {})", before.matches('\n').count() + 1)
         })
         .unwrap_or_default();
-    let mut message = e.message().trim().to_owned();
-    if message.starts_with("unknown field") {
-        message.push_str("; check the spelling");
-    }
+    let message = e.message().trim();
+    let hint = did_you_mean(message)
+        .map(|known| format!("; did you mean `{known}`?"))
+        .unwrap_or_default();
     TreeProblem {
         file: file.to_owned(),
-        field: String::new(),
-        message: format!("{message}{location}"),
+        field,
+        message: format!("{message}{hint}{location}"),
     }
+}
+
+/// For serde's "unknown field `x`, expected one of `a`, `b`" (or "unknown
+/// variant"), the expected name closest to `x`, if it is close.
+fn did_you_mean(message: &str) -> Option<&str> {
+    let rest = message
+        .strip_prefix("unknown field `")
+        .or_else(|| message.strip_prefix("unknown variant `"))?;
+    let (given, expected) = rest.split_once('`')?;
+    expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|known| (edit_distance(given, known), known))
+        .filter(|(d, known)| *d <= known.len().max(given.len()) / 3 + 1)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, known)| known)
+}
+
+/// Levenshtein distance, for short identifiers.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
 }
 
 impl TreeFile {
@@ -592,8 +636,15 @@ impl TreeFile {
 
     /// Check `text` as if it were the content of the file at `path`.
     pub fn parse(path: &Path, text: &str) -> Result<Self, TreeError> {
-        let raw: RawFile = toml::from_str(text).map_err(|e| TreeError {
-            problems: vec![parse_problem(path, text, &e)],
+        let problem = |field: String, e| TreeError {
+            problems: vec![parse_problem(path, text, field, e)],
+        };
+        let document =
+            toml::de::Deserializer::parse(text).map_err(|e| problem(String::new(), e))?;
+        let raw: RawFile = serde_path_to_error::deserialize(document).map_err(|e| {
+            let field = e.path().to_string();
+            let field = if field == "." { String::new() } else { field };
+            problem(field, e.into_inner())
         })?;
         let mut checker = Checker {
             file: path,
@@ -810,19 +861,46 @@ mod tests {
         assert_eq!(p.len(), 1);
         assert!(p[0].contains("/nonexistent/tree.toml"), "{}", p[0]);
         assert!(p[0].contains("max_restart"), "{}", p[0]);
+        assert!(p[0].contains("did you mean `max_restarts`?"), "{}", p[0]);
         assert!(
-            p[0].contains("max_restarts"),
-            "lists the known fields: {}",
+            p[0].contains("`supervisor.max_restart`"),
+            "names the field: {}",
             p[0]
         );
         assert!(p[0].contains("line 4"), "{}", p[0]);
     }
 
     #[test]
-    fn an_unknown_strategy_lists_the_known_ones() {
-        let p = problems("[supervisor]\nname = \"r\"\nstrategy = \"one_for_none\"\n");
+    fn an_unknown_strategy_names_the_field_and_the_known_ones() {
+        let text = "[supervisor]\nname = \"r\"\n[[supervisor.children]]\nname = \"c\"\nstrategy = \"one_for_none\"\n";
+        let p = problems(text);
         assert!(
-            p[0].contains("one_for_none") && p[0].contains("rest_for_one"),
+            p[0].contains("`supervisor.children[0].strategy`"),
+            "{}",
+            p[0]
+        );
+        assert!(p[0].contains("rest_for_one"), "{}", p[0]);
+        assert!(p[0].contains("did you mean `one_for_one`?"), "{}", p[0]);
+    }
+
+    #[test]
+    fn suggestions_only_for_close_names() {
+        let close =
+            "unknown field `max_restart`, expected one of `name`, `max_restarts`, `children`";
+        assert_eq!(did_you_mean(close), Some("max_restarts"));
+        let far = "unknown field `colour`, expected one of `name`, `max_restarts`";
+        assert_eq!(did_you_mean(far), None);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("", "abc"), 3);
+    }
+
+    #[test]
+    fn names_must_make_paths() {
+        let p = problems(
+            "[supervisor]\nname = \"r\"\n[[supervisor.children]]\nname = \"a/b\"\nchildren = []\n",
+        );
+        assert!(
+            p[0].contains("`supervisor.children[0].name`: `a/b` cannot name a node"),
             "{}",
             p[0]
         );

@@ -62,7 +62,11 @@ pub enum LoadError {
         reason: String,
     },
     /// A component that does not implement the `supervised-agent` world.
-    #[error("{name} does not implement the world `supervised-agent`: {missing}")]
+    #[error(
+        "{name} does not implement the world `supervised-agent`: {missing}; build the agent \
+         with wit-bindgen against this host's wit/agent.wit (package terraphim:agent@0.1.0) \
+         for wasm32-wasip2"
+    )]
     WrongWorld {
         /// Where the bytes came from.
         name: String,

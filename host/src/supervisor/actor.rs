@@ -414,25 +414,27 @@ impl Actor {
         let pid = self.children[idx].spec.id().clone();
         self.shared.set_route(&pid, Some(Route::Down));
         self.update(idx, |info| info.status = AgentStatus::Stopping);
-        let finished = match self.children[idx].spec.shutdown() {
+        // (the task has ended, it was killed)
+        let (joined, killed) = match self.children[idx].spec.shutdown() {
             ShutdownPolicy::BrutalKill => {
                 task.abort();
-                false
+                (false, true)
             }
             ShutdownPolicy::Timeout(grace) => {
                 let _ = stop.send(());
-                let in_time = timeout(grace, &mut task).await.is_ok();
-                if !in_time {
+                if timeout(grace, &mut task).await.is_ok() {
+                    (true, false)
+                } else {
                     task.abort();
+                    (false, true)
                 }
-                in_time
             }
             ShutdownPolicy::Infinity => {
                 let _ = stop.send(());
-                false
+                (false, false)
             }
         };
-        if !finished {
+        if !joined {
             // After an abort the task ends at its next await point.
             let _ = task.await;
         }
@@ -440,6 +442,7 @@ impl Actor {
         self.emit(SupervisorEvent::ChildStopped {
             supervisor: self.sup(),
             agent: pid,
+            killed,
         });
     }
 

@@ -142,6 +142,9 @@ pub enum SupervisorEvent {
         supervisor: SupervisorId,
         /// The child.
         agent: AgentPid,
+        /// Whether it was killed (brutal kill, or it did not stop within its
+        /// shutdown timeout) rather than stopping on request.
+        killed: bool,
     },
     /// A child's spec was removed.
     ChildRemoved {

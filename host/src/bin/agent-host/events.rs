@@ -283,7 +283,9 @@ impl Printer {
             | SupervisorEvent::ChildRestarted {
                 supervisor, agent, ..
             }
-            | SupervisorEvent::ChildStopped { supervisor, agent }
+            | SupervisorEvent::ChildStopped {
+                supervisor, agent, ..
+            }
             | SupervisorEvent::ChildRemoved { supervisor, agent } => (supervisor, Some(agent)),
             SupervisorEvent::Escalated { supervisor }
             | SupervisorEvent::SupervisorStopped { supervisor } => (supervisor, None),
@@ -361,14 +363,21 @@ impl Printer {
                 };
                 self.print(&names.label(&agent), &text);
             }
-            SupervisorEvent::ChildStopped { supervisor, agent } => {
+            SupervisorEvent::ChildStopped {
+                supervisor,
+                agent,
+                killed,
+            } => {
                 self.flush(true);
-                let text = match self.last_exit.get(&supervisor) {
+                let mut text = match self.last_exit.get(&supervisor) {
                     Some(cause) if !stopping && *cause != agent => {
                         format!("stopped, because its sibling {} exited", names.name(cause))
                     }
                     _ => "stopped".to_owned(),
                 };
+                if killed {
+                    text.push_str(" (killed: it did not stop within its shutdown policy)");
+                }
                 self.print(&names.label(&agent), &text);
             }
             SupervisorEvent::ChildRemoved { agent, .. } => {
