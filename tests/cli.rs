@@ -430,6 +430,28 @@ fn validate_accepts_a_valid_tree_file() {
     );
 }
 
+/// The tree file documented in the README, which must stay valid.
+fn readme_tree_example() -> String {
+    let readme = include_str!("../README.md");
+    let start = readme
+        .find("```toml\n")
+        .expect("the README has a toml block")
+        + "```toml\n".len();
+    let end = start + readme[start..].find("```").expect("the toml block ends");
+    readme[start..end].to_owned()
+}
+
+#[test]
+fn the_readme_tree_example_validates() {
+    let dir = TempDir::new("readme-tree");
+    std::fs::create_dir_all(dir.0.join("agents")).expect("agents dir");
+    std::fs::write(dir.0.join("agents/echo_agent.wasm"), ECHO).expect("echo written");
+    std::fs::write(dir.0.join("agents/crasher_agent.wasm"), CRASHER).expect("crasher written");
+    let tree = dir.write("tree.toml", &readme_tree_example());
+    let out = dir.agent_host(&["validate", &tree]);
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{}", text(&out.stderr));
+}
+
 #[test]
 fn validate_names_the_file_the_field_and_the_fix_of_each_tree_problem() {
     let dir = TempDir::new("bad-trees");
