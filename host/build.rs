@@ -20,6 +20,7 @@ const GUESTS: &[&str] = &[
     "sleeper_agent",
     "failing_init_agent",
     "exit_agent",
+    "sandbox_probe_agent",
 ];
 
 /// Variables that would leak the outer build's settings into the nested one.
