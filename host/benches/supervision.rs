@@ -91,6 +91,36 @@ async fn raw_wasmtime(runtime: &Runtime) {
     print("instantiate from InstancePre (pooled store)", &stats(inst));
     print("instantiate + init", &stats(inst_init));
 
+    // The same work as a supervised crash-to-ready, without a supervisor:
+    // the instance traps, is dropped, and a fresh one is instantiated,
+    // initialised, started and answers.
+    let crasher = runtime
+        .load_bytes("crasher", examples::CRASHER)
+        .expect("crasher loads");
+    let n = iterations(5000);
+    let mut samples = Vec::with_capacity(n);
+    let mut agent = AgentInstance::instantiate(runtime, &crasher, options(&state))
+        .await
+        .expect("instantiate");
+    agent.init(&args).await.expect("init");
+    for _ in 0..n {
+        let t0 = Instant::now();
+        agent
+            .handle_message("unreachable")
+            .await
+            .expect_err("traps");
+        drop(agent);
+        agent = AgentInstance::instantiate(runtime, &crasher, options(&state))
+            .await
+            .expect("instantiate");
+        agent.init(&args).await.expect("init");
+        agent.start().await.expect("start");
+        let reply = agent.handle_message("ping").await.expect("reply");
+        samples.push(t0.elapsed());
+        assert_eq!(reply, "pong");
+    }
+    print("trap + new instance + init + start + call", &stats(samples));
+
     let mut agent = AgentInstance::instantiate(runtime, &echo, options(&state))
         .await
         .expect("instantiate");
