@@ -568,7 +568,7 @@ fn parse_problem(file: &Path, text: &str, field: String, e: toml::de::Error) -> 
     let location = e
         .span()
         .map(|span| {
-            let before = &text[..span.start.min(text.len())];
+            let before = text.get(..span.start).unwrap_or(text);
             format!(" (line {})", before.matches('\n').count() + 1)
         })
         .unwrap_or_default();
