@@ -377,11 +377,9 @@ async fn escalation_reaches_the_parent_through_a_two_level_tree() {
 #[tokio::test]
 async fn escalation_through_a_parent_that_cannot_restart_fails_the_root() {
     let crasher = spec("crasher", "worker");
-    let child_sup = SupervisorSpec::new(RestartPolicyConfig::never(), wasm_factory())
-        .with_child(crasher.clone());
+    let child_sup = SupervisorSpec::new(never_config(), wasm_factory()).with_child(crasher.clone());
     let inner_id = child_sup.id.clone();
-    let mut root =
-        AgentSupervisor::new(RestartPolicyConfig::never(), wasm_factory()).with_child(child_sup);
+    let mut root = AgentSupervisor::new(never_config(), wasm_factory()).with_child(child_sup);
     let mut events = root.subscribe();
     root.start().await.unwrap();
     let inner = root.child_supervisor(&inner_id).unwrap();
@@ -398,13 +396,11 @@ async fn escalation_through_a_parent_that_cannot_restart_fails_the_root() {
     assert!(matches!(inner.status(), SupervisorStatus::Failed(_)));
 }
 
-struct RestartPolicyConfig;
-impl RestartPolicyConfig {
-    fn never() -> SupervisorConfig {
-        SupervisorConfig {
-            restart_policy: RestartPolicy::never_restart(),
-            ..SupervisorConfig::default()
-        }
+/// A supervisor that gives up on the first restart-worthy exit.
+fn never_config() -> SupervisorConfig {
+    SupervisorConfig {
+        restart_policy: RestartPolicy::never_restart(),
+        ..SupervisorConfig::default()
     }
 }
 
