@@ -173,12 +173,14 @@ async fn restarted(events: &mut broadcast::Receiver<SupervisorEvent>, pid: &Agen
 /// A `crasher` first, then `children - 1` echo agents; the crasher traps
 /// while handling a message, and the clock stops when its restarted
 /// instance has answered the next message (the OTP anchor's scenario).
+/// Also the p50 of its three phases: until the caller has the error, until
+/// the restart event, and the next call.
 async fn crash_to_ready(
     factory: &Arc<WasmAgentFactory>,
     strategy: RestartStrategy,
     children: usize,
     iterations: usize,
-) -> Stats {
+) -> (Stats, [Duration; 3]) {
     let crasher = AgentSpec::new("crasher".into(), json!({}));
     let pid = crasher.agent_id.clone();
     let mut sup =
@@ -189,21 +191,27 @@ async fn crash_to_ready(
     let mut events = sup.subscribe();
     sup.start().await.expect("tree starts");
     let mut samples = Vec::with_capacity(iterations);
+    let mut phases = Vec::with_capacity(iterations);
     for _ in 0..iterations {
         let t0 = Instant::now();
         sup.call(&pid, "unreachable".into())
             .await
             .expect_err("traps");
+        let t1 = Instant::now();
         restarted(&mut events, &pid).await;
+        let t2 = Instant::now();
         let reply = sup
             .call(&pid, "ping".into())
             .await
             .expect("new instance answers");
-        samples.push(t0.elapsed());
+        let t3 = Instant::now();
+        samples.push(t3 - t0);
+        phases.push([t1 - t0, t2 - t1, t3 - t2]);
         assert_eq!(reply, "pong");
     }
     sup.stop().await.expect("tree stops");
-    stats(samples)
+    let phase = |i: usize| stats(phases.iter().map(|p: &[Duration; 3]| p[i]).collect()).p50;
+    (stats(samples), [phase(0), phase(1), phase(2)])
 }
 
 async fn supervised(runtime: &Runtime) {
@@ -214,10 +222,18 @@ async fn supervised(runtime: &Runtime) {
         (RestartStrategy::OneForAll, 10, 1000),
         (RestartStrategy::RestForOne, 10, 1000),
     ] {
-        let s = crash_to_ready(&factory, strategy, children, iterations(iters)).await;
+        let (s, [trap, restart, next]) =
+            crash_to_ready(&factory, strategy, children, iterations(iters)).await;
         print(
             &format!("crash-to-ready {strategy:?} children={children}"),
             &s,
+        );
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        println!(
+            "    phases (p50): trap to error reply {:.1} us, restart {:.1} us, next call {:.1} us",
+            us(trap),
+            us(restart),
+            us(next)
         );
     }
 
