@@ -42,6 +42,15 @@ fn print(label: &str, s: &Stats) {
     );
 }
 
+/// `n` operations of `what` done in `elapsed`, as a rate and a mean.
+fn print_rate(label: &str, what: &str, n: usize, elapsed: Duration) {
+    println!(
+        "{label:<48} {:>9.0} {what}/s  ({n} {what}, {:.2} us each)",
+        n as f64 / elapsed.as_secs_f64(),
+        elapsed.as_secs_f64() * 1e6 / n as f64
+    );
+}
+
 fn iterations(full: usize) -> usize {
     if std::env::var_os("BENCH_QUICK").is_some() {
         (full / 20).max(50)
@@ -130,12 +139,11 @@ async fn raw_wasmtime(runtime: &Runtime) {
     for _ in 0..n {
         agent.handle_message("ping").await.expect("reply");
     }
-    let elapsed = t0.elapsed();
-    println!(
-        "{:<48} {:>9.0} calls/s  ({:.2} us each)",
+    print_rate(
         "direct call handle-message(\"ping\")",
-        n as f64 / elapsed.as_secs_f64(),
-        elapsed.as_secs_f64() * 1e6 / n as f64
+        "calls",
+        n,
+        t0.elapsed(),
     );
 }
 
@@ -247,12 +255,11 @@ async fn supervised(runtime: &Runtime) {
             .await
             .expect("spawn");
     }
-    let elapsed = t0.elapsed();
-    println!(
-        "{:<48} {:>9.0} agents/s ({n} agents, {:.1} us each)",
+    print_rate(
         "spawn_agent (create + instantiate + init + start)",
-        n as f64 / elapsed.as_secs_f64(),
-        elapsed.as_secs_f64() * 1e6 / n as f64
+        "agents",
+        n,
+        t0.elapsed(),
     );
     sup.stop().await.expect("stops");
 
@@ -267,12 +274,11 @@ async fn supervised(runtime: &Runtime) {
     for _ in 0..n {
         sup.call(&pid, "ping".into()).await.expect("reply");
     }
-    let elapsed = t0.elapsed();
-    println!(
-        "{:<48} {:>9.0} calls/s  ({:.2} us each)",
+    print_rate(
         "supervisor call path handle-message(\"ping\")",
-        n as f64 / elapsed.as_secs_f64(),
-        elapsed.as_secs_f64() * 1e6 / n as f64
+        "calls",
+        n,
+        t0.elapsed(),
     );
     sup.stop().await.expect("stops");
 }
