@@ -286,9 +286,7 @@ async fn intensity_exceeded_escalates_and_the_root_fails() {
 #[tokio::test]
 async fn never_restart_escalates_on_the_first_crash() {
     let crasher = spec("crasher", "b");
-    let mut cfg = config(RestartStrategy::OneForOne, 0, Duration::from_secs(60));
-    cfg.restart_policy = RestartPolicy::never_restart();
-    let (mut sup, _events) = tree(cfg, std::slice::from_ref(&crasher)).await;
+    let (mut sup, _events) = tree(never_config(), std::slice::from_ref(&crasher)).await;
     let err = sup
         .handle_agent_exit(crasher.agent_id.clone(), ExitReason::Error("boom".into()))
         .await
