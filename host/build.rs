@@ -21,6 +21,7 @@ const GUESTS: &[&str] = &[
     "failing_init_agent",
     "exit_agent",
     "sandbox_probe_agent",
+    "hostile_agent",
 ];
 
 /// Variables that would leak the outer build's settings into the nested one.

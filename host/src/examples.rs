@@ -35,8 +35,16 @@ pub const SANDBOX_PROBE: &[u8] = include_bytes!(concat!(
     "/sandbox_probe_agent.wasm"
 ));
 
+/// The hostile agent: floods the host's log, returns huge replies and
+/// errors, fills its state until refused (the host's bounds at work).
+pub const HOSTILE: &[u8] = include_bytes!(concat!(
+    env!("TERRAPHIM_GUEST_DIR"),
+    "/hostile_agent.wasm"
+));
+
 /// All examples by agent-type name ("echo", "crasher", "fuel-burner",
-/// "memory-hog", "sleeper", "failing-init", "exit", "sandbox-probe").
+/// "memory-hog", "sleeper", "failing-init", "exit", "sandbox-probe",
+/// "hostile").
 pub const ALL: &[(&str, &[u8])] = &[
     ("echo", ECHO),
     ("crasher", CRASHER),
@@ -46,4 +54,5 @@ pub const ALL: &[(&str, &[u8])] = &[
     ("failing-init", FAILING_INIT),
     ("exit", EXIT),
     ("sandbox-probe", SANDBOX_PROBE),
+    ("hostile", HOSTILE),
 ];
