@@ -61,6 +61,21 @@ pub enum LoadError {
         /// What wasmtime said.
         reason: String,
     },
+    /// A component that needs more than one agent may have: more memories,
+    /// tables or core instances, or larger ones, than the runtime's
+    /// per-agent ceilings ([`RuntimeConfig`](super::RuntimeConfig)).
+    #[error(
+        "{name} needs more than one agent may have: {reason}; raise the runtime's per-agent \
+         ceilings (RuntimeConfig::max_memories_per_agent, max_tables_per_agent, \
+         max_core_instances_per_agent, max_memory_bytes, max_table_elements) or build a \
+         smaller component"
+    )]
+    ExceedsLimits {
+        /// Where the bytes came from.
+        name: String,
+        /// What wasmtime's pooling allocator said.
+        reason: String,
+    },
     /// A component that does not implement the `supervised-agent` world.
     #[error(
         "{name} does not implement the world `supervised-agent`: {missing}; build the agent \
@@ -160,9 +175,16 @@ pub(crate) fn load(
             });
         }
     }
-    let component = Component::new(engine, &binary).map_err(|e| LoadError::Invalid {
-        name: name.to_owned(),
-        reason: format!("{e:#}"),
+    let component = Component::new(engine, &binary).map_err(|e| {
+        let reason = format!("{e:#}");
+        let name = name.to_owned();
+        // The pooling allocator checks every component against its
+        // per-component limits when it is compiled; its messages all name it.
+        if reason.contains("pooling allocator") {
+            LoadError::ExceedsLimits { name, reason }
+        } else {
+            LoadError::Invalid { name, reason }
+        }
     })?;
     check_world(engine, &component).map_err(|missing| LoadError::WrongWorld {
         name: name.to_owned(),

@@ -109,7 +109,26 @@ pub(crate) fn classify(err: &wasmtime::Error, hints: FaultHints) -> CallError {
         Some(Trap::UnreachableCodeReached) => AgentFault::Panic,
         Some(trap) => AgentFault::Trap(format!("{trap:?}")),
         None if hints.memory_refused => AgentFault::MemoryLimit,
-        None => AgentFault::Host(format!("{err:#}")),
+        None if hints.table_refused => AgentFault::ResourceLimit("table elements".into()),
+        None => match count_limit(err) {
+            Some(what) => AgentFault::ResourceLimit(what),
+            None => AgentFault::Host(format!("{err:#}")),
+        },
     };
     CallError::Fault(fault)
+}
+
+/// The resource whose per-store count a failed instantiation exceeded, if
+/// that is why it failed. wasmtime reports it only as text ("resource limit
+/// exceeded: memory count too high at 3"); a test pins the wording.
+fn count_limit(err: &wasmtime::Error) -> Option<String> {
+    err.chain().find_map(|cause| {
+        let text = cause.to_string();
+        let what = text
+            .strip_prefix("resource limit exceeded: ")?
+            .split(" count too high")
+            .next()?
+            .to_owned();
+        Some(format!("{what} count"))
+    })
 }

@@ -8,6 +8,13 @@ use serde::{Deserialize, Serialize};
 /// store, so these are enforced per agent: a fault in one never consumes
 /// another's budget.
 ///
+/// Memory and tables are bounded as **per-agent totals**: a component made
+/// of several core modules has several memories and tables, and the sum over
+/// all of them is what counts. How many memories, tables and core instances
+/// one agent may have at all is engine-wide
+/// ([`RuntimeConfig`](super::RuntimeConfig)), so that the shared pool always
+/// has room for every agent it admits.
+///
 /// `None` means "no limit of this kind" (fuel is still metered, the budget is
 /// just unbounded).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -19,12 +26,25 @@ pub struct AgentLimits {
     /// Fuel available over the instance's whole life (across calls). A
     /// restarted instance starts with a fresh budget.
     pub fuel_per_lifetime: Option<u64>,
-    /// Maximum linear memory, in bytes, of each memory of the instance.
+    /// Linear memory, in bytes, summed over every memory of the instance.
+    /// Each single memory is also capped by the runtime's
+    /// [`max_memory_bytes`](super::RuntimeConfig::max_memory_bytes).
     pub memory_bytes: usize,
-    /// Maximum elements of each table.
+    /// Table elements, summed over every table of the instance. Each single
+    /// table is also capped by the runtime's
+    /// [`max_table_elements`](super::RuntimeConfig::max_table_elements).
     pub table_elements: usize,
     /// Maximum core and component instances created in the agent's store.
     pub instances: usize,
+    /// Bytes of durable state the agent may hold (keys and values, plus a
+    /// small fixed cost per entry). `None`: as many as `memory_bytes`.
+    pub state_bytes: Option<usize>,
+    /// Log records the agent may emit per second (and per call); the excess
+    /// is dropped and counted.
+    pub log_records_per_second: u32,
+    /// Log bytes the agent may emit per second (and per call); the excess is
+    /// dropped and counted.
+    pub log_bytes_per_second: usize,
     /// Wall-clock deadline of each call into the agent, instantiation
     /// included.
     #[serde(with = "crate::runtime::duration_ms")]
@@ -39,6 +59,9 @@ impl Default for AgentLimits {
             memory_bytes: 64 << 20,
             table_elements: 100_000,
             instances: 64,
+            state_bytes: None,
+            log_records_per_second: 200,
+            log_bytes_per_second: 256 << 10,
             deadline: Duration::from_secs(5),
         }
     }
@@ -67,16 +90,45 @@ impl AgentLimits {
         }
         Ok(())
     }
+
+    /// The state budget in bytes: [`state_bytes`](Self::state_bytes), or
+    /// [`memory_bytes`](Self::memory_bytes) when unset.
+    pub fn state_budget(&self) -> usize {
+        self.state_bytes.unwrap_or(self.memory_bytes)
+    }
 }
 
-/// The resource limiter installed in each agent's store. It refuses growth
-/// past the agent's limits and records the refusal, so that the trap a guest
-/// raises after a refused allocation can be reported as a limit fault.
+/// The engine-wide ceilings the limiter enforces besides an agent's own
+/// limits: the pool's per-memory and per-table sizes, and how many memories
+/// and tables one agent may have.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ceilings {
+    pub memory_bytes: usize,
+    pub table_elements: usize,
+    pub memories: usize,
+    pub tables: usize,
+}
+
+/// The resource limiter installed in each agent's store.
+///
+/// Invariants: `memory_used` is the sum of the current sizes of all the
+/// store's memories and never exceeds the agent's `memory_bytes`;
+/// `table_used` likewise for table elements. Every refusal, whether by the
+/// agent's total or by a ceiling, is decided here and recorded, so that the
+/// trap a guest raises after a refused allocation is reported as a limit
+/// fault rather than as a panic.
 #[derive(Debug)]
 pub(crate) struct Limiter {
     memory_bytes: usize,
     table_elements: usize,
     instances: usize,
+    ceilings: Ceilings,
+    memory_used: usize,
+    table_used: usize,
+    /// The growth granted by the last `*_growing`, taken back if wasmtime
+    /// then fails to carry it out.
+    memory_pending: usize,
+    table_pending: usize,
     /// A memory growth was refused since the last [`Limiter::reset_hints`].
     pub memory_refused: bool,
     /// A table growth was refused since the last [`Limiter::reset_hints`].
@@ -84,11 +136,16 @@ pub(crate) struct Limiter {
 }
 
 impl Limiter {
-    pub fn new(limits: &AgentLimits) -> Self {
+    pub fn new(limits: &AgentLimits, ceilings: Ceilings) -> Self {
         Self {
             memory_bytes: limits.memory_bytes,
             table_elements: limits.table_elements,
             instances: limits.instances,
+            ceilings,
+            memory_used: 0,
+            table_used: 0,
+            memory_pending: 0,
+            table_pending: 0,
             memory_refused: false,
             table_refused: false,
         }
@@ -98,29 +155,79 @@ impl Limiter {
         self.memory_refused = false;
         self.table_refused = false;
     }
+
+    /// Bytes of linear memory the instance holds, over all its memories.
+    pub fn memory_used(&self) -> usize {
+        self.memory_used
+    }
+}
+
+/// Grant a growth from `current` to `desired` if it stays within `ceiling`
+/// for this one resource and within `total` over all of them.
+fn grant(
+    used: &mut usize,
+    pending: &mut usize,
+    refused: &mut bool,
+    (current, desired): (usize, usize),
+    ceiling: usize,
+    total: usize,
+) -> bool {
+    let delta = desired.saturating_sub(current);
+    let ok = desired <= ceiling && used.checked_add(delta).is_some_and(|t| t <= total);
+    if ok {
+        *used += delta;
+        *pending = delta;
+    } else {
+        *pending = 0;
+        *refused = true;
+    }
+    ok
 }
 
 impl wasmtime::ResourceLimiter for Limiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let ok = desired <= self.memory_bytes;
-        self.memory_refused |= !ok;
-        Ok(ok)
+        Ok(grant(
+            &mut self.memory_used,
+            &mut self.memory_pending,
+            &mut self.memory_refused,
+            (current, desired),
+            self.ceilings.memory_bytes,
+            self.memory_bytes,
+        ))
+    }
+
+    fn memory_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
+        // The memory's own maximum (or the OS) refused what we granted.
+        self.memory_used -= std::mem::take(&mut self.memory_pending);
+        self.memory_refused = true;
+        Ok(())
     }
 
     fn table_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let ok = desired <= self.table_elements;
-        self.table_refused |= !ok;
-        Ok(ok)
+        Ok(grant(
+            &mut self.table_used,
+            &mut self.table_pending,
+            &mut self.table_refused,
+            (current, desired),
+            self.ceilings.table_elements,
+            self.table_elements,
+        ))
+    }
+
+    fn table_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.table_used -= std::mem::take(&mut self.table_pending);
+        self.table_refused = true;
+        Ok(())
     }
 
     fn instances(&self) -> usize {
@@ -128,10 +235,100 @@ impl wasmtime::ResourceLimiter for Limiter {
     }
 
     fn memories(&self) -> usize {
-        self.instances
+        self.ceilings.memories
     }
 
     fn tables(&self) -> usize {
-        self.instances.saturating_mul(4)
+        self.ceilings.tables
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use wasmtime::ResourceLimiter;
+
+    use super::*;
+
+    fn limiter(memory_bytes: usize, table_elements: usize) -> Limiter {
+        let limits = AgentLimits {
+            memory_bytes,
+            table_elements,
+            ..AgentLimits::default()
+        };
+        let ceilings = Ceilings {
+            memory_bytes: 1000,
+            table_elements: 100,
+            memories: 4,
+            tables: 4,
+        };
+        Limiter::new(&limits, ceilings)
+    }
+
+    #[test]
+    fn memory_is_a_total_over_all_memories() {
+        let mut l = limiter(1500, 1000);
+        assert!(l.memory_growing(0, 600, None).unwrap(), "first memory");
+        assert!(l.memory_growing(0, 600, None).unwrap(), "second memory");
+        assert_eq!(l.memory_used(), 1200);
+        assert!(!l.memory_refused);
+        // Each memory stays within the ceiling, but the sum would be 1600.
+        assert!(!l.memory_growing(600, 1000, None).unwrap());
+        assert!(l.memory_refused);
+        assert_eq!(l.memory_used(), 1200, "a refusal changes nothing");
+        l.reset_hints();
+        assert!(l.memory_growing(600, 1000, None).is_ok_and(|ok| !ok));
+        assert!(l.memory_growing(0, 300, None).unwrap(), "exactly the total");
+        assert_eq!(l.memory_used(), 1500);
+    }
+
+    #[test]
+    fn one_memory_may_not_pass_the_ceiling_even_within_the_total() {
+        let mut l = limiter(10_000, 1000);
+        assert!(!l.memory_growing(0, 1001, None).unwrap());
+        assert!(l.memory_refused);
+        assert_eq!(l.memory_used(), 0);
+    }
+
+    #[test]
+    fn a_granted_growth_that_fails_is_taken_back_and_recorded() {
+        let mut l = limiter(1500, 1000);
+        assert!(l.memory_growing(0, 500, None).unwrap());
+        assert!(l.memory_growing(500, 800, None).unwrap());
+        l.memory_grow_failed(wasmtime::format_err!("maximum"))
+            .unwrap();
+        assert_eq!(l.memory_used(), 500);
+        assert!(l.memory_refused);
+    }
+
+    #[test]
+    fn tables_are_a_total_with_a_per_table_ceiling() {
+        let mut l = limiter(1000, 150);
+        assert!(l.table_growing(0, 100, None).unwrap());
+        assert!(!l.table_growing(0, 60, None).unwrap(), "total 160 > 150");
+        assert!(l.table_refused);
+        l.reset_hints();
+        assert!(!l.table_growing(100, 101, None).unwrap(), "ceiling 100");
+        assert!(l.table_refused);
+        assert!(l.table_growing(0, 50, None).unwrap());
+        l.table_grow_failed(wasmtime::format_err!("maximum"))
+            .unwrap();
+        assert!(
+            l.table_growing(0, 50, None).unwrap(),
+            "the failed 50 came back"
+        );
+    }
+
+    #[test]
+    fn state_budget_defaults_to_the_memory_limit() {
+        let limits = AgentLimits {
+            memory_bytes: 4 << 20,
+            ..AgentLimits::default()
+        };
+        assert_eq!(limits.state_budget(), 4 << 20);
+        let limits = AgentLimits {
+            state_bytes: Some(1000),
+            ..limits
+        };
+        assert_eq!(limits.state_budget(), 1000);
     }
 }

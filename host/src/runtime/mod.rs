@@ -27,21 +27,43 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 
 pub use component::{AGENT_FUNCTIONS, AGENT_INTERFACE, AgentComponent, LoadError};
 pub use fault::{AgentFault, CallError};
+pub use host::{DroppedLogs, MAX_LOG_BYTES};
 pub use instance::{AgentInstance, InstanceOptions};
 pub use limits::AgentLimits;
 pub use wasi::{Preopen, WasiGrants};
 
 use host::HostState;
 
+/// Longest text from a guest the host keeps (an application error, the
+/// reason a start failed); longer text is cut and marked as cut.
+pub const MAX_GUEST_TEXT: usize = 4096;
+
 /// Engine-wide settings. Per-agent limits are in [`AgentLimits`].
+///
+/// The pool of instance slots is sized so that `max_instances` agents fit
+/// even if every one of them uses its full share (`max_*_per_agent`): a
+/// greedy agent is refused by its own ceilings, never by its neighbours'.
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
     /// How many agent instances may be alive at once (pooling allocator
     /// slots). Creating one more fails with [`AgentFault::InstantiateFailed`].
     pub max_instances: u32,
-    /// The largest linear memory any agent may have; agents' own
-    /// [`AgentLimits::memory_bytes`] are capped by it.
+    /// The largest single linear memory any agent may have; agents' own
+    /// [`AgentLimits::memory_bytes`] (a total over their memories) apply on
+    /// top of it.
     pub max_memory_bytes: usize,
+    /// The largest single table any agent may have, in elements; agents' own
+    /// [`AgentLimits::table_elements`] (a total over their tables) apply on
+    /// top of it.
+    pub max_table_elements: usize,
+    /// Most linear memories one agent (component) may define. A component
+    /// with more is refused when it is loaded ([`LoadError::ExceedsLimits`]).
+    pub max_memories_per_agent: u32,
+    /// Most tables one agent (component) may define; likewise.
+    pub max_tables_per_agent: u32,
+    /// Most core module instances one agent (component) may create;
+    /// likewise. Agents' own [`AgentLimits::instances`] apply on top of it.
+    pub max_core_instances_per_agent: u32,
     /// WebAssembly stack size of every instance. Engine-wide: wasmtime fixes
     /// it per engine.
     pub max_wasm_stack: usize,
@@ -55,8 +77,26 @@ impl Default for RuntimeConfig {
         Self {
             max_instances: 1000,
             max_memory_bytes: 256 << 20,
+            max_table_elements: 20_000,
+            // A Rust wasip2 component has one memory and one or two tables;
+            // components linked from several modules have a few of each.
+            max_memories_per_agent: 2,
+            max_tables_per_agent: 4,
+            max_core_instances_per_agent: 64,
             max_wasm_stack: 512 << 10,
             epoch_tick: Duration::from_millis(2),
+        }
+    }
+}
+
+impl RuntimeConfig {
+    /// What the limiter of every store enforces besides the agent's limits.
+    pub(crate) fn ceilings(&self) -> limits::Ceilings {
+        limits::Ceilings {
+            memory_bytes: self.max_memory_bytes,
+            table_elements: self.max_table_elements,
+            memories: self.max_memories_per_agent as usize,
+            tables: self.max_tables_per_agent as usize,
         }
     }
 }
@@ -96,15 +136,19 @@ impl Runtime {
     pub fn with_config(config: RuntimeConfig) -> Result<Self, RuntimeError> {
         let err = |e: wasmtime::Error| RuntimeError(format!("{e:#}"));
         let n = config.max_instances;
+        let per = |share: u32| n.saturating_mul(share.max(1));
         let mut pool = PoolingAllocationConfig::new();
-        // A Rust wasip2 component holds a few core instances, one or two
-        // memories and tables, and needs one fiber stack per active call.
         pool.total_component_instances(n)
-            .total_core_instances(n.saturating_mul(8))
-            .total_memories(n.saturating_mul(2))
-            .total_tables(n.saturating_mul(4))
+            .total_core_instances(per(config.max_core_instances_per_agent))
+            .total_memories(per(config.max_memories_per_agent))
+            .total_tables(per(config.max_tables_per_agent))
+            .max_core_instances_per_component(config.max_core_instances_per_agent)
+            .max_memories_per_component(config.max_memories_per_agent)
+            .max_tables_per_component(config.max_tables_per_agent)
+            // One fiber stack per active call.
             .total_stacks(n)
-            .max_memory_size(config.max_memory_bytes);
+            .max_memory_size(config.max_memory_bytes)
+            .table_elements(config.max_table_elements);
         let mut wasm = Config::new();
         wasm.consume_fuel(true)
             .epoch_interruption(true)

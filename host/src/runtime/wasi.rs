@@ -22,7 +22,8 @@ pub struct WasiGrants {
     pub args: Vec<String>,
     /// Host directories the agent may open.
     pub preopens: Vec<Preopen>,
-    /// Allow outgoing and incoming TCP/UDP and name lookups.
+    /// Allow TCP and UDP sockets (outgoing and incoming) and name lookups,
+    /// to any address the host can reach.
     pub network: bool,
 }
 
@@ -69,7 +70,12 @@ impl WasiGrants {
                 .map_err(|e| format!("cannot grant directory {}: {e}", p.host.display()))?;
         }
         if self.network {
-            b.inherit_network().allow_ip_name_lookup(true);
+            // `inherit_network` alone still refuses TCP and UDP: wasmtime-wasi
+            // needs each protocol allowed as well.
+            b.inherit_network()
+                .allow_tcp(true)
+                .allow_udp(true)
+                .allow_ip_name_lookup(true);
         }
         Ok(b.build())
     }
