@@ -20,6 +20,7 @@ mod error;
 pub mod runtime;
 pub mod state;
 pub mod supervisor;
+mod text;
 pub mod tree;
 mod types;
 mod wasm_agent;
@@ -33,10 +34,10 @@ pub use agent::{
 };
 pub use error::{ErrorCategory, SupervisionError, SupervisionResult};
 pub use runtime::{
-    AgentComponent, AgentFault, AgentInstance, AgentLimits, CallError, InstanceOptions, LoadError,
-    Preopen, Runtime, RuntimeConfig, WasiGrants,
+    AgentComponent, AgentFault, AgentInstance, AgentLimits, CallError, DroppedLogs,
+    InstanceOptions, LoadError, MAX_GUEST_TEXT, Preopen, Runtime, RuntimeConfig, WasiGrants,
 };
-pub use state::{MemoryStateStore, StateError, StateQuota, StateStore};
+pub use state::{MemoryStateStore, StateError, StateQuota, StateStore, entry_cost};
 pub use supervisor::{
     AgentSupervisor, ChildCount, ChildSpec, RestartAction, RestartEntry, RestartIntensity,
     RestartPolicy, RestartStrategy, RestartType, SupervisorConfig, SupervisorEvent,

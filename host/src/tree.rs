@@ -160,6 +160,9 @@ struct RawLimits {
     memory_bytes: Option<i64>,
     table_elements: Option<i64>,
     instances: Option<i64>,
+    state_bytes: Option<i64>,
+    log_records_per_second: Option<i64>,
+    log_bytes_per_second: Option<i64>,
     deadline_ms: Option<i64>,
 }
 
@@ -315,6 +318,23 @@ impl Checker<'_> {
         }
         if let Some(v) = self.positive(&f("instances"), raw.instances, "count") {
             l.instances = usize::try_from(v).unwrap_or(usize::MAX);
+        }
+        if let Some(v) = self.positive(&f("state_bytes"), raw.state_bytes, "number of bytes") {
+            l.state_bytes = Some(usize::try_from(v).unwrap_or(usize::MAX));
+        }
+        if let Some(v) = self.positive(
+            &f("log_records_per_second"),
+            raw.log_records_per_second,
+            "count",
+        ) {
+            l.log_records_per_second = u32::try_from(v).unwrap_or(u32::MAX);
+        }
+        if let Some(v) = self.positive(
+            &f("log_bytes_per_second"),
+            raw.log_bytes_per_second,
+            "number of bytes",
+        ) {
+            l.log_bytes_per_second = usize::try_from(v).unwrap_or(usize::MAX);
         }
         if let Some(v) = self.positive(&f("deadline_ms"), raw.deadline_ms, "number of milliseconds")
         {

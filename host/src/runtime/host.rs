@@ -1,19 +1,23 @@
 //! The store data of one agent instance, and the host side of the WIT
 //! imports (`log`, `state`).
+//!
+//! Everything a guest hands the host through these imports is bounded here:
+//! a log record's length, the log volume per call and per second, the
+//! state's size (by the agent's budget and the store's own quotas).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::terraphim::agent::{log, state, types};
-use super::limits::Limiter;
+use super::limits::{AgentLimits, Limiter};
 use crate::state::StateStore;
+use crate::text::truncate;
 
-/// Longest log message kept; longer ones are cut (a guest cannot flood the
-/// host's log with one call).
-const MAX_LOG_BYTES: usize = 4096;
+/// Longest log message kept; longer ones are cut.
+pub const MAX_LOG_BYTES: usize = 4096;
 
 /// Everything one agent's `Store` holds.
 pub(crate) struct HostState {
@@ -23,6 +27,9 @@ pub(crate) struct HostState {
     pub table: ResourceTable,
     pub limiter: Limiter,
     pub state: Arc<dyn StateStore>,
+    /// The agent's state budget in bytes.
+    pub state_budget: usize,
+    pub log: LogMeter,
     /// When the current call must end; read by the epoch callback.
     pub deadline: Instant,
 }
@@ -41,6 +48,9 @@ impl types::Host for HostState {}
 impl log::Host for HostState {
     fn log(&mut self, level: log::Level, message: String) {
         let message = truncate(&message, MAX_LOG_BYTES);
+        if !self.log.admit(Instant::now(), message.len()) {
+            return;
+        }
         let agent = &*self.agent_id;
         match level {
             log::Level::Trace => tracing::trace!(target: "agent", agent, "{message}"),
@@ -52,6 +62,22 @@ impl log::Host for HostState {
     }
 }
 
+impl HostState {
+    /// Report the log records dropped since the last report, if any, as one
+    /// host warning (not subject to the agent's budget).
+    pub fn report_dropped_logs(&mut self) {
+        if let Some(dropped) = self.log.take_dropped() {
+            tracing::warn!(
+                target: "agent",
+                agent = &*self.agent_id,
+                "{} log records ({} bytes) over the agent's budget were dropped",
+                dropped.records,
+                dropped.bytes
+            );
+        }
+    }
+}
+
 impl state::Host for HostState {
     fn get(&mut self, key: String) -> Option<Vec<u8>> {
         self.state.get(&self.agent_id, &key)
@@ -59,7 +85,7 @@ impl state::Host for HostState {
 
     fn put(&mut self, key: String, value: Vec<u8>) -> Result<(), String> {
         self.state
-            .put(&self.agent_id, &key, value)
+            .put(&self.agent_id, &key, value, self.state_budget)
             .map_err(|e| e.to_string())
     }
 
@@ -68,24 +94,133 @@ impl state::Host for HostState {
     }
 }
 
-/// `s` cut to at most `max` bytes on a character boundary.
-fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
+/// Log records dropped over an agent's budget.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DroppedLogs {
+    /// Records dropped.
+    pub records: u64,
+    /// Their bytes (after truncation to [`MAX_LOG_BYTES`]).
+    pub bytes: u64,
+}
+
+/// An agent's log budget: at most `records` records and `bytes` bytes in
+/// any one-second window, and in any one call. Pure bookkeeping: the caller
+/// passes the time in.
+#[derive(Debug)]
+pub(crate) struct LogMeter {
+    records: u64,
+    bytes: u64,
+    window_start: Option<Instant>,
+    window: DroppedLogs,
+    call: DroppedLogs,
+    /// Dropped since the last [`LogMeter::take_dropped`].
+    unreported: DroppedLogs,
+    /// Dropped over the instance's life.
+    pub total_dropped: DroppedLogs,
+}
+
+impl LogMeter {
+    pub fn new(limits: &AgentLimits) -> Self {
+        Self {
+            records: u64::from(limits.log_records_per_second),
+            bytes: limits.log_bytes_per_second as u64,
+            window_start: None,
+            window: DroppedLogs::default(),
+            call: DroppedLogs::default(),
+            unreported: DroppedLogs::default(),
+            total_dropped: DroppedLogs::default(),
+        }
     }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
+
+    /// A new call begins: its own budget starts afresh.
+    pub fn start_call(&mut self) {
+        self.call = DroppedLogs::default();
     }
-    &s[..end]
+
+    /// Whether a record of `len` bytes may be emitted at `now`; counts it
+    /// either way.
+    pub fn admit(&mut self, now: Instant, len: usize) -> bool {
+        let len = len as u64;
+        let start = *self.window_start.get_or_insert(now);
+        if now.saturating_duration_since(start) >= Duration::from_secs(1) {
+            self.window_start = Some(now);
+            self.window = DroppedLogs::default();
+        }
+        let within = |used: &DroppedLogs| {
+            used.records < self.records && used.bytes.saturating_add(len) <= self.bytes
+        };
+        if within(&self.window) && within(&self.call) {
+            for used in [&mut self.window, &mut self.call] {
+                used.records += 1;
+                used.bytes += len;
+            }
+            return true;
+        }
+        for dropped in [&mut self.unreported, &mut self.total_dropped] {
+            dropped.records += 1;
+            dropped.bytes += len;
+        }
+        false
+    }
+
+    /// What was dropped since the last call of this, if anything.
+    pub fn take_dropped(&mut self) -> Option<DroppedLogs> {
+        let dropped = std::mem::take(&mut self.unreported);
+        (dropped.records > 0).then_some(dropped)
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    fn meter(records: u32, bytes: usize) -> LogMeter {
+        LogMeter::new(&AgentLimits {
+            log_records_per_second: records,
+            log_bytes_per_second: bytes,
+            ..AgentLimits::default()
+        })
+    }
+
     #[test]
-    fn truncate_respects_char_boundaries() {
-        assert_eq!(super::truncate("héllo", 2), "h");
-        assert_eq!(super::truncate("héllo", 3), "hé");
-        assert_eq!(super::truncate("abc", 10), "abc");
+    fn records_over_the_per_second_budget_are_dropped_and_counted() {
+        let t = Instant::now();
+        let mut m = meter(3, 1000);
+        let admitted: Vec<bool> = (0..5).map(|_| m.admit(t, 10)).collect();
+        assert_eq!(admitted, [true, true, true, false, false]);
+        assert_eq!(
+            m.take_dropped(),
+            Some(DroppedLogs {
+                records: 2,
+                bytes: 20
+            })
+        );
+        assert_eq!(m.take_dropped(), None, "reported once");
+        // A new window (and a new call) admits again.
+        m.start_call();
+        assert!(m.admit(t + Duration::from_secs(1), 10));
+        assert_eq!(m.total_dropped.records, 2);
+    }
+
+    #[test]
+    fn bytes_are_budgeted_too() {
+        let t = Instant::now();
+        let mut m = meter(100, 25);
+        assert!(m.admit(t, 10));
+        assert!(m.admit(t, 10));
+        assert!(!m.admit(t, 10), "30 bytes > 25");
+        assert!(m.admit(t, 5), "a smaller record still fits");
+    }
+
+    #[test]
+    fn one_call_cannot_spend_more_than_one_budget_across_windows() {
+        let t = Instant::now();
+        let mut m = meter(2, 1000);
+        assert!(m.admit(t, 1));
+        assert!(m.admit(t, 1));
+        // The next window has room, but this call spent its budget.
+        assert!(!m.admit(t + Duration::from_secs(2), 1));
+        m.start_call();
+        assert!(m.admit(t + Duration::from_secs(2), 1));
     }
 }

@@ -21,10 +21,13 @@ use wasmtime::{Store, UpdateDeadline};
 use super::bindings::SupervisedAgent;
 use super::bindings::terraphim::agent::types as wit;
 use super::fault::{FaultHints, classify};
-use super::host::HostState;
+use super::host::{DroppedLogs, HostState, LogMeter};
 use super::limits::Limiter;
-use super::{AgentComponent, AgentFault, AgentLimits, CallError, Runtime, WasiGrants};
+use super::{
+    AgentComponent, AgentFault, AgentLimits, CallError, MAX_GUEST_TEXT, Runtime, WasiGrants,
+};
 use crate::state::StateStore;
+use crate::text::bound;
 use crate::types::{InitArgs, SystemMessage, TerminateReason};
 
 /// What an instance is created with.
@@ -75,6 +78,11 @@ macro_rules! guarded {
     }};
 }
 
+/// An application error from the guest, bounded where it enters the host.
+fn application(error: String) -> CallError {
+    CallError::Application(bound(error, MAX_GUEST_TEXT))
+}
+
 /// Set the fuel budget and deadline of the next call into `store`.
 fn arm(store: &mut Store<HostState>, fuel: u64, limits: &AgentLimits) -> Result<(), AgentFault> {
     store
@@ -82,6 +90,7 @@ fn arm(store: &mut Store<HostState>, fuel: u64, limits: &AgentLimits) -> Result<
         .map_err(|e| AgentFault::Host(format!("cannot set fuel: {e:#}")))?;
     let data = store.data_mut();
     data.limiter.reset_hints();
+    data.log.start_call();
     data.deadline = Instant::now() + limits.deadline;
     store.set_epoch_deadline(1);
     Ok(())
@@ -104,11 +113,10 @@ impl AgentInstance {
     ) -> Result<Self, AgentFault> {
         let InstanceOptions {
             agent_id,
-            mut limits,
+            limits,
             grants,
             state,
         } = options;
-        limits.memory_bytes = limits.memory_bytes.min(runtime.config().max_memory_bytes);
         let wasi = grants.build().map_err(AgentFault::InstantiateFailed)?;
         let mut store = Store::new(
             runtime.engine(),
@@ -116,8 +124,10 @@ impl AgentInstance {
                 agent_id: agent_id.into(),
                 wasi,
                 table: ResourceTable::new(),
-                limiter: Limiter::new(&limits),
+                limiter: Limiter::new(&limits, runtime.config().ceilings()),
                 state,
+                state_budget: limits.state_budget(),
+                log: LogMeter::new(&limits),
                 deadline: Instant::now(),
             },
         );
@@ -142,6 +152,7 @@ impl AgentInstance {
                 return Err(match classify(&e, hints(&store)) {
                     CallError::Fault(
                         f @ (AgentFault::MemoryLimit
+                        | AgentFault::ResourceLimit(_)
                         | AgentFault::OutOfFuel
                         | AgentFault::DeadlineExceeded),
                     ) => f,
@@ -175,6 +186,16 @@ impl AgentInstance {
         &self.store.data().agent_id
     }
 
+    /// Bytes of linear memory the instance holds, summed over its memories.
+    pub fn memory_bytes(&self) -> usize {
+        self.store.data().limiter.memory_used()
+    }
+
+    /// Log records the instance emitted over its budget, which were dropped.
+    pub fn dropped_logs(&self) -> DroppedLogs {
+        self.store.data().log.total_dropped
+    }
+
     /// Arm the store for a call; the fuel budget given.
     fn prepare(&mut self) -> Result<u64, CallError> {
         if self.dead {
@@ -204,6 +225,7 @@ impl AgentInstance {
     ) -> Result<T, CallError> {
         let used = budget - self.store.get_fuel().unwrap_or(0);
         self.fuel_used = self.fuel_used.saturating_add(used);
+        self.store.data_mut().report_dropped_logs();
         if let Some(left) = &mut self.fuel_left {
             *left = left.saturating_sub(used);
         }
@@ -224,22 +246,22 @@ impl AgentInstance {
             supervisor_id: args.supervisor_id.to_string(),
             config: args.config.to_string(),
         };
-        guarded!(self, call_init(&args))?.map_err(CallError::Application)
+        guarded!(self, call_init(&args))?.map_err(application)
     }
 
     /// Call the agent's `start`.
     pub async fn start(&mut self) -> Result<(), CallError> {
-        guarded!(self, call_start())?.map_err(CallError::Application)
+        guarded!(self, call_start())?.map_err(application)
     }
 
     /// Call the agent's `stop`.
     pub async fn stop(&mut self) -> Result<(), CallError> {
-        guarded!(self, call_stop())?.map_err(CallError::Application)
+        guarded!(self, call_stop())?.map_err(application)
     }
 
     /// Send one message; the agent's reply.
     pub async fn handle_message(&mut self, message: &str) -> Result<String, CallError> {
-        guarded!(self, call_handle_message(message))?.map_err(CallError::Application)
+        guarded!(self, call_handle_message(message))?.map_err(application)
     }
 
     /// Deliver a system message.
@@ -248,13 +270,13 @@ impl AgentInstance {
         message: &SystemMessage,
     ) -> Result<(), CallError> {
         let message = to_wit_system(message);
-        guarded!(self, call_handle_system_message(&message))?.map_err(CallError::Application)
+        guarded!(self, call_handle_system_message(&message))?.map_err(application)
     }
 
     /// Ask the agent whether it is healthy; `Err(Application)` when it says
     /// it is not.
     pub async fn health_check(&mut self) -> Result<(), CallError> {
-        guarded!(self, call_health_check())?.map_err(CallError::Application)
+        guarded!(self, call_health_check())?.map_err(application)
     }
 
     /// Tell the agent it is being terminated. Does nothing on a dead
