@@ -232,6 +232,14 @@ pub trait AgentFactory: Send + Sync {
 
     /// The agent types this factory creates.
     fn supported_types(&self) -> Vec<String>;
+
+    /// The child described by `spec` left its supervision tree for good (a
+    /// temporary child that exited, `delete_child`): release what the
+    /// factory keeps for it, such as its durable state. Not called on
+    /// restarts, nor when a tree stops. The default keeps nothing.
+    fn release_agent(&self, spec: &AgentSpec) {
+        let _ = spec;
+    }
 }
 
 /// A minimal native agent, for tests and examples: it runs, echoes

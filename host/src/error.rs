@@ -62,6 +62,14 @@ pub enum SupervisionError {
         /// The limit.
         max: usize,
     },
+    /// An agent's reply is larger than allowed (the agent keeps running).
+    #[error("reply of {len} bytes exceeds the limit of {max}")]
+    ReplyTooLarge {
+        /// The reply's size.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
     /// The agent did not answer in time.
     #[error("timeout waiting for agent response")]
     Timeout,
@@ -97,6 +105,7 @@ impl SupervisionError {
             | E::Component(_)
             | E::Serialization(_)
             | E::MessageTooLarge { .. }
+            | E::ReplyTooLarge { .. }
             | E::System(_) => false,
         }
     }
@@ -108,9 +117,10 @@ impl SupervisionError {
             E::AgentNotFound(_) | E::SupervisorNotFound(_) => ErrorCategory::NotFound,
             E::AgentStartFailed(..) => ErrorCategory::Startup,
             E::AgentExecutionFailed(..) | E::AgentCrashed(..) => ErrorCategory::Runtime,
-            E::MaxRestartsExceeded(_) | E::MaxChildrenReached(_) | E::MessageTooLarge { .. } => {
-                ErrorCategory::Policy
-            }
+            E::MaxRestartsExceeded(_)
+            | E::MaxChildrenReached(_)
+            | E::MessageTooLarge { .. }
+            | E::ReplyTooLarge { .. } => ErrorCategory::Policy,
             E::RestartFailed(..) | E::AgentRestarting(_) => ErrorCategory::Recovery,
             E::ShutdownFailed(_) => ErrorCategory::Shutdown,
             E::InvalidAgentSpec(_)

@@ -37,10 +37,8 @@ pub const SANDBOX_PROBE: &[u8] = include_bytes!(concat!(
 
 /// The hostile agent: floods the host's log, returns huge replies and
 /// errors, fills its state until refused (the host's bounds at work).
-pub const HOSTILE: &[u8] = include_bytes!(concat!(
-    env!("TERRAPHIM_GUEST_DIR"),
-    "/hostile_agent.wasm"
-));
+pub const HOSTILE: &[u8] =
+    include_bytes!(concat!(env!("TERRAPHIM_GUEST_DIR"), "/hostile_agent.wasm"));
 
 /// All examples by agent-type name ("echo", "crasher", "fuel-burner",
 /// "memory-hog", "sleeper", "failing-init", "exit", "sandbox-probe",

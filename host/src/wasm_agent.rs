@@ -142,6 +142,11 @@ impl AgentFactory for WasmAgentFactory {
     fn supported_types(&self) -> Vec<String> {
         self.components.keys().cloned().collect()
     }
+
+    /// The agent's durable state goes with its spec.
+    fn release_agent(&self, spec: &AgentSpec) {
+        self.state.clear(&spec.agent_id.to_string());
+    }
 }
 
 /// One supervised WASM agent: an [`AgentInstance`] behind the

@@ -9,7 +9,15 @@
 //!   incarnations the supervisor stopped itself are ignored.
 //! - The task never holds a lock across an `.await`.
 //! - Requests are served one at a time, as in OTP: a restart in progress
-//!   finishes before the next request is looked at.
+//!   finishes before the next request is looked at. A restart attempt that
+//!   fails is not retried in place: the retry is queued behind the requests
+//!   already waiting (OTP's `try_again_restart`), so that they, and a stop,
+//!   are served between attempts.
+//! - The supervisor owns its children's tasks: dropping it aborts them, and
+//!   every task of its subtree holds a token of its [`TaskTracker`], so that
+//!   killing it can be awaited until nothing of the subtree runs. A child is
+//!   restarted only after its previous incarnation (and its whole subtree)
+//!   has ended: never are two incarnations of one child alive.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -19,15 +27,17 @@ use std::time::Instant;
 
 use chrono::Utc;
 use tokio::sync::{broadcast, mpsc, oneshot};
-use tokio::task::JoinHandle;
 use tokio::time::timeout;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
-use super::child::{self, ChildExit, Started, WorkerCommand};
+use super::child::{self, ChildExit, Lineage, Started, WorkerCommand};
 use super::decision::{ChildRef, Decision, ExitKind, RestartWindow, decide, decide_failed_start};
 use super::{
     ChildCount, ChildSpec, RestartAction, RestartEntry, SupervisorConfig, SupervisorEvent,
     SupervisorHandle, SupervisorStatus,
 };
+use crate::runtime::MAX_GUEST_TEXT;
+use crate::text::bound;
 use crate::{
     AgentFactory, AgentFault, AgentPid, AgentSpec, AgentStatus, ExitReason, InitArgs,
     ShutdownPolicy, SupervisedAgentInfo, SupervisionError, SupervisionResult, SupervisorId,
@@ -58,6 +68,8 @@ pub(crate) enum Route {
 pub(crate) struct Table {
     pub infos: Vec<SupervisedAgentInfo>,
     pub history: VecDeque<RestartEntry>,
+    /// What `history` weighs, as [`entry_weight`] counts it.
+    pub history_bytes: usize,
 }
 
 /// State shared between the supervisor task and its handles.
@@ -110,15 +122,52 @@ impl Shared {
 /// The supervisor is giving up: its restart intensity was exceeded.
 pub(crate) struct Escalated;
 
+/// One running incarnation of a child.
 struct Running {
     incarnation: u64,
-    task: JoinHandle<()>,
+    /// Aborted if the supervisor is dropped.
+    task: AbortOnDropHandle<()>,
+    /// Asks for a graceful stop. Dropping it, without sending, tells the
+    /// child that its supervisor is gone: it dies at once.
     stop: oneshot::Sender<()>,
+    /// For a nested supervisor: the tracker of its subtree's tasks.
+    subtree: Option<TaskTracker>,
+}
+
+impl Running {
+    /// Kill the incarnation and wait until it, and every task of its
+    /// subtree, has ended.
+    async fn kill(self) {
+        self.task.abort();
+        let _ = self.task.await;
+        settle(self.subtree).await;
+    }
+}
+
+/// Wait until every task of a subtree has ended.
+async fn settle(subtree: Option<TaskTracker>) {
+    if let Some(subtree) = subtree {
+        subtree.close();
+        subtree.wait().await;
+    }
 }
 
 struct Child {
     spec: ChildSpec,
     running: Option<Running>,
+    /// A restart of this child is under way or queued (OTP's
+    /// `{restarting, _}`): it is not running, and the next attempt will
+    /// start it unless it is terminated meanwhile.
+    restarting: bool,
+}
+
+/// A restart to attempt again, queued behind the requests already waiting
+/// (OTP's `try_again_restart`).
+struct Retry {
+    cause: AgentPid,
+    stop: Vec<AgentPid>,
+    remove: Vec<AgentPid>,
+    start: Vec<AgentPid>,
 }
 
 pub(crate) struct Actor {
@@ -129,14 +178,24 @@ pub(crate) struct Actor {
     exits_tx: mpsc::UnboundedSender<ChildExit>,
     exits_rx: mpsc::UnboundedReceiver<ChildExit>,
     commands: mpsc::Receiver<Command>,
+    retries: VecDeque<Retry>,
     next_incarnation: u64,
+    /// Every task started for a child holds a token of this tracker
+    /// (through its [`Lineage`]), and so does every task below it.
+    tracker: TaskTracker,
+    /// The lineage of the task this supervisor runs in (`None` for a root).
+    lineage: Option<Arc<Lineage>>,
 }
 
-/// Create a supervisor: its handle, and the task body to spawn.
+/// Create a supervisor: its handle, and the task body to spawn. The tasks of
+/// its children are tracked by `tracker`; `lineage` is that of the task the
+/// supervisor itself runs in (`None` for a root).
 pub(crate) fn new_supervisor(
     config: SupervisorConfig,
     factory: Arc<dyn AgentFactory>,
     events: broadcast::Sender<SupervisorEvent>,
+    tracker: TaskTracker,
+    lineage: Option<Arc<Lineage>>,
 ) -> (SupervisorHandle, Actor) {
     let intensity = &config.restart_policy.intensity;
     let window = RestartWindow::new(intensity.max_restarts, intensity.time_window);
@@ -147,6 +206,7 @@ pub(crate) fn new_supervisor(
         table: Mutex::new(Table {
             infos: Vec::new(),
             history: VecDeque::new(),
+            history_bytes: 0,
         }),
         routes: RwLock::default(),
         events,
@@ -165,15 +225,58 @@ pub(crate) fn new_supervisor(
         exits_tx,
         exits_rx,
         commands,
+        retries: VecDeque::new(),
         next_incarnation: 0,
+        tracker,
+        lineage,
     };
     (handle, actor)
 }
 
 enum Wake {
-    Stop,
+    /// `true`: a graceful stop was asked; `false`: the owner is gone.
+    Stop(bool),
     Exit(ChildExit),
     Command(Option<Command>),
+    Retry,
+}
+
+/// `reason` with every text in it bounded (it may come from a guest or an
+/// agent).
+fn bounded_reason(reason: ExitReason) -> ExitReason {
+    let b = |text: String| bound(text, MAX_GUEST_TEXT);
+    match reason {
+        ExitReason::Error(e) => ExitReason::Error(b(e)),
+        ExitReason::Fault(fault) => ExitReason::Fault(match fault {
+            AgentFault::ResourceLimit(e) => AgentFault::ResourceLimit(b(e)),
+            AgentFault::Trap(e) => AgentFault::Trap(b(e)),
+            AgentFault::InstantiateFailed(e) => AgentFault::InstantiateFailed(b(e)),
+            AgentFault::InitFailed(e) => AgentFault::InitFailed(b(e)),
+            AgentFault::Host(e) => AgentFault::Host(b(e)),
+            other => other,
+        }),
+        other => other,
+    }
+}
+
+/// What one history entry weighs against `max_history_bytes`: its own size
+/// and the text it holds.
+fn entry_weight(entry: &RestartEntry) -> usize {
+    std::mem::size_of::<RestartEntry>() + reason_text_len(&entry.reason)
+}
+
+fn reason_text_len(reason: &ExitReason) -> usize {
+    match reason {
+        ExitReason::Error(e) => e.len(),
+        ExitReason::Fault(
+            AgentFault::ResourceLimit(e)
+            | AgentFault::Trap(e)
+            | AgentFault::InstantiateFailed(e)
+            | AgentFault::InitFailed(e)
+            | AgentFault::Host(e),
+        ) => e.len(),
+        _ => 0,
+    }
 }
 
 fn exit_kind(reason: &ExitReason) -> ExitKind {
@@ -181,6 +284,19 @@ fn exit_kind(reason: &ExitReason) -> ExitKind {
         ExitReason::Normal => ExitKind::Normal,
         ExitReason::Shutdown | ExitReason::SupervisorShutdown => ExitKind::Shutdown,
         _ => ExitKind::Abnormal,
+    }
+}
+
+/// Tell the factories that `spec`'s agents are gone for good: a nested
+/// supervisor's agents (those of its spec) with it.
+fn release(factory: &dyn AgentFactory, spec: &ChildSpec) {
+    match spec {
+        ChildSpec::Agent(agent) => factory.release_agent(agent),
+        ChildSpec::Supervisor(nested) => {
+            for child in &nested.children {
+                release(&*nested.factory, child);
+            }
+        }
     }
 }
 
@@ -224,14 +340,22 @@ impl Actor {
         loop {
             let wake = tokio::select! {
                 biased;
-                _ = &mut stop => Wake::Stop,
+                asked = &mut stop => Wake::Stop(asked.is_ok()),
                 Some(exit) = self.exits_rx.recv() => Wake::Exit(exit),
                 command = self.commands.recv() => Wake::Command(command),
+                () = std::future::ready(()), if !self.retries.is_empty() => Wake::Retry,
             };
             let outcome = match wake {
-                Wake::Stop | Wake::Command(None) => break,
+                Wake::Stop(true) | Wake::Command(None) => break,
+                // The owner is gone: die at once. Dropping `self` aborts the
+                // children; whoever waits for this subtree waits for them.
+                Wake::Stop(false) => return None,
                 Wake::Exit(exit) => self.on_exit(exit).await,
                 Wake::Command(Some(command)) => self.serve(command).await,
+                Wake::Retry => match self.retries.pop_front() {
+                    Some(retry) => self.retry(retry).await,
+                    None => Ok(()),
+                },
             };
             if outcome.is_err() {
                 return Some(ExitReason::Shutdown);
@@ -272,17 +396,27 @@ impl Actor {
         }
     }
 
+    /// Add a history entry, dropping the oldest ones beyond the entry and
+    /// byte bounds (the newest entry is always kept).
     fn record(&self, agent_id: &AgentPid, reason: ExitReason, action: RestartAction) {
-        let mut table = lock(&self.shared.table);
-        if table.history.len() >= self.shared.config.max_history.max(1) {
-            table.history.pop_front();
-        }
-        table.history.push_back(RestartEntry {
+        let entry = RestartEntry {
             agent_id: agent_id.clone(),
             timestamp: Utc::now(),
-            reason,
+            reason: bounded_reason(reason),
             action,
-        });
+        };
+        let config = &self.shared.config;
+        let mut table = lock(&self.shared.table);
+        table.history_bytes += entry_weight(&entry);
+        table.history.push_back(entry);
+        while table.history.len() > 1
+            && (table.history.len() > config.max_history.max(1)
+                || table.history_bytes > config.max_history_bytes)
+        {
+            if let Some(old) = table.history.pop_front() {
+                table.history_bytes -= entry_weight(&old);
+            }
+        }
     }
 
     fn emit(&self, event: SupervisorEvent) {
@@ -315,6 +449,7 @@ impl Actor {
         self.children.push(Child {
             spec,
             running: None,
+            restarting: false,
         });
         let idx = self.children.len() - 1;
         match self.start_child(idx).await {
@@ -333,14 +468,18 @@ impl Actor {
         }
     }
 
-    /// Start the child at `idx` (not running) as a new incarnation.
+    /// Start the child at `idx` (not running) as a new incarnation. On
+    /// failure nothing of the attempt runs any more when this returns (a
+    /// start that timed out is killed and awaited), so that a retry never
+    /// overlaps it.
     async fn start_child(&mut self, idx: usize) -> SupervisionResult<()> {
         let incarnation = self.next_incarnation;
         self.next_incarnation += 1;
         let pid = self.children[idx].spec.id().clone();
         let (stop_tx, stop_rx) = oneshot::channel();
         let exits = self.exits_tx.clone();
-        let (task, started, route, bound) = match &self.children[idx].spec {
+        let lineage = Arc::new(Lineage::new(&self.tracker, self.lineage.clone()));
+        let (task, started, route, bound, subtree) = match &self.children[idx].spec {
             ChildSpec::Agent(spec) => {
                 let (tx, rx) = mpsc::channel(64);
                 let factory = self.factory.clone();
@@ -350,71 +489,111 @@ impl Actor {
                     supervisor_id: self.sup(),
                     config: spec.config.clone(),
                 };
-                let (task, started) = child::spawn(pid.clone(), incarnation, exits, move |s| {
-                    let create = async move { factory.create_agent(&spec).await };
-                    child::run_worker(create, args, s, rx, stop_rx)
-                });
+                let limits = child::WorkerLimits {
+                    max_reply_bytes: self.shared.config.max_message_bytes,
+                };
+                let (task, started) =
+                    child::spawn(pid.clone(), incarnation, exits, lineage, None, move |s| {
+                        let create = async move { factory.create_agent(&spec).await };
+                        child::run_worker(create, args, limits, s, rx, stop_rx)
+                    });
                 let bound = Some(self.shared.config.agent_timeout);
-                (task, started, Route::Worker(tx), bound)
+                (task, started, Route::Worker(tx), bound, None)
             }
             ChildSpec::Supervisor(spec) => {
+                let subtree = TaskTracker::new();
                 let (handle, actor) = new_supervisor(
                     spec.config.clone(),
                     spec.factory.clone(),
                     self.shared.events.clone(),
+                    subtree.clone(),
+                    Some(lineage.clone()),
                 );
                 let initial = spec.children.clone();
-                let (task, started) = child::spawn(pid.clone(), incarnation, exits, move |s| {
-                    actor.run_boxed(initial, s, stop_rx)
-                });
-                (task, started, Route::Supervisor(handle), None)
+                let (task, started) = child::spawn(
+                    pid.clone(),
+                    incarnation,
+                    exits,
+                    lineage,
+                    Some(subtree.clone()),
+                    move |s| actor.run_boxed(initial, s, stop_rx),
+                );
+                (
+                    task,
+                    started,
+                    Route::Supervisor(handle),
+                    None,
+                    Some(subtree),
+                )
             }
         };
+        let mut task = AbortOnDropHandle::new(task);
+        let mut started = started;
         let outcome = match bound {
-            Some(bound) => timeout(bound, started).await.map_err(|_| {
-                task.abort();
-                SupervisionError::AgentStartFailed(
-                    pid.clone(),
-                    format!("did not start within {bound:?}"),
-                )
-            }),
-            None => Ok(started.await),
+            Some(bound) => match timeout(bound, &mut started).await {
+                Ok(answer) => answer,
+                Err(_) => {
+                    task.abort();
+                    let _ = (&mut task).await;
+                    settle(subtree).await;
+                    return Err(SupervisionError::AgentStartFailed(
+                        pid,
+                        format!("did not start within {bound:?}"),
+                    ));
+                }
+            },
+            None => started.await,
         };
-        match outcome {
-            Ok(Ok(Ok(()))) => {
+        let error = match outcome {
+            Ok(Ok(())) => {
                 self.children[idx].running = Some(Running {
                     incarnation,
                     task,
                     stop: stop_tx,
+                    subtree,
                 });
+                self.children[idx].restarting = false;
                 self.shared.set_route(&pid, Some(route));
                 self.update(idx, |info| {
                     info.status = AgentStatus::Running;
                     info.start_time = Utc::now();
                 });
-                Ok(())
+                return Ok(());
             }
-            Ok(Ok(Err(e))) => Err(match e {
-                e @ SupervisionError::AgentStartFailed(..) => e,
-                e => SupervisionError::AgentStartFailed(pid, e.to_string()),
-            }),
-            Ok(Err(_)) => Err(SupervisionError::AgentStartFailed(
+            Ok(Err(e @ SupervisionError::AgentStartFailed(..))) => e,
+            Ok(Err(e)) => SupervisionError::AgentStartFailed(pid, e.to_string()),
+            Err(_) => SupervisionError::AgentStartFailed(
                 pid,
                 "the child task ended while starting (panicked)".into(),
-            )),
-            Err(e) => Err(e),
-        }
+            ),
+        };
+        // The task ends by itself after a failed start; wait for it.
+        let _ = task.await;
+        settle(subtree).await;
+        Err(error)
     }
 
-    /// Stop the child at `idx` if it runs, under its shutdown policy.
+    /// Stop the child at `idx` if it runs, under its shutdown policy, and
+    /// wait until it and its whole subtree have ended.
     async fn stop_child(&mut self, idx: usize) {
-        let Some(Running { mut task, stop, .. }) = self.children[idx].running.take() else {
+        let was_restarting = std::mem::take(&mut self.children[idx].restarting);
+        let Some(running) = self.children[idx].running.take() else {
+            if was_restarting {
+                // Its queued restart will find it no longer restarting.
+                self.update(idx, |info| info.status = AgentStatus::Stopped);
+            }
             return;
         };
         let pid = self.children[idx].spec.id().clone();
         self.shared.set_route(&pid, Some(Route::Down));
         self.update(idx, |info| info.status = AgentStatus::Stopping);
-        // (the task has ended, it was killed)
+        let Running {
+            mut task,
+            stop,
+            subtree,
+            ..
+        } = running;
+        // (whether the task has already been awaited to its end, killed)
         let (joined, killed) = match self.children[idx].spec.shutdown() {
             ShutdownPolicy::BrutalKill => {
                 task.abort();
@@ -438,6 +617,7 @@ impl Actor {
             // After an abort the task ends at its next await point.
             let _ = task.await;
         }
+        settle(subtree).await;
         self.update(idx, |info| info.status = AgentStatus::Stopped);
         self.emit(SupervisorEvent::ChildStopped {
             supervisor: self.sup(),
@@ -452,8 +632,12 @@ impl Actor {
         self.shared.set_route(child.spec.id(), None);
     }
 
+    /// Remove a child's spec for good (a temporary child that exited,
+    /// `delete_child`): what the factories keep for its agents (their state)
+    /// is released.
     fn remove_and_report(&mut self, pid: &AgentPid) {
         if let Some(idx) = self.index(pid) {
+            release(&*self.factory, &self.children[idx].spec);
             self.remove(idx);
             self.emit(SupervisorEvent::ChildRemoved {
                 supervisor: self.sup(),
@@ -490,7 +674,10 @@ impl Actor {
         if current != Some(exit.incarnation) {
             return Ok(()); // an incarnation we stopped ourselves
         }
-        self.children[idx].running = None;
+        if let Some(ended) = self.children[idx].running.take() {
+            // It sent its exit as its last act: this returns at once.
+            let _ = ended.task.await;
+        }
         self.shared.set_route(&exit.pid, Some(Route::Down));
         self.child_exited(idx, exit.reason).await
     }
@@ -498,6 +685,7 @@ impl Actor {
     /// The child at `idx` (no longer running) exited with `reason`: decide
     /// and act.
     async fn child_exited(&mut self, idx: usize, reason: ExitReason) -> Result<(), Escalated> {
+        let reason = bounded_reason(reason);
         let pid = self.children[idx].spec.id().clone();
         self.update(idx, |info| {
             info.last_exit = Some(reason.clone());
@@ -547,58 +735,99 @@ impl Actor {
         }
     }
 
-    /// Carry out a restart decision caused by `cause`; a child that fails to
-    /// start counts as a new abnormal exit (OTP), which may escalate.
+    /// Carry out a restart decision caused by `cause`. A child that fails to
+    /// start counts as a new abnormal exit (OTP), which may escalate; the
+    /// next attempt is queued, not made here.
     async fn restart(
         &mut self,
         cause: &AgentPid,
-        mut stop: Vec<AgentPid>,
-        mut remove: Vec<AgentPid>,
-        mut start: Vec<AgentPid>,
+        stop: Vec<AgentPid>,
+        remove: Vec<AgentPid>,
+        start: Vec<AgentPid>,
     ) -> Result<(), Escalated> {
-        loop {
-            self.stop_ids(&stop).await;
-            for id in &start {
-                if let Some(idx) = self.index(id) {
-                    self.update(idx, |info| info.status = AgentStatus::Restarting);
-                }
+        self.stop_ids(&stop).await;
+        for id in &start {
+            if let Some(idx) = self.index(id) {
+                self.children[idx].restarting = true;
+                self.update(idx, |info| info.status = AgentStatus::Restarting);
             }
-            for id in &remove {
-                self.record(id, ExitReason::Shutdown, RestartAction::Removed);
-                self.remove_and_report(id);
-            }
-            let Some((failed, error)) = self.start_all(cause, &start).await else {
-                return Ok(());
-            };
-            let reason = ExitReason::Fault(AgentFault::InitFailed(error.to_string()));
-            if let Some(idx) = self.index(&failed) {
-                self.update(idx, |info| {
-                    info.last_exit = Some(reason.clone());
-                    info.status = AgentStatus::Failed(reason.to_string());
+        }
+        for id in &remove {
+            self.record(id, ExitReason::Shutdown, RestartAction::Removed);
+            self.remove_and_report(id);
+        }
+        match self.start_all(cause, &start).await {
+            None => Ok(()),
+            Some((failed, error)) => self.restart_failed(&failed, &error).await,
+        }
+    }
+
+    /// A queued restart attempt: the children still waiting for it (those
+    /// not terminated meanwhile) are started.
+    async fn retry(&mut self, retry: Retry) -> Result<(), Escalated> {
+        let Retry {
+            cause,
+            stop,
+            remove,
+            start,
+        } = retry;
+        let start = start
+            .into_iter()
+            .filter(|id| self.index(id).is_some_and(|i| self.children[i].restarting))
+            .collect();
+        self.restart(&cause, stop, remove, start).await
+    }
+
+    /// A restart attempt failed to start `failed`: decide again, as for an
+    /// abnormal exit, and queue the next attempt or escalate.
+    async fn restart_failed(
+        &mut self,
+        failed: &AgentPid,
+        error: &SupervisionError,
+    ) -> Result<(), Escalated> {
+        let reason = bounded_reason(ExitReason::Fault(AgentFault::InitFailed(error.to_string())));
+        if let Some(idx) = self.index(failed) {
+            self.update(idx, |info| {
+                info.last_exit = Some(reason.clone());
+                info.status = AgentStatus::Restarting;
+            });
+        }
+        let refs = self.refs();
+        let strategy = self.shared.config.restart_policy.strategy;
+        let now = Instant::now();
+        match decide_failed_start(strategy, &refs, failed, &mut self.window, now) {
+            Ok(Decision::Restart {
+                stop,
+                remove,
+                start,
+            }) => {
+                self.record(failed, reason, RestartAction::StartFailed);
+                self.retries.push_back(Retry {
+                    cause: failed.clone(),
+                    stop,
+                    remove,
+                    start,
                 });
+                Ok(())
             }
-            let refs = self.refs();
-            let strategy = self.shared.config.restart_policy.strategy;
-            let now = Instant::now();
-            let decision = decide_failed_start(strategy, &refs, &failed, &mut self.window, now);
-            match decision {
-                Ok(Decision::Restart {
-                    stop: s,
-                    remove: r,
-                    start: st,
-                }) => {
-                    self.record(&failed, reason, RestartAction::StartFailed);
-                    (stop, remove, start) = (s, r, st);
-                }
-                Ok(Decision::Escalate { stop }) => {
-                    self.record(&failed, reason, RestartAction::Escalated);
-                    return self.escalate(&stop).await;
-                }
-                Ok(Decision::NoRestart { .. }) | Err(_) => {
-                    self.record(&failed, reason, RestartAction::StartFailed);
-                    return Ok(());
-                }
+            Ok(Decision::Escalate { stop }) => {
+                self.record(failed, reason, RestartAction::Escalated);
+                self.escalate(&stop).await
             }
+            Ok(Decision::NoRestart { remove }) => {
+                self.record(failed, reason, RestartAction::StartFailed);
+                if let Some(idx) = self.index(failed) {
+                    self.children[idx].restarting = false;
+                    self.update(idx, |info| {
+                        info.status = AgentStatus::Failed("could not be restarted".into());
+                    });
+                }
+                if remove {
+                    self.remove_and_report(failed);
+                }
+                Ok(())
+            }
+            Err(_) => Ok(()), // unreachable: `failed` is a child
         }
     }
 
@@ -679,9 +908,8 @@ impl Actor {
                     return Ok(());
                 };
                 // The reporter says it is dead: make it so, without a stop.
-                running.task.abort();
-                let _ = running.task.await;
                 self.shared.set_route(&pid, Some(Route::Down));
+                running.kill().await;
                 let outcome = self.child_exited(idx, reason).await;
                 let _ = reply.send(match outcome {
                     Ok(()) => Ok(()),
@@ -722,6 +950,9 @@ impl Actor {
                     Ok(idx) if self.children[idx].running.is_some() => {
                         Err(SupervisionError::AgentRunning(pid))
                     }
+                    Ok(idx) if self.children[idx].restarting => {
+                        Err(SupervisionError::AgentRestarting(pid))
+                    }
                     Ok(_) => match self.start_all(&pid, std::slice::from_ref(&pid)).await {
                         None => Ok(()),
                         Some((_, e)) => Err(e),
@@ -734,6 +965,9 @@ impl Actor {
                 let result = match self.known(&pid) {
                     Ok(idx) if self.children[idx].running.is_some() => {
                         Err(SupervisionError::AgentRunning(pid))
+                    }
+                    Ok(idx) if self.children[idx].restarting => {
+                        Err(SupervisionError::AgentRestarting(pid))
                     }
                     Ok(_) => {
                         self.remove_and_report(&pid);

@@ -10,15 +10,23 @@
 //! - the supervisor asks for a graceful stop through the `stop` signal (or
 //!   aborts the task for a brutal kill). A stopped child's exit report is
 //!   still sent, but the supervisor has already forgotten that incarnation
-//!   and ignores it.
+//!   and ignores it. A `stop` signal dropped unsent means the supervisor is
+//!   gone: the child dies at once, without a graceful stop;
+//! - a task sends its exit report only once everything it ran has ended
+//!   (for a nested supervisor: its whole subtree), so that the supervisor
+//!   never restarts a child while an earlier incarnation still runs.
 
 use std::any::Any;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 
+use std::sync::Arc;
+
 use futures_util::FutureExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::{
     AgentPid, ExitReason, InitArgs, SupervisedAgent, SupervisionError, SupervisionResult,
@@ -46,6 +54,34 @@ pub(crate) struct ChildExit {
 /// Start-up outcome of a child task.
 pub(crate) type Started = oneshot::Sender<SupervisionResult<()>>;
 
+/// A task's membership in every subtree above it. A child task holds its
+/// lineage until it ends; the lineage holds a token of its supervisor's
+/// tracker and, through its parent, of every ancestor's. So an ancestor's
+/// tracker counts every task below it, at any depth, and waiting on it
+/// waits for the whole subtree.
+pub(crate) struct Lineage {
+    _token: TaskTrackerToken,
+    _parent: Option<Arc<Lineage>>,
+}
+
+impl Lineage {
+    /// The lineage of a task started by the supervisor tracked by `tracker`,
+    /// whose own task has `parent` as its lineage.
+    pub fn new(tracker: &TaskTracker, parent: Option<Arc<Lineage>>) -> Self {
+        Self {
+            _token: tracker.token(),
+            _parent: parent,
+        }
+    }
+}
+
+/// Bounds a worker applies to what its agent hands back.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WorkerLimits {
+    /// Largest reply passed on to a caller, in bytes.
+    pub max_reply_bytes: usize,
+}
+
 fn panic_message(panic: Box<dyn Any + Send>) -> String {
     let text = panic
         .downcast_ref::<&str>()
@@ -56,11 +92,15 @@ fn panic_message(panic: Box<dyn Any + Send>) -> String {
 }
 
 /// Spawn a child task running `body`, which must answer `started` once the
-/// child is up. Panics are caught and become the child's exit reason.
+/// child is up. Panics are caught and become the child's exit reason. The
+/// task holds `lineage` until it ends; for a nested supervisor, `subtree` is
+/// its tracker, waited on before the exit is reported.
 pub(crate) fn spawn<F>(
     pid: AgentPid,
     incarnation: u64,
     exits: mpsc::UnboundedSender<ChildExit>,
+    lineage: Arc<Lineage>,
+    subtree: Option<TaskTracker>,
     body: impl FnOnce(Started) -> F + Send + 'static,
 ) -> (JoinHandle<()>, oneshot::Receiver<SupervisionResult<()>>)
 where
@@ -68,9 +108,18 @@ where
 {
     let (started_tx, started_rx) = oneshot::channel();
     let task = tokio::spawn(async move {
-        let reason = match AssertUnwindSafe(body(started_tx)).catch_unwind().await {
+        let _lineage = lineage;
+        // The body, and with it every handle it held, is dropped at the end
+        // of this statement: a panicking supervisor's children are aborted.
+        let outcome = AssertUnwindSafe(body(started_tx)).catch_unwind().await;
+        if let Some(subtree) = subtree {
+            subtree.close();
+            subtree.wait().await;
+        }
+        let reason = match outcome {
             Ok(Some(reason)) => reason,
-            // The child never started; its start-up answer said why.
+            // The child never started (its start-up answer said why), or its
+            // supervisor is gone.
             Ok(None) => return,
             Err(panic) => ExitReason::Error(panic_message(panic)),
         };
@@ -89,6 +138,7 @@ where
 pub(crate) async fn run_worker(
     create: impl Future<Output = SupervisionResult<Box<dyn SupervisedAgent>>>,
     args: InitArgs,
+    limits: WorkerLimits,
     started: Started,
     mut commands: mpsc::Receiver<WorkerCommand>,
     mut stop: oneshot::Receiver<()>,
@@ -109,7 +159,11 @@ pub(crate) async fn run_worker(
     loop {
         let command = tokio::select! {
             biased;
-            _ = &mut stop => None,
+            asked = &mut stop => match asked {
+                Ok(()) => None,
+                // The supervisor is gone: die without a graceful stop.
+                Err(_) => return None,
+            },
             command = commands.recv() => command,
         };
         let Some(command) = command else {
@@ -119,7 +173,10 @@ pub(crate) async fn run_worker(
         };
         let exited = match command {
             WorkerCommand::Call(message, reply) => {
-                let result = agent.handle_message(message).await;
+                let result = agent
+                    .handle_message(message)
+                    .await
+                    .and_then(|reply| bounded_reply(reply, limits.max_reply_bytes));
                 answer(&*agent, &pid, result, reply)
             }
             WorkerCommand::System(message, reply) => {
@@ -135,6 +192,17 @@ pub(crate) async fn run_worker(
             return exited;
         }
     }
+}
+
+/// `reply`, if it is within `max` bytes; the agent lives either way.
+fn bounded_reply(reply: String, max: usize) -> SupervisionResult<String> {
+    if reply.len() > max {
+        return Err(SupervisionError::ReplyTooLarge {
+            len: reply.len(),
+            max,
+        });
+    }
+    Ok(reply)
 }
 
 /// Reply to a request; the agent's exit reason if the request killed it.

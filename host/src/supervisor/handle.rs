@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use tokio::sync::{broadcast, mpsc, oneshot};
-use tokio::task::JoinHandle;
 use tokio::time::timeout;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
 use super::actor::{self, Command, Route, Shared, lock};
 use super::child::WorkerCommand;
@@ -231,7 +231,11 @@ impl SupervisorHandle {
 
 struct Root {
     stop: oneshot::Sender<()>,
-    task: JoinHandle<()>,
+    /// The root supervisor's task: aborted (and with it the whole tree) if
+    /// the `AgentSupervisor` is dropped without [`AgentSupervisor::stop`].
+    task: AbortOnDropHandle<()>,
+    /// Tracks every task of the tree.
+    tree: TaskTracker,
 }
 
 /// A root supervisor: the original `terraphim_agent_supervisor` API.
@@ -239,6 +243,9 @@ struct Root {
 /// `new` only configures; `start` spawns the supervisor task and starts the
 /// initial children in order; `stop` stops them in reverse order. Between
 /// the two, crashes are detected and handled by the supervisor itself.
+///
+/// The `AgentSupervisor` owns the tree: dropping it without `stop` kills
+/// every agent and nested supervisor of the tree at once (no graceful stop).
 pub struct AgentSupervisor {
     config: SupervisorConfig,
     factory: Arc<dyn AgentFactory>,
@@ -321,23 +328,27 @@ impl AgentSupervisor {
                 self.id()
             )));
         }
+        let tree = TaskTracker::new();
         let (handle, actor) = actor::new_supervisor(
             self.config.clone(),
             self.factory.clone(),
             self.events.clone(),
+            tree.clone(),
+            None,
         );
         let (started_tx, started_rx) = oneshot::channel();
         let (stop_tx, stop_rx) = oneshot::channel();
         let initial = self.initial.clone();
-        let task = tokio::spawn(async move {
+        let task = AbortOnDropHandle::new(tokio::spawn(async move {
             actor.run(initial, started_tx, stop_rx).await;
-        });
+        }));
         self.handle = Some(handle);
         match started_rx.await {
             Ok(Ok(())) => {
                 self.root = Some(Root {
                     stop: stop_tx,
                     task,
+                    tree,
                 });
                 Ok(())
             }
@@ -348,14 +359,17 @@ impl AgentSupervisor {
         }
     }
 
-    /// Stop every child in reverse start order, then the supervisor.
+    /// Stop every child in reverse start order, then the supervisor; when
+    /// this returns, no task of the tree runs any more.
     pub async fn stop(&mut self) -> SupervisionResult<()> {
-        let Some(Root { stop, task }) = self.root.take() else {
+        let Some(Root { stop, task, tree }) = self.root.take() else {
             return Ok(());
         };
         let _ = stop.send(());
-        task.await
-            .map_err(|e| SupervisionError::ShutdownFailed(e.to_string()))
+        let ended = task.await;
+        tree.close();
+        tree.wait().await;
+        ended.map_err(|e| SupervisionError::ShutdownFailed(e.to_string()))
     }
 
     /// Add an agent and start it. See [`SupervisorHandle::spawn_agent`].

@@ -38,10 +38,19 @@ pub struct SupervisorConfig {
     pub health_check_interval: Duration,
     /// Most children this supervisor accepts.
     pub max_children: usize,
-    /// Largest message [`AgentSupervisor::call`] accepts, in bytes.
+    /// Largest message [`AgentSupervisor::call`] accepts, and largest reply
+    /// it passes back, in bytes.
     pub max_message_bytes: usize,
     /// Most restart-history entries kept (oldest dropped first).
     pub max_history: usize,
+    /// Most bytes the restart history may weigh (each entry's size and the
+    /// text it holds; oldest dropped first).
+    #[serde(default = "default_max_history_bytes")]
+    pub max_history_bytes: usize,
+}
+
+fn default_max_history_bytes() -> usize {
+    1 << 20
 }
 
 impl Default for SupervisorConfig {
@@ -54,6 +63,7 @@ impl Default for SupervisorConfig {
             max_children: 100,
             max_message_bytes: 1 << 20,
             max_history: 10_000,
+            max_history_bytes: default_max_history_bytes(),
         }
     }
 }
