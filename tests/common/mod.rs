@@ -1,6 +1,8 @@
 //! Shared helpers of the integration tests.
 #![allow(dead_code)]
 
+pub mod wat;
+
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
