@@ -14,10 +14,11 @@
 //! - the main module: one memory of [`Fixture::initial_pages`] pages, no
 //!   table, a bump allocator exported as `realloc`, and the agent's exports;
 //! - `extra_memories` memory modules, each with one memory of
-//!   `initial_pages` pages and an export `grow: (pages) -> old size or -1`;
+//!   `initial_pages` pages and the exports `grow: (pages) -> old size or -1`
+//!   and `size: () -> pages`;
 //! - `extra_tables` table modules, each with one `funcref` table of
-//!   [`Fixture::table_initial`] elements and an export
-//!   `grow-table: (elements) -> old size or -1`.
+//!   [`Fixture::table_initial`] elements and the exports
+//!   `grow-table: (elements) -> old size or -1` and `table-size: () -> elements`.
 //!
 //! So an instance holds exactly `1 + extra_memories` memories and exactly
 //! `extra_tables` tables, and nothing else: no WASI, no host import, no
@@ -33,6 +34,8 @@
 //! | `ping`              | none                                                       | `ok("pong")`     |
 //! | `grow-all <pages>`  | `memory.grow` by `<pages>` every memory, the main one first, then each memory module in order | `ok("grown")` |
 //! | `grow-tables <n>`   | `table.grow` by `<n>` every table, in order                | `ok("grown")`    |
+//! | `memory-sizes`      | none                                                       | `ok` with the size in pages of every memory, in `grow-all` order, separated by spaces (`"3 3 3"`) |
+//! | `table-sizes`       | none                                                       | `ok` with the size in elements of every table, in order, separated by spaces (`""` without tables) |
 //! | anything else       | none                                                       | `err("unknown")` |
 //!
 //! `<pages>` and `<n>` are decimal `u32` written after exactly one space; a
@@ -44,7 +47,9 @@
 //! The main module's allocator reuses its heap from the start at the end of
 //! every call, so messages and calls never grow the main memory by
 //! themselves unless one message is larger than the free part of the initial
-//! memory (then `realloc` grows it, trapping if that is refused).
+//! memory (then `realloc` grows it, trapping if that is refused). The size
+//! replies are written to the heap too; the host copies them before the next
+//! call can overwrite them.
 
 use std::fmt::Write;
 
@@ -112,6 +117,8 @@ const STRINGS: &[&str] = &[
     "grown",
     "unknown",
     "bad number",
+    "memory-sizes",
+    "table-sizes",
 ];
 
 /// `(address, length)` of `text` in the main module's memory.
@@ -143,6 +150,8 @@ pub fn agent_component(fixture: &Fixture) -> String {
         fixture.initial_pages >= 1,
         "the main module needs at least one page"
     );
+    let (last, len) = literal(STRINGS[STRINGS.len() - 1]);
+    assert!(last + len <= HEAP_BASE, "the literals overlap the heap");
     let mut wat = String::new();
     wat.push_str("(component\n");
     wat.push_str(WIT_TYPES);
@@ -185,7 +194,10 @@ fn memory_module(wat: &mut String, i: usize, pages: u32) {
     (memory {pages})
     ;; Grow this module's memory by `pages`: the old size in pages, or -1.
     (func (export "grow") (param $pages i32) (result i32)
-      (memory.grow (local.get $pages))))
+      (memory.grow (local.get $pages)))
+    ;; The size of this module's memory in pages.
+    (func (export "size") (result i32)
+      (memory.size)))
   (core instance $memory-{i} (instantiate $memory-{i}))
 "#
     )
@@ -202,7 +214,10 @@ fn table_module(wat: &mut String, i: usize, elements: u32) {
     (table $t {elements} funcref)
     ;; Grow this module's table by `n` null elements: the old size, or -1.
     (func (export "grow-table") (param $n i32) (result i32)
-      (table.grow $t (ref.null func) (local.get $n))))
+      (table.grow $t (ref.null func) (local.get $n)))
+    ;; The size of this module's table in elements.
+    (func (export "table-size") (result i32)
+      (table.size $t)))
   (core instance $table-{i} (instantiate $table-{i}))
 "#
     )
@@ -223,14 +238,16 @@ fn main_module(wat: &mut String, fixture: &Fixture) {
     for i in 0..fixture.extra_memories {
         writeln!(
             wat,
-            r#"    (import "memory-{i}" "grow" (func $grow-memory-{i} (param i32) (result i32)))"#
+            r#"    (import "memory-{i}" "grow" (func $grow-memory-{i} (param i32) (result i32)))
+    (import "memory-{i}" "size" (func $size-memory-{i} (result i32)))"#
         )
         .unwrap();
     }
     for i in 0..fixture.extra_tables {
         writeln!(
             wat,
-            r#"    (import "table-{i}" "grow-table" (func $grow-table-{i} (param i32) (result i32)))"#
+            r#"    (import "table-{i}" "grow-table" (func $grow-table-{i} (param i32) (result i32)))
+    (import "table-{i}" "table-size" (func $size-table-{i} (result i32)))"#
         )
         .unwrap();
     }
@@ -330,6 +347,34 @@ fn main_module(wat: &mut String, fixture: &Fixture) {
         (i32.add (local.get $ptr) (local.get $lit-len))
         (i32.sub (local.get $len) (local.get $lit-len))))
 
+    ;; Append the decimal digits of `n` to the heap (allocated with realloc).
+    (func $write-u32 (param $n i32)
+      (local $digits i32) (local $rest i32) (local $at i32)
+      ;; How many digits.
+      (local.set $digits (i32.const 1))
+      (local.set $rest (local.get $n))
+      (block $counted
+        (loop $count
+          (br_if $counted (i32.lt_u (local.get $rest) (i32.const 10)))
+          (local.set $rest (i32.div_u (local.get $rest) (i32.const 10)))
+          (local.set $digits (i32.add (local.get $digits) (i32.const 1)))
+          (br $count)))
+      ;; Write them from the last one.
+      (local.set $at (i32.add
+        (call $realloc (i32.const 0) (i32.const 0) (i32.const 1) (local.get $digits))
+        (local.get $digits)))
+      (loop $digit
+        (local.set $at (i32.sub (local.get $at) (i32.const 1)))
+        (i32.store8 (local.get $at)
+          (i32.add (i32.const 48) (i32.rem_u (local.get $n) (i32.const 10))))
+        (br_if $digit (local.tee $n (i32.div_u (local.get $n) (i32.const 10))))))
+
+    ;; Append a space to the heap.
+    (func $write-space
+      (i32.store8
+        (call $realloc (i32.const 0) (i32.const 0) (i32.const 1) (i32.const 1))
+        (i32.const 32)))
+
     ;; Grow every memory of the component by `pages`, in order; trap at the
     ;; first refusal.
     (func $grow-all (param $pages i32)
@@ -364,13 +409,48 @@ fn main_module(wat: &mut String, fixture: &Fixture) {
         )
         .unwrap();
     }
+    wat.push_str(
+        r#"    )
+
+    ;; Append the size in pages of every memory to the heap, in `grow-all`
+    ;; order, separated by spaces.
+    (func $memory-sizes
+      ;; The main module's own memory.
+      (call $write-u32 (memory.size))
+"#,
+    );
+    for i in 0..fixture.extra_memories {
+        writeln!(
+            wat,
+            "      ;; Memory module {i}.\n      \
+             (call $write-space) (call $write-u32 (call $size-memory-{i}))"
+        )
+        .unwrap();
+    }
+    wat.push_str(
+        r#"    )
+
+    ;; Append the size in elements of every table to the heap, in order,
+    ;; separated by spaces.
+    (func $table-sizes
+"#,
+    );
+    for i in 0..fixture.extra_tables {
+        let space = if i == 0 { "" } else { "(call $write-space) " };
+        writeln!(
+            wat,
+            "      ;; Table module {i}.\n      \
+             {space}(call $write-u32 (call $size-table-{i}))"
+        )
+        .unwrap();
+    }
     write!(
         wat,
         r#"    )
 
     ;; handle-message: func(message: string) -> result<string, string>
     (func (export "handle-message") (param $ptr i32) (param $len i32) (result i32)
-      (local $n i64)
+      (local $n i64) (local $start i32)
       ;; ping -> ok("pong")
       (if (call $equals (local.get $ptr) (local.get $len) {ping})
         (then (return (call $reply (i32.const 0) {pong}))))
@@ -390,6 +470,20 @@ fn main_module(wat: &mut String, fixture: &Fixture) {
             (then (return (call $reply (i32.const 1) {bad_number}))))
           (call $grow-tables (i32.wrap_i64 (local.get $n)))
           (return (call $reply (i32.const 0) {grown}))))
+      ;; memory-sizes -> ok("<pages> <pages> ...")
+      (if (call $equals (local.get $ptr) (local.get $len) {memory_sizes})
+        (then
+          (local.set $start (global.get $heap))
+          (call $memory-sizes)
+          (return (call $reply (i32.const 0)
+            (local.get $start) (i32.sub (global.get $heap) (local.get $start))))))
+      ;; table-sizes -> ok("<elements> <elements> ...")
+      (if (call $equals (local.get $ptr) (local.get $len) {table_sizes})
+        (then
+          (local.set $start (global.get $heap))
+          (call $table-sizes)
+          (return (call $reply (i32.const 0)
+            (local.get $start) (i32.sub (global.get $heap) (local.get $start))))))
       ;; anything else -> err("unknown")
       (call $reply (i32.const 1) {unknown}))
 
@@ -414,6 +508,8 @@ fn main_module(wat: &mut String, fixture: &Fixture) {
         grown = lit("grown"),
         unknown = lit("unknown"),
         bad_number = lit("bad number"),
+        memory_sizes = lit("memory-sizes"),
+        table_sizes = lit("table-sizes"),
     )
     .unwrap();
 
