@@ -1,0 +1,293 @@
+//! The WAT fixtures of `common::wat` against the real runtime: they load as
+//! `supervised-agent` components, answer their commands, grow exactly the
+//! memories and tables they claim, and fail the way a real guest fails when
+//! a growth is refused.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::runtime;
+use common::wat::{Fixture, agent_component};
+use terraphim_agent_supervisor::{
+    AgentFault, AgentInstance, AgentLimits, AgentPid, AgentStatus, CallError, InitArgs,
+    InstanceOptions, MemoryStateStore, Runtime, SupervisorId, SystemMessage, TerminateReason,
+    WasiGrants,
+};
+
+const PAGE: usize = 64 << 10;
+
+/// Limits that no fixture of these tests reaches.
+fn generous() -> AgentLimits {
+    AgentLimits {
+        memory_bytes: 64 << 20,
+        table_elements: 10_000,
+        ..common::test_limits()
+    }
+}
+
+/// Load `fixture` into `runtime`, instantiate it under `limits`, and run
+/// `init` and `start`.
+async fn start(runtime: &Runtime, fixture: &Fixture, limits: AgentLimits) -> AgentInstance {
+    let text = agent_component(fixture);
+    let component = runtime
+        .load_bytes("fixture", text.as_bytes())
+        .unwrap_or_else(|e| panic!("{fixture:?} does not load: {e}\n{text}"));
+    let options = InstanceOptions {
+        agent_id: "fixture".into(),
+        limits,
+        grants: WasiGrants::default(),
+        state: Arc::new(MemoryStateStore::default()),
+    };
+    let mut agent = AgentInstance::instantiate(runtime, &component, options)
+        .await
+        .unwrap_or_else(|e| panic!("{fixture:?} does not instantiate: {e}"));
+    let args = InitArgs {
+        agent_id: AgentPid::new(),
+        supervisor_id: SupervisorId::new(),
+        config: serde_json::json!({"some": "config"}),
+    };
+    agent.init(&args).await.expect("init");
+    agent.start().await.expect("start");
+    agent
+}
+
+fn small() -> Fixture {
+    Fixture::default()
+}
+
+fn mixed() -> Fixture {
+    Fixture {
+        extra_memories: 3,
+        extra_tables: 2,
+        initial_pages: 2,
+        table_initial: 4,
+    }
+}
+
+#[tokio::test]
+async fn fixtures_implement_the_whole_interface() {
+    for fixture in [small(), mixed()] {
+        let mut agent = start(runtime(), &fixture, generous()).await;
+        assert_eq!(agent.handle_message("ping").await.unwrap(), "pong");
+        assert_eq!(
+            agent.handle_message("pong").await,
+            Err(CallError::Application("unknown".into()))
+        );
+        assert_eq!(
+            agent.handle_message("ping ").await,
+            Err(CallError::Application("unknown".into()))
+        );
+        for bad in [
+            "grow-all ",
+            "grow-all x",
+            "grow-all 1x",
+            "grow-tables 4294967296",
+        ] {
+            assert_eq!(
+                agent.handle_message(bad).await,
+                Err(CallError::Application("bad number".into())),
+                "{bad}"
+            );
+        }
+        let long = "x".repeat(3 * PAGE);
+        assert_eq!(
+            agent.handle_message(&long).await,
+            Err(CallError::Application("unknown".into())),
+            "a message larger than the initial memory goes through realloc"
+        );
+        agent.health_check().await.unwrap();
+        for message in [
+            SystemMessage::Shutdown,
+            SystemMessage::Restart,
+            SystemMessage::HealthCheck,
+            SystemMessage::StatusUpdate(AgentStatus::Running),
+            SystemMessage::StatusUpdate(AgentStatus::Failed("why".into())),
+            SystemMessage::SupervisorMessage("hello".into()),
+        ] {
+            agent.handle_system_message(&message).await.unwrap();
+        }
+        agent.stop().await.unwrap();
+        agent
+            .terminate(&TerminateReason::Error("bye".into()))
+            .await
+            .unwrap();
+        assert!(agent.is_alive(), "{fixture:?}");
+    }
+}
+
+/// `n` copies of `size`, separated by spaces.
+fn sizes(n: usize, size: u32) -> String {
+    vec![size.to_string(); n].join(" ")
+}
+
+#[tokio::test]
+async fn fixtures_have_exactly_the_memories_and_tables_they_claim() {
+    for fixture in [small(), mixed()] {
+        let mut agent = start(runtime(), &fixture, generous()).await;
+        assert_eq!(
+            agent.handle_message("memory-sizes").await.unwrap(),
+            sizes(fixture.memories(), fixture.initial_pages)
+        );
+        assert_eq!(
+            agent.handle_message("table-sizes").await.unwrap(),
+            sizes(fixture.tables(), fixture.table_initial)
+        );
+    }
+}
+
+#[tokio::test]
+async fn grow_all_and_grow_tables_grow_every_one_within_the_limits() {
+    for fixture in [small(), mixed()] {
+        let mut agent = start(runtime(), &fixture, generous()).await;
+        assert_eq!(agent.handle_message("grow-all 2").await.unwrap(), "grown");
+        assert_eq!(agent.handle_message("grow-all 0").await.unwrap(), "grown");
+        assert_eq!(
+            agent.handle_message("memory-sizes").await.unwrap(),
+            sizes(fixture.memories(), fixture.initial_pages + 2)
+        );
+        assert_eq!(
+            agent.handle_message("grow-tables 10").await.unwrap(),
+            "grown"
+        );
+        assert_eq!(
+            agent.handle_message("table-sizes").await.unwrap(),
+            sizes(fixture.tables(), fixture.table_initial + 10)
+        );
+        assert_eq!(agent.handle_message("ping").await.unwrap(), "pong");
+    }
+}
+
+/// Every memory starts at `initial_pages`, and `grow-all` grows them all:
+/// with a per-memory limit of `initial_pages + 2` pages, two rounds of one
+/// page fit and the third is refused.
+#[tokio::test]
+async fn grow_all_grows_each_memory_to_the_per_memory_limit() {
+    let fixture = mixed();
+    let limits = AgentLimits {
+        memory_bytes: (fixture.initial_pages as usize + 2) * PAGE,
+        ..generous()
+    };
+    let mut agent = start(runtime(), &fixture, limits).await;
+    assert_eq!(agent.handle_message("grow-all 1").await.unwrap(), "grown");
+    assert_eq!(agent.handle_message("grow-all 1").await.unwrap(), "grown");
+    assert_eq!(
+        agent.handle_message("memory-sizes").await.unwrap(),
+        sizes(fixture.memories(), fixture.initial_pages + 2)
+    );
+    assert_eq!(
+        agent.handle_message("grow-all 1").await,
+        Err(CallError::Fault(AgentFault::MemoryLimit))
+    );
+    assert!(!agent.is_alive());
+}
+
+#[tokio::test]
+async fn grow_all_past_the_memory_limit_is_a_memory_limit_fault() {
+    for fixture in [small(), mixed()] {
+        let limits = AgentLimits {
+            memory_bytes: 4 * PAGE,
+            ..generous()
+        };
+        let mut agent = start(runtime(), &fixture, limits).await;
+        assert_eq!(
+            agent.handle_message("grow-all 8").await,
+            Err(CallError::Fault(AgentFault::MemoryLimit)),
+            "{fixture:?}"
+        );
+        assert!(!agent.is_alive());
+    }
+}
+
+#[tokio::test]
+async fn grow_tables_past_the_table_limit_is_a_resource_limit_fault() {
+    let fixture = mixed();
+    let limits = AgentLimits {
+        table_elements: 10,
+        ..generous()
+    };
+    let mut agent = start(runtime(), &fixture, limits).await;
+    assert_eq!(
+        agent.handle_message("grow-tables 6").await.unwrap(),
+        "grown"
+    );
+    assert_eq!(agent.handle_message("table-sizes").await.unwrap(), "10 10");
+    assert_eq!(
+        agent.handle_message("grow-tables 1").await,
+        Err(CallError::Fault(AgentFault::ResourceLimit(
+            "table elements".into()
+        )))
+    );
+    assert!(!agent.is_alive());
+}
+
+/// The gap of the hardening issue, pinned: the limiter checks each memory
+/// on its own, so four memories of 3 pages each pass a 4-page limit with
+/// 12 pages in total. When the host enforces a per-agent total this must
+/// become `Err(CallError::Fault(AgentFault::MemoryLimit))`.
+#[tokio::test]
+async fn today_the_memory_limit_is_per_memory_not_per_agent() {
+    let fixture = Fixture {
+        extra_memories: 3,
+        ..Fixture::default()
+    };
+    let limits = AgentLimits {
+        memory_bytes: 4 * PAGE,
+        ..generous()
+    };
+    let mut agent = start(runtime(), &fixture, limits).await;
+    assert_eq!(agent.handle_message("grow-all 2").await.unwrap(), "grown");
+    assert_eq!(
+        agent.handle_message("memory-sizes").await.unwrap(),
+        "3 3 3 3"
+    );
+}
+
+/// The greedy agent of the issue: 41 memories in one component load and
+/// instantiate under the default runtime configuration, because the pool's
+/// per-component limits are unlimited by default.
+#[tokio::test]
+async fn forty_extra_memories_load_under_the_default_config() {
+    // A runtime of its own, so that no other test's instances show in the
+    // pool's metrics.
+    let runtime = Runtime::new().unwrap();
+    let fixture = Fixture {
+        extra_memories: 40,
+        ..Fixture::default()
+    };
+    let metrics = runtime.engine().pooling_allocator_metrics();
+    let metrics = metrics.expect("the runtime uses the pooling allocator");
+    let before = (
+        metrics.component_instances(),
+        metrics.core_instances(),
+        metrics.memories(),
+        metrics.tables(),
+    );
+    let mut agent = start(&runtime, &fixture, generous()).await;
+    let during = (
+        metrics.component_instances(),
+        metrics.core_instances(),
+        metrics.memories(),
+        metrics.tables(),
+    );
+    assert_eq!(agent.handle_message("ping").await.unwrap(), "pong");
+    assert_eq!(agent.handle_message("grow-all 1").await.unwrap(), "grown");
+    assert_eq!(
+        agent.handle_message("memory-sizes").await.unwrap(),
+        sizes(fixture.memories(), 2)
+    );
+    drop(agent);
+    let after = (
+        metrics.component_instances(),
+        metrics.core_instances(),
+        metrics.memories(),
+        metrics.tables(),
+    );
+    println!(
+        "pool use (component instances, core instances, memories, tables) for one fixture \
+         of {} core instances and {} memories: before {before:?}, with the instance \
+         {during:?}, after drop {after:?}",
+        fixture.core_instances(),
+        fixture.memories()
+    );
+}
