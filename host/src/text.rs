@@ -14,15 +14,16 @@ pub(crate) fn truncate(s: &str, max: usize) -> &str {
 }
 
 /// `text` itself if it has at most `max` bytes; otherwise its first bytes
-/// (on a character boundary) followed by a marker saying it was cut and how
-/// long it was, the whole at most `max` bytes plus the marker.
+/// (cut on a character boundary) followed by a marker saying that it was cut
+/// and how long it was, the whole at most `max` bytes (the marker alone if
+/// `max` is smaller than it). Bounding bounded text changes nothing.
 pub(crate) fn bound(text: String, max: usize) -> String {
     if text.len() <= max {
         return text;
     }
-    let len = text.len();
-    let mut kept = truncate(&text, max).to_owned();
-    kept.push_str(&format!("… [cut: {len} bytes in all]"));
+    let marker = format!("… [cut: {} bytes in all]", text.len());
+    let mut kept = truncate(&text, max.saturating_sub(marker.len())).to_owned();
+    kept.push_str(&marker);
     kept
 }
 
@@ -40,7 +41,14 @@ mod tests {
     #[test]
     fn bound_keeps_short_text_and_marks_cut_text() {
         assert_eq!(bound("short".into(), 5), "short");
-        assert_eq!(bound("abcdef".into(), 4), "abcd… [cut: 6 bytes in all]");
-        assert_eq!(bound("ééé".into(), 3), "é… [cut: 6 bytes in all]");
+        let marker = "… [cut: 40 bytes in all]";
+        let cut = bound("a".repeat(40), 30);
+        assert_eq!(cut, format!("{}{marker}", "a".repeat(30 - marker.len())));
+        assert_eq!(cut.len(), 30);
+        assert_eq!(bound(cut.clone(), 30), cut, "idempotent");
+        // Cut on a character boundary: 3 bytes of room hold one `é`.
+        let cut = bound("é".repeat(20), marker.len() + 3);
+        assert_eq!(cut, format!("é{marker}"));
+        assert_eq!(bound("abcdef".into(), 2), "… [cut: 6 bytes in all]");
     }
 }
