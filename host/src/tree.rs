@@ -939,7 +939,7 @@ mod tests {
             name = "a"
             component = "missing.wasm"
             shutdown = "soon"
-            limits = { deadline_ms = 0, fuel_per_call = 1 }
+            limits = { deadline_ms = 0, fuel_per_call = 1, state_bytes = -1, log_records_per_second = 0 }
             [[supervisor.children]]
             name = "a"
             "#,
@@ -951,6 +951,8 @@ mod tests {
             "`supervisor.children[0].component`: no file at /nonexistent/missing.wasm",
             "`supervisor.children[0].shutdown`: `soon` is not a shutdown policy",
             "`supervisor.children[0].limits.deadline_ms`: must be a positive number of milliseconds, got 0",
+            "`supervisor.children[0].limits.state_bytes`: must be a positive number of bytes, got -1",
+            "`supervisor.children[0].limits.log_records_per_second`: must be a positive count, got 0",
             "`supervisor.children[1].name`: `a` is already the name of children[0]",
             "`supervisor.children[1]`: `a` has no `component`",
         ] {
@@ -979,7 +981,7 @@ mod tests {
             restart = "transient"
             shutdown = "brutal_kill"
             config = { k = [1, 2] }
-            limits = { memory_bytes = 2_000_000 }
+            limits = { memory_bytes = 2_000_000, state_bytes = 4096, log_bytes_per_second = 100 }
             wasi = { env = { K = "v" } }
         "#;
         let tree = TreeFile::parse(&dir.join("tree.toml"), text).unwrap();
@@ -998,6 +1000,8 @@ mod tests {
         assert_eq!(a.config, serde_json::json!({ "k": [1, 2] }));
         assert_eq!(a.limits.fuel_per_call, Some(1000), "default merged");
         assert_eq!(a.limits.memory_bytes, 2_000_000);
+        assert_eq!(a.limits.state_bytes, Some(4096));
+        assert_eq!(a.limits.log_bytes_per_second, 100);
         assert_eq!(a.wasi.env, vec![("K".to_owned(), "v".to_owned())]);
         assert_eq!(tree.agents().len(), 1);
         std::fs::remove_dir_all(&dir).unwrap();
