@@ -36,9 +36,12 @@ after a first {\"kind\":\"listening\",...} line and before a last
 
 While it runs, `agent-host call TREE AGENT MESSAGE` and `agent-host status
 TREE` reach it through a Unix control socket: by default
-$XDG_RUNTIME_DIR/agent-host-<hash of the tree's path>.sock (the temp dir
-if XDG_RUNTIME_DIR is not set), or --socket PATH. A second `run` of the
-same tree is refused while the first runs.
+$XDG_RUNTIME_DIR/agent-host/<hash of the tree's path>.sock (in
+<temp dir>/agent-host-<uid>/ if XDG_RUNTIME_DIR is not set), or --socket
+PATH. The default directory is created mode 0700; `run` refuses it if it
+is a symbolic link, belongs to another user, or others may enter it. The
+socket file is mode 0600. A second `run` of the same tree is refused while
+the first runs.
 
 Ctrl-C (SIGINT) or SIGTERM stops the tree: every supervisor stops its
 children in reverse start order, each within its shutdown policy. A second
@@ -107,7 +110,7 @@ pub async fn run(args: RunArgs) -> CliResult {
     };
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
-    let listener = control::listen(&socket).await?;
+    let listener = control::listen(&socket, args.socket.is_none()).await?;
 
     let out = Arc::new(Out::new(args.json));
     let names = index.names().clone();

@@ -1,0 +1,353 @@
+//! The control socket of `agent-host run`, run as processes: where it
+//! lives, who may use it, and how it holds up under abuse.
+//!
+//! Some tests act as another user (uid 65534) on a thread of their own;
+//! that needs root, and they say so and pass without it.
+
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use terraphim_agent_supervisor::examples::ECHO;
+
+/// Hang guard for every wait on a child process (never a timing assertion).
+const HANG_GUARD: Duration = Duration::from_secs(120);
+
+/// The uid the tests act as when they play another user.
+const OTHER_UID: u32 = 65534;
+
+/// A tree of one echo agent.
+const TREE: &str = r#"
+[supervisor]
+name = "root"
+
+[[supervisor.children]]
+name = "echo"
+component = "echo.wasm"
+"#;
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Whether the tests may play another user; if not, say why.
+fn root_or_skip(test: &str) -> bool {
+    let root = euid() == 0;
+    if !root {
+        eprintln!("{test}: skipped: acting as another user needs root");
+    }
+    root
+}
+
+/// A directory no other test (run) uses, with echo.wasm in it; removed on
+/// drop. It is also the `XDG_RUNTIME_DIR` of the commands run in it.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        let path = std::env::temp_dir().join(format!(
+            "agent-host-ctl-{}-{nanos}-{name}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&path).expect("temp dir created");
+        // Others (the tests' other user) may enter it, not write to it.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+            .expect("temp dir mode set");
+        std::fs::write(path.join("echo.wasm"), ECHO).expect("echo.wasm written");
+        Self(path)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    /// Write `contents` to `name` in the directory; its path.
+    fn write(&self, name: &str, contents: &str) -> String {
+        let path = self.0.join(name);
+        std::fs::write(&path, contents).expect("file written");
+        path.to_str().expect("temp path is UTF-8").to_owned()
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_agent-host"));
+        command
+            .args(args)
+            .env_remove("RUST_LOG")
+            .env("XDG_RUNTIME_DIR", &self.0);
+        command
+    }
+
+    /// Run `command` to the end (bounded by the hang guard).
+    fn output(command: &mut Command, what: &[&str]) -> Output {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("agent-host runs");
+        let stdout = read_all(child.stdout.take().expect("piped stdout"));
+        let stderr = read_all(child.stderr.take().expect("piped stderr"));
+        let status = wait_bounded(&mut child, what);
+        Output {
+            status,
+            stdout: stdout.join().expect("stdout reader"),
+            stderr: stderr.join().expect("stderr reader"),
+        }
+    }
+
+    /// Run `agent-host args` to the end.
+    fn agent_host(&self, args: &[&str]) -> Output {
+        Self::output(&mut self.command(args), args)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn read_all(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = pipe.read_to_end(&mut bytes);
+        bytes
+    })
+}
+
+fn wait_bounded(child: &mut Child, what: &[&str]) -> ExitStatus {
+    let deadline = Instant::now() + HANG_GUARD;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("agent-host {what:?} did not exit within {HANG_GUARD:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// An `agent-host run --json` in the background, its stdout read line by
+/// line.
+struct RunningHost {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+    stderr: Option<std::thread::JoinHandle<Vec<u8>>>,
+    /// The control socket, from the `listening` line.
+    socket: PathBuf,
+}
+
+impl RunningHost {
+    /// Start `agent-host run TREE --json` (plus `extra` arguments) and wait
+    /// until its agent runs.
+    fn start(dir: &TempDir, tree: &str, extra: &[&str]) -> Self {
+        Self::start_command(dir.command(&[]), tree, extra)
+    }
+
+    fn start_command(mut command: Command, tree: &str, extra: &[&str]) -> Self {
+        let mut child = command
+            .args(["run", tree, "--json"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("agent-host run starts");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr = read_all(child.stderr.take().expect("piped stderr"));
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut host = Self {
+            child,
+            lines,
+            seen: Vec::new(),
+            stderr: Some(stderr),
+            socket: PathBuf::new(),
+        };
+        host.wait_for("the agent to start", |seen| {
+            seen.iter()
+                .any(|l| l.contains(r#""ChildStarted""#) && l.contains(r#""root/echo""#))
+        });
+        let listening = host
+            .seen
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["kind"] == "listening")
+            .expect("a listening line");
+        host.socket = PathBuf::from(listening["socket"].as_str().expect("a socket path"));
+        host
+    }
+
+    /// Read lines until `done` says every expected line came.
+    fn wait_for(&mut self, what: &str, mut done: impl FnMut(&[String]) -> bool) {
+        let deadline = Instant::now() + HANG_GUARD;
+        while !done(&self.seen) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(e) => {
+                    let _ = self.child.kill();
+                    let stderr = self.stderr.take().map(|h| h.join().unwrap_or_default());
+                    panic!(
+                        "waiting for {what}: {e:?}; stdout so far:\n{}\nstderr:\n{}",
+                        self.seen.join("\n"),
+                        text(&stderr.unwrap_or_default())
+                    )
+                }
+            }
+        }
+    }
+
+    /// Stop it with SIGINT; its exit status and stderr.
+    fn stop(mut self) -> (ExitStatus, String) {
+        let status = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -INT failed");
+        let status = wait_bounded(&mut self.child, &["run"]);
+        let stderr = self.stderr.take().map(|h| h.join().expect("stderr reader"));
+        (status, text(&stderr.unwrap_or_default()))
+    }
+}
+
+impl Drop for RunningHost {
+    fn drop(&mut self) {
+        // A failed test must not leave the host running.
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::symlink_metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .mode()
+        & 0o7777
+}
+
+fn owner(path: &Path) -> u32 {
+    std::fs::symlink_metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .uid()
+}
+
+// ---------------------------------------------------------------------------
+// Where the socket lives
+// ---------------------------------------------------------------------------
+
+#[test]
+fn the_default_socket_is_in_a_private_directory_of_the_user() {
+    let dir = TempDir::new("default-dir");
+    let tree = dir.write("tree.toml", TREE);
+
+    // With XDG_RUNTIME_DIR: $XDG_RUNTIME_DIR/agent-host/.
+    let host = RunningHost::start(&dir, &tree, &[]);
+    let private = dir.path("agent-host");
+    assert_eq!(host.socket.parent(), Some(private.as_path()));
+    assert!(private.is_dir());
+    assert_eq!(mode(&private), 0o700, "{}", private.display());
+    assert_eq!(owner(&private), euid());
+    assert_eq!(mode(&host.socket), 0o600, "{}", host.socket.display());
+    let call = dir.agent_host(&["call", &tree, "echo", "hi"]);
+    assert_eq!(text(&call.stdout), "echo: hi\n", "{}", text(&call.stderr));
+    let socket = host.socket.clone();
+    let (status, stderr) = host.stop();
+    assert!(status.success(), "{stderr}");
+    assert!(!socket.exists(), "the socket is removed on exit");
+    assert!(private.is_dir(), "the directory stays");
+
+    // Without: <temp dir>/agent-host-<uid>/.
+    let tmp = dir.path("tmp");
+    std::fs::create_dir(&tmp).expect("tmp created");
+    let without_xdg = |args: &[&str]| {
+        let mut command = dir.command(args);
+        command.env_remove("XDG_RUNTIME_DIR").env("TMPDIR", &tmp);
+        command
+    };
+    let host = RunningHost::start_command(without_xdg(&[]), &tree, &[]);
+    let private = tmp.join(format!("agent-host-{}", euid()));
+    assert_eq!(host.socket.parent(), Some(private.as_path()));
+    assert_eq!(mode(&private), 0o700, "{}", private.display());
+    assert_eq!(mode(&host.socket), 0o600, "{}", host.socket.display());
+    let args = ["call", &tree, "echo", "again"];
+    let call = TempDir::output(&mut without_xdg(&args), &args);
+    assert_eq!(
+        text(&call.stdout),
+        "echo: again\n",
+        "{}",
+        text(&call.stderr)
+    );
+    let (status, stderr) = host.stop();
+    assert!(status.success(), "{stderr}");
+}
+
+#[test]
+fn run_refuses_a_default_directory_others_could_use() {
+    let dir = TempDir::new("unsafe-dir");
+    let tree = dir.write("tree.toml", TREE);
+    let private = dir.path("agent-host");
+    let shown = private.display().to_string();
+    let refused = |needles: &[&str]| {
+        let out = dir.agent_host(&["run", &tree]);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "stderr:\n{stderr}");
+        assert!(
+            stderr.starts_with(&format!(
+                "error: {shown} (the directory of the control sockets) "
+            )),
+            "stderr:\n{stderr}"
+        );
+        for needle in needles {
+            assert!(stderr.contains(needle), "no {needle:?} in:\n{stderr}");
+        }
+        assert!(stderr.contains("--socket PATH"), "stderr:\n{stderr}");
+    };
+
+    std::fs::create_dir(&private).expect("dir created");
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    refused(&["has mode 0777", &format!("chmod 700 {shown}")]);
+    assert_eq!(std::fs::read_dir(&private).expect("readable").count(), 0);
+
+    if root_or_skip("run_refuses_a_default_directory_others_could_use: owned by another user") {
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        std::os::unix::fs::chown(&private, Some(OTHER_UID), None).expect("chown");
+        refused(&[
+            &format!("owned by uid {OTHER_UID} (mode 0700)"),
+            &format!("not by you (uid {})", euid()),
+        ]);
+    }
+
+    std::fs::remove_dir(&private).expect("dir removed");
+    let elsewhere = dir.path("elsewhere");
+    std::fs::create_dir(&elsewhere).expect("dir created");
+    std::fs::set_permissions(&elsewhere, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    std::os::unix::fs::symlink(&elsewhere, &private).expect("symlink");
+    refused(&["is a symbolic link", &format!("rm {shown}")]);
+    assert_eq!(std::fs::read_dir(&elsewhere).expect("readable").count(), 0);
+}
