@@ -351,3 +351,193 @@ fn run_refuses_a_default_directory_others_could_use() {
     refused(&["is a symbolic link", &format!("rm {shown}")]);
     assert_eq!(std::fs::read_dir(&elsewhere).expect("readable").count(), 0);
 }
+
+// ---------------------------------------------------------------------------
+// Who may use it
+// ---------------------------------------------------------------------------
+
+/// Run `f` on a thread of its own that acts as the user [`OTHER_UID`]: the
+/// kernel keeps credentials per thread, and the raw setresuid system call
+/// changes only the calling thread's effective uid (glibc's wrapper would
+/// change every thread's). Its real and saved uid stay root's.
+fn as_other_user<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    std::thread::spawn(move || {
+        let keep = -1 as libc::c_long;
+        // SAFETY: a plain system call on this thread's own credentials.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_setresuid,
+                keep,
+                libc::c_long::from(OTHER_UID),
+                keep,
+            )
+        };
+        assert_eq!(rc, 0, "setresuid: {}", std::io::Error::last_os_error());
+        f()
+    })
+}
+
+/// 64-bit FNV-1a, as agent-host names its default sockets.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// A socket listening at `path`, bound by another user, that accepts
+/// `clients` connections and answers what each sent (all of it).
+fn squatter(
+    path: PathBuf,
+    clients: usize,
+) -> (mpsc::Receiver<()>, std::thread::JoinHandle<Vec<Vec<u8>>>) {
+    let (ready_tx, ready) = mpsc::channel();
+    let squatter = as_other_user(move || {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).expect("the squatter's directory");
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        }
+        let listener = std::os::unix::net::UnixListener::bind(&path).expect("squatter binds");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        listener.set_nonblocking(true).expect("nonblocking");
+        ready_tx.send(()).expect("ready");
+        let deadline = Instant::now() + HANG_GUARD;
+        let mut received = Vec::new();
+        while received.len() < clients {
+            match listener.accept() {
+                Ok((mut stream, _)) => {
+                    stream.set_nonblocking(false).expect("blocking");
+                    stream.set_read_timeout(Some(HANG_GUARD)).expect("timeout");
+                    let mut bytes = Vec::new();
+                    let _ = stream.read_to_end(&mut bytes);
+                    received.push(bytes);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    assert!(Instant::now() < deadline, "no client came");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("squatter: accept: {e}"),
+            }
+        }
+        received
+    });
+    (ready, squatter)
+}
+
+#[test]
+fn a_client_refuses_a_socket_served_by_another_user() {
+    if !root_or_skip("a_client_refuses_a_socket_served_by_another_user") {
+        return;
+    }
+    let dir = TempDir::new("squatted");
+    let tree = dir.write("tree.toml", TREE);
+    // A shared temp dir, like /tmp, and no XDG_RUNTIME_DIR: another user
+    // creates our default directory and binds our socket's name in it.
+    let tmp = dir.path("tmp");
+    std::fs::create_dir(&tmp).expect("tmp created");
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+    let canonical = std::fs::canonicalize(&tree).expect("canonical tree path");
+    let hash = fnv1a(canonical.to_str().expect("UTF-8").as_bytes());
+    let socket = tmp
+        .join(format!("agent-host-{}", euid()))
+        .join(format!("{hash:016x}.sock"));
+    let (ready, squatter) = squatter(socket.clone(), 2);
+    ready
+        .recv_timeout(HANG_GUARD)
+        .expect("the squatter listens");
+
+    let without_xdg = |args: &[&str]| {
+        let mut command = dir.command(args);
+        command.env_remove("XDG_RUNTIME_DIR").env("TMPDIR", &tmp);
+        TempDir::output(&mut command, args)
+    };
+    for args in [&["call", &tree, "echo", "secret"][..], &["status", &tree]] {
+        let out = without_xdg(args);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: stderr:\n{stderr}");
+        assert_eq!(text(&out.stdout), "", "{args:?}: nothing runs");
+        for needle in [
+            &format!(
+                "error: refusing to use the control socket {}",
+                socket.display()
+            ),
+            &format!(
+                "served by a process of uid {OTHER_UID}, not by you (uid {})",
+                euid()
+            ),
+            "nothing was sent",
+        ] {
+            assert!(
+                stderr.contains(needle),
+                "{args:?}: no {needle:?} in:\n{stderr}"
+            );
+        }
+    }
+    let received = squatter.join().expect("squatter");
+    assert_eq!(
+        received,
+        [Vec::<u8>::new(), Vec::new()],
+        "sent to the squatter"
+    );
+
+    // `run` does not use the squatted directory either.
+    let run = without_xdg(&["run", &tree]);
+    let stderr = text(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "stderr:\n{stderr}");
+    assert!(
+        stderr.contains(&format!("owned by uid {OTHER_UID}")),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_host_refuses_a_client_of_another_user() {
+    if !root_or_skip("the_host_refuses_a_client_of_another_user") {
+        return;
+    }
+    let dir = TempDir::new("other-client");
+    let tree = dir.write("tree.toml", TREE);
+    let open = dir.path("open");
+    std::fs::create_dir(&open).expect("dir created");
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let socket = open.join("host.sock");
+    let socket_arg = socket.to_str().expect("UTF-8").to_owned();
+    let host = RunningHost::start(&dir, &tree, &["--socket", &socket_arg]);
+    assert_eq!(mode(&socket), 0o600);
+    // Someone loosened the socket's mode: the host itself still says no.
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+
+    let path = socket.clone();
+    let answer = as_other_user(move || {
+        let mut stream = std::os::unix::net::UnixStream::connect(&path).expect("connects");
+        stream.set_read_timeout(Some(HANG_GUARD)).expect("timeout");
+        // The host may close before this is sent: what matters is the answer.
+        let _ = std::io::Write::write_all(&mut stream, b"{\"op\":\"status\"}\n");
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        text(&answer)
+    })
+    .join()
+    .expect("the other user's client");
+    let lines: Vec<&str> = answer.lines().collect();
+    assert_eq!(lines.len(), 1, "one line, then closed: {answer:?}");
+    let value: serde_json::Value = serde_json::from_str(lines[0]).expect("JSON");
+    assert_eq!(value["category"], "Policy", "{value}");
+    let error = value["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(&format!("runs as uid {}", euid()))
+            && error.contains(&format!("you are uid {OTHER_UID}")),
+        "{error}"
+    );
+
+    // Its own user is still served.
+    let status = dir.agent_host(&["status", &tree, "--socket", &socket_arg]);
+    assert_eq!(status.status.code(), Some(0), "{}", text(&status.stderr));
+    let (status, stderr) = host.stop();
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("refused a client of uid {OTHER_UID}")),
+        "stderr:\n{stderr}"
+    );
+}

@@ -22,8 +22,9 @@ supervisor's name, the nested supervisors' names, the agent's name), or
 just its name (echo-a) when no other node has that name.
 
 The message goes to the host started by `agent-host run TREE` (through its
-control socket; see `agent-host run --help`). The reply is printed on
-stdout. A failed call (the agent crashed, returned an error, is restarting,
+control socket; see `agent-host run --help`), and only if that host runs
+as the same user: a socket served by another user is refused, and nothing
+is sent. The reply is printed on stdout. A failed call (the agent crashed, returned an error, is restarting,
 or is unknown) prints `error: ...` on stderr.
 
 If no host is running the tree, the tree is started for this one call and
@@ -32,7 +33,8 @@ what they keep is lost at the end.
 
 Exit status:
   0  the agent replied
-  1  the call failed, or the tree file has problems
+  1  the call failed, the tree file has problems, or the socket is served
+     by another user
   2  usage error";
 
 pub const STATUS_LONG_ABOUT: &str = "\
@@ -45,11 +47,13 @@ restarted, and why it last exited. With --json each row is a JSON object
 on its own line:
 {\"path\":...,\"status\":\"Running\",\"restart_count\":0,\"last_exit\":null,\"supervisor\":false}
 
-The tree must be running (`agent-host run TREE`); status does not start it.
+The tree must be running (`agent-host run TREE`) as the same user; status
+does not start it, and refuses a socket served by another user.
 
 Exit status:
   0  the status was printed
-  1  no host is running the tree, or it could not be reached
+  1  no host is running the tree, it could not be reached, or it runs as
+     another user
   2  usage error";
 
 #[derive(Debug, Args)]

@@ -16,7 +16,7 @@
 //! ([`default_dir`]), and the socket file is created mode 0600 (no window
 //! between `bind` and `chmod`).
 
-use std::io;
+use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -177,21 +177,41 @@ pub fn socket_for(tree: &Path, explicit: Option<&Path>) -> Result<PathBuf, Strin
     }
 }
 
+/// Whether the client of uid `ours` may talk to a server of uid `server`
+/// on `socket`: only when it is the same user (root is no exception), as
+/// anyone else could read the messages or forge the answers.
+fn check_server(socket: &Path, server: u32, ours: u32) -> Result<(), String> {
+    if server == ours {
+        return Ok(());
+    }
+    Err(format!(
+        "refusing to use the control socket {}: it is served by a process of uid {server}, not by you (uid {ours}), so it is not your host; nothing was sent to it. Find out who runs it, remove the socket if it should be yours, or start your host with --socket PATH in a directory only you can write",
+        socket.display()
+    ))
+}
+
 /// A connection to the host listening on `path`, or `None` if none is
-/// (no socket file, or nobody accepts on it).
-pub async fn connect(path: &Path) -> io::Result<Option<UnixStream>> {
-    match UnixStream::connect(path).await {
-        Ok(stream) => Ok(Some(stream)),
+/// (no socket file, or nobody accepts on it). Refused, before anything is
+/// sent, if the host runs as another user ([`check_server`]).
+pub async fn connect(path: &Path) -> Result<Option<UnixStream>, String> {
+    let stream = match UnixStream::connect(path).await {
+        Ok(stream) => stream,
         Err(e)
             if matches!(
                 e.kind(),
                 io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
             ) =>
         {
-            Ok(None)
+            return Ok(None);
         }
-        Err(e) => Err(e),
-    }
+        Err(e) => return Err(format!("cannot connect to {}: {e}", path.display())),
+    };
+    let server = stream
+        .peer_cred()
+        .map_err(|e| format!("cannot tell who serves {}: {e}", path.display()))?
+        .uid();
+    check_server(path, server, euid())?;
+    Ok(Some(stream))
 }
 
 /// Send `request` and read the answer: `Ok(Ok(value))`, `Ok(Err(failure))`
@@ -203,18 +223,23 @@ pub async fn request<T: DeserializeOwned>(
     let (read, mut write) = stream.into_split();
     let mut line = serde_json::to_string(request).map_err(|e| e.to_string())?;
     line.push('\n');
-    write
-        .write_all(line.as_bytes())
-        .await
-        .map_err(|e| format!("cannot send the request to the host: {e}"))?;
+    // If sending fails, the host may still have said why before it closed
+    // the connection (a refusal): read that first.
+    let sent = write.write_all(line.as_bytes()).await;
     let mut answer = Vec::new();
-    BufReader::new(read)
+    let read = BufReader::new(read)
         .take(MAX_LINE)
         .read_until(b'\n', &mut answer)
-        .await
-        .map_err(|e| format!("cannot read the host's answer: {e}"))?;
-    if answer.is_empty() {
-        return Err("the host closed the connection without answering (is it stopping?)".into());
+        .await;
+    match (read, sent) {
+        (Ok(_), _) if !answer.is_empty() => {}
+        (_, Err(e)) => return Err(format!("cannot send the request to the host: {e}")),
+        (Err(e), Ok(())) => return Err(format!("cannot read the host's answer: {e}")),
+        (Ok(_), Ok(())) => {
+            return Err(
+                "the host closed the connection without answering (is it stopping?)".into(),
+            );
+        }
     }
     #[derive(Deserialize)]
     #[serde(untagged)]
@@ -229,10 +254,76 @@ pub async fn request<T: DeserializeOwned>(
     }
 }
 
+/// Whether a client of uid `peer` may use the socket of a host running as
+/// `ours`: only the same user (root is no exception). The refusal is
+/// written to the client.
+fn check_peer(peer: u32, ours: u32) -> Result<(), String> {
+    if peer == ours {
+        return Ok(());
+    }
+    Err(format!(
+        "this host runs as uid {ours} and serves only that user; you are uid {peer}"
+    ))
+}
+
+/// One error line (`{"error":...,"category":"Policy"}`, newline included).
+fn policy_line(error: &str) -> String {
+    let mut line = json!({ "error": error, "category": "Policy" }).to_string();
+    line.push('\n');
+    line
+}
+
+/// Write `error` as one Policy error line to a just accepted client and
+/// close the connection, without waiting: a fresh socket has room for one
+/// short line, and a client that does not read loses it.
+fn refuse(stream: UnixStream, error: &str) {
+    if let Ok(stream) = stream.into_std() {
+        let _ = (&stream).write_all(policy_line(error).as_bytes());
+    }
+}
+
 /// The listening socket of a running host; the file is removed on drop.
 pub struct Listener {
-    pub listener: UnixListener,
+    listener: UnixListener,
     path: PathBuf,
+    /// The user it serves (ours).
+    uid: u32,
+}
+
+impl Listener {
+    /// Accept the next connection and serve it in a task of its own, or
+    /// refuse it (a client of another user). Cancel-safe, for `select!`.
+    pub async fn serve_next(&mut self, root: &SupervisorHandle, index: &Arc<Index>) {
+        let stream = match self.listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!("control socket: accept failed: {e}");
+                return;
+            }
+        };
+        if let Err(why) = self.admit(&stream) {
+            refuse(stream, &why);
+            return;
+        }
+        tokio::spawn(serve(stream, root.clone(), index.clone()));
+    }
+
+    /// Whether `stream`'s client may be served; why not, for it.
+    fn admit(&self, stream: &UnixStream) -> Result<(), String> {
+        let cred = stream.peer_cred().map_err(|e| {
+            tracing::warn!("control socket: refused a client whose uid is unknown ({e})");
+            format!("cannot tell who you are ({e})")
+        })?;
+        check_peer(cred.uid(), self.uid).inspect_err(|_| {
+            tracing::warn!(
+                "control socket: refused a client of uid {} (pid {}): only uid {} may use {}",
+                cred.uid(),
+                cred.pid().map_or_else(|| "?".to_owned(), |p| p.to_string()),
+                self.uid,
+                self.path.display()
+            );
+        })
+    }
 }
 
 impl Drop for Listener {
@@ -271,6 +362,7 @@ pub async fn listen(path: &Path, in_default_dir: bool) -> Result<Listener, Strin
     let listener = Listener {
         listener,
         path: path.to_owned(),
+        uid: euid(),
     };
     // Only this user may call its agents (the umask made it so already;
     // this makes sure).
@@ -280,7 +372,7 @@ pub async fn listen(path: &Path, in_default_dir: bool) -> Result<Listener, Strin
 }
 
 /// Serve one client: answer each request line until it hangs up.
-pub async fn serve(stream: UnixStream, root: SupervisorHandle, index: Arc<Index>) {
+async fn serve(stream: UnixStream, root: SupervisorHandle, index: Arc<Index>) {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     loop {
@@ -345,6 +437,31 @@ mod tests {
         assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
         assert_eq!(fnv1a(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    #[test]
+    fn only_the_same_user_is_served_and_trusted() {
+        let socket = Path::new("/run/user/1000/agent-host/0123456789abcdef.sock");
+        assert_eq!(check_server(socket, 1000, 1000), Ok(()));
+        assert_eq!(check_peer(1000, 1000), Ok(()));
+        // Root is no exception, either way.
+        for (server, ours) in [(65534, 1000), (0, 1000), (1000, 0)] {
+            let why = check_server(socket, server, ours).expect_err("another user");
+            for needle in [
+                socket.to_str().unwrap_or_default(),
+                &format!("served by a process of uid {server}"),
+                &format!("not by you (uid {ours})"),
+                "nothing was sent",
+            ] {
+                assert!(why.contains(needle), "no {needle:?} in: {why}");
+            }
+            let why = check_peer(server, ours).expect_err("another user");
+            assert!(
+                why.contains(&format!("runs as uid {ours}"))
+                    && why.contains(&format!("uid {server}")),
+                "{why}"
+            );
+        }
     }
 
     #[test]

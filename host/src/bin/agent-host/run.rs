@@ -40,8 +40,10 @@ $XDG_RUNTIME_DIR/agent-host/<hash of the tree's path>.sock (in
 <temp dir>/agent-host-<uid>/ if XDG_RUNTIME_DIR is not set), or --socket
 PATH. The default directory is created mode 0700; `run` refuses it if it
 is a symbolic link, belongs to another user, or others may enter it. The
-socket file is mode 0600. A second `run` of the same tree is refused while
-the first runs.
+socket file is mode 0600, and the host answers clients of other users
+only with an error (call and status likewise refuse a socket served by
+another user). A second `run` of the same tree is refused while the first
+runs.
 
 Ctrl-C (SIGINT) or SIGTERM stops the tree: every supervisor stops its
 children in reverse start order, each within its shutdown policy. A second
@@ -110,7 +112,7 @@ pub async fn run(args: RunArgs) -> CliResult {
     };
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
-    let listener = control::listen(&socket, args.socket.is_none()).await?;
+    let mut listener = control::listen(&socket, args.socket.is_none()).await?;
 
     let out = Arc::new(Out::new(args.json));
     let names = index.names().clone();
@@ -160,12 +162,7 @@ pub async fn run(args: RunArgs) -> CliResult {
         tokio::select! {
             _ = sigint.recv() => break Stop::Signal("SIGINT"),
             _ = sigterm.recv() => break Stop::Signal("SIGTERM"),
-            accepted = listener.listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    tokio::spawn(control::serve(stream, root.clone(), index.clone()));
-                }
-                Err(e) => tracing::warn!("control socket: accept failed: {e}"),
-            },
+            () = listener.serve_next(&root, &index) => {}
             event = watch.recv() => match event {
                 Ok(SupervisorEvent::SupervisorStopped { supervisor }) if names.is_root(&supervisor) => {
                     break Stop::RootDown;
