@@ -221,6 +221,10 @@ impl RunningHost {
         }
     }
 
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Stop it with SIGINT; its exit status and stderr.
     fn stop(mut self) -> (ExitStatus, String) {
         let status = Command::new("kill")
@@ -538,6 +542,175 @@ fn the_host_refuses_a_client_of_another_user() {
     assert!(status.success(), "{stderr}");
     assert!(
         stderr.contains(&format!("refused a client of uid {OTHER_UID}")),
+        "stderr:\n{stderr}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// How many clients, and failing accepts
+// ---------------------------------------------------------------------------
+
+/// The most clients a host serves at once (`control::MAX_CONNECTIONS`).
+const MAX_CONNECTIONS: usize = 64;
+
+/// A connection to `socket` that fails the test rather than hang.
+fn connect(socket: &Path) -> std::os::unix::net::UnixStream {
+    let stream = std::os::unix::net::UnixStream::connect(socket)
+        .unwrap_or_else(|e| panic!("connect to {}: {e}", socket.display()));
+    stream
+        .set_read_timeout(Some(HANG_GUARD))
+        .expect("read timeout");
+    stream
+        .set_write_timeout(Some(HANG_GUARD))
+        .expect("write timeout");
+    stream
+}
+
+/// Everything the host says until it closes the connection.
+fn read_to_close(mut stream: std::os::unix::net::UnixStream) -> String {
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    text(&answer)
+}
+
+/// The one JSON line of `answer`.
+fn one_json_line(answer: &str) -> serde_json::Value {
+    let lines: Vec<&str> = answer.lines().collect();
+    assert_eq!(lines.len(), 1, "one line: {answer:?}");
+    serde_json::from_str(lines[0]).unwrap_or_else(|e| panic!("not JSON ({e}): {answer:?}"))
+}
+
+/// Run `status` until it succeeds (the host may need a moment to notice
+/// that clients left).
+fn status_until_served(dir: &TempDir, tree: &str, socket: &str) {
+    let deadline = Instant::now() + HANG_GUARD;
+    loop {
+        let status = dir.agent_host(&["status", tree, "--socket", socket]);
+        if status.status.success() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the host does not serve again: {}",
+            text(&status.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_client_beyond_the_connection_limit_is_refused_with_an_answer() {
+    let dir = TempDir::new("too-many");
+    let tree = dir.write("tree.toml", TREE);
+    let socket = dir.path("host.sock");
+    let socket_arg = socket.to_str().expect("UTF-8").to_owned();
+    let host = RunningHost::start(&dir, &tree, &["--socket", &socket_arg]);
+
+    // Clients that connect and say nothing hold every slot...
+    let mut idle: Vec<_> = (0..MAX_CONNECTIONS).map(|_| connect(&socket)).collect();
+    // ...so the next one is told, and closed, rather than left waiting.
+    let refused = one_json_line(&read_to_close(connect(&socket)));
+    assert_eq!(refused["category"], "Policy", "{refused}");
+    let error = refused["error"].as_str().unwrap_or_default();
+    assert!(
+        error.starts_with("too many connections") && error.contains("64 clients at once"),
+        "{error}"
+    );
+    let status = dir.agent_host(&["status", &tree, "--socket", &socket_arg]);
+    let stderr = text(&status.stderr);
+    assert_eq!(status.status.code(), Some(1), "stderr:\n{stderr}");
+    assert!(
+        stderr.starts_with("error: too many connections"),
+        "stderr:\n{stderr}"
+    );
+
+    // One slot comes free when its client leaves.
+    idle.pop();
+    status_until_served(&dir, &tree, &socket_arg);
+    drop(idle);
+    let (status, stderr) = host.stop();
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stderr.contains("refused a client: 64 are connected already"),
+        "stderr:\n{stderr}"
+    );
+}
+
+/// CPU time (user + system) the process `pid` used so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/PID/stat");
+    // The fields after the command name, which is in parentheses: state is
+    // the first, utime the 12th, stime the 13th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .expect("a command name")
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let per_second = u64::try_from(per_second).expect("clock ticks per second");
+    Duration::from_millis(ticks * 1000 / per_second)
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(Iterator::count)
+        .unwrap_or(0)
+}
+
+#[test]
+fn out_of_file_descriptors_the_host_backs_off_and_recovers() {
+    const FD_LIMIT: usize = 64;
+    let dir = TempDir::new("emfile");
+    let tree = dir.write("tree.toml", TREE);
+    let socket = dir.path("host.sock");
+    let socket_arg = socket.to_str().expect("UTF-8").to_owned();
+    let mut command = Command::new("sh");
+    command
+        .args([
+            "-c",
+            &format!("ulimit -n {FD_LIMIT} && exec \"$0\" \"$@\""),
+            env!("CARGO_BIN_EXE_agent-host"),
+        ])
+        .env_remove("RUST_LOG")
+        .env("XDG_RUNTIME_DIR", &dir.0);
+    let host = RunningHost::start_command(command, &tree, &["--socket", &socket_arg]);
+    let pid = host.pid();
+
+    // More clients than the host has file descriptors for (fewer than
+    // its connection limit): once they are used up, `accept` fails with
+    // EMFILE while clients keep waiting in the backlog.
+    const { assert!(FD_LIMIT <= MAX_CONNECTIONS) };
+    let clients: Vec<_> = (0..FD_LIMIT + 16).map(|_| connect(&socket)).collect();
+    let deadline = Instant::now() + HANG_GUARD;
+    while open_fds(pid) < FD_LIMIT {
+        assert!(
+            Instant::now() < deadline,
+            "the host never ran out of file descriptors: {} open",
+            open_fds(pid)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // Retrying at once would keep a core busy; backing off, the host is
+    // nearly idle. (Generous: a spin would use about 2 s.)
+    let before = cpu_time(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_time(pid) - before;
+    assert!(
+        used < Duration::from_millis(500),
+        "the host used {used:?} of CPU in 2 s while out of file descriptors"
+    );
+
+    drop(clients);
+    status_until_served(&dir, &tree, &socket_arg);
+    let (status, stderr) = host.stop();
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stderr.contains("accept failed: Too many open files") && stderr.contains("trying again in"),
         "stderr:\n{stderr}"
     );
 }

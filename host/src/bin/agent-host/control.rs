@@ -16,11 +16,13 @@
 //! ([`default_dir`]), and the socket file is created mode 0600 (no window
 //! between `bind` and `chmod`).
 
+use std::future::Future;
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -28,11 +30,57 @@ use serde_json::json;
 use terraphim_agent_supervisor::SupervisorHandle;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, sleep_until, timeout};
 
 use crate::tree_host::{Failure, Index};
 
 /// Longest request or answer line, in bytes.
 const MAX_LINE: u64 = 16 << 20;
+
+/// Most clients served at once. One more is answered with a Policy error
+/// line ("too many connections") and closed. Each client may buffer a line
+/// of up to [`MAX_LINE`], so this also bounds the memory clients can take.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// How long a client may keep the host waiting for its next request line
+/// (or for it to take an answer) before it is disconnected, so that idle
+/// clients cannot hold the [`MAX_CONNECTIONS`] slots for ever.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long to wait before accepting again after `accept` failed: from
+/// [`FIRST`](Self::FIRST), doubling up to [`MAX`](Self::MAX), and back to the
+/// start after a success. Some failures last (out of file descriptors,
+/// EMFILE, until clients hang up): retrying at once would spin a core.
+#[derive(Debug)]
+pub struct AcceptBackoff {
+    next: Duration,
+}
+
+impl AcceptBackoff {
+    /// The pause after a first failure.
+    pub const FIRST: Duration = Duration::from_millis(10);
+    /// The longest pause.
+    pub const MAX: Duration = Duration::from_secs(1);
+
+    /// `accept` failed: how long to wait before the next one.
+    pub fn on_error(&mut self) -> Duration {
+        let pause = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        pause
+    }
+
+    /// `accept` succeeded: the next failure waits [`FIRST`](Self::FIRST).
+    pub fn on_success(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
+impl Default for AcceptBackoff {
+    fn default() -> Self {
+        Self { next: Self::FIRST }
+    }
+}
 
 /// A request to a running host.
 #[derive(Debug, Serialize, Deserialize)]
@@ -288,28 +336,65 @@ pub struct Listener {
     path: PathBuf,
     /// The user it serves (ours).
     uid: u32,
+    /// One per client served, [`MAX_CONNECTIONS`] in all.
+    slots: Arc<Semaphore>,
+    backoff: AcceptBackoff,
+    /// No `accept` before this, after a failed one.
+    resume_at: Option<Instant>,
 }
 
 impl Listener {
+    fn new(listener: UnixListener, path: &Path) -> Self {
+        Self {
+            listener,
+            path: path.to_owned(),
+            uid: euid(),
+            slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            backoff: AcceptBackoff::default(),
+            resume_at: None,
+        }
+    }
+
     /// Accept the next connection and serve it in a task of its own, or
-    /// refuse it (a client of another user). Cancel-safe, for `select!`.
+    /// refuse it (a client of another user, too many clients). After a
+    /// failed `accept` it first waits ([`AcceptBackoff`]). Cancel-safe, for
+    /// `select!`.
     pub async fn serve_next(&mut self, root: &SupervisorHandle, index: &Arc<Index>) {
+        if let Some(at) = self.resume_at {
+            sleep_until(at).await;
+            self.resume_at = None;
+        }
         let stream = match self.listener.accept().await {
-            Ok((stream, _)) => stream,
+            Ok((stream, _)) => {
+                self.backoff.on_success();
+                stream
+            }
             Err(e) => {
-                tracing::warn!("control socket: accept failed: {e}");
+                let pause = self.backoff.on_error();
+                tracing::warn!(
+                    "control socket: accept failed: {e}; trying again in {} ms",
+                    pause.as_millis()
+                );
+                self.resume_at = Some(Instant::now() + pause);
                 return;
             }
         };
-        if let Err(why) = self.admit(&stream) {
-            refuse(stream, &why);
-            return;
-        }
-        tokio::spawn(serve(stream, root.clone(), index.clone()));
+        let slot = match self.admit(&stream) {
+            Ok(slot) => slot,
+            Err(why) => {
+                refuse(stream, &why);
+                return;
+            }
+        };
+        let (root, index) = (root.clone(), index.clone());
+        tokio::spawn(async move {
+            serve(stream, root, index).await;
+            drop(slot);
+        });
     }
 
-    /// Whether `stream`'s client may be served; why not, for it.
-    fn admit(&self, stream: &UnixStream) -> Result<(), String> {
+    /// A slot to serve `stream`'s client in, or why not, for it.
+    fn admit(&self, stream: &UnixStream) -> Result<OwnedSemaphorePermit, String> {
         let cred = stream.peer_cred().map_err(|e| {
             tracing::warn!("control socket: refused a client whose uid is unknown ({e})");
             format!("cannot tell who you are ({e})")
@@ -322,6 +407,14 @@ impl Listener {
                 self.uid,
                 self.path.display()
             );
+        })?;
+        self.slots.clone().try_acquire_owned().map_err(|_| {
+            tracing::warn!(
+                "control socket: refused a client: {MAX_CONNECTIONS} are connected already"
+            );
+            format!(
+                "too many connections: this host serves {MAX_CONNECTIONS} clients at once; try again later"
+            )
         })
     }
 }
@@ -359,11 +452,7 @@ pub async fn listen(path: &Path, in_default_dir: bool) -> Result<Listener, Strin
     }
     let listener =
         bind_private(path).map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
-    let listener = Listener {
-        listener,
-        path: path.to_owned(),
-        uid: euid(),
-    };
+    let listener = Listener::new(listener, path);
     // Only this user may call its agents (the umask made it so already;
     // this makes sure).
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
@@ -373,19 +462,35 @@ pub async fn listen(path: &Path, in_default_dir: bool) -> Result<Listener, Strin
 
 /// Serve one client: answer each request line until it hangs up.
 async fn serve(stream: UnixStream, root: SupervisorHandle, index: Arc<Index>) {
+    serve_with(stream, move |request| {
+        let (root, index) = (root.clone(), index.clone());
+        async move { answer(request, &root, &index).await }
+    })
+    .await;
+}
+
+/// Serve one client with `handle`, which answers one request: answer each
+/// request line until the client hangs up, sends a line longer than
+/// [`MAX_LINE`], or keeps the host waiting longer than [`IDLE_TIMEOUT`].
+async fn serve_with<H, F>(stream: UnixStream, mut handle: H)
+where
+    H: FnMut(Request) -> F,
+    F: Future<Output = serde_json::Value>,
+{
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     loop {
         let mut line = Vec::new();
-        match (&mut reader)
-            .take(MAX_LINE)
-            .read_until(b'\n', &mut line)
-            .await
-        {
-            Ok(0) => return,
-            Ok(_) => {}
-            Err(e) => {
+        let mut limited = (&mut reader).take(MAX_LINE);
+        match timeout(IDLE_TIMEOUT, limited.read_until(b'\n', &mut line)).await {
+            Ok(Ok(0)) => return,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
                 tracing::debug!("control socket: read failed: {e}");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("control socket: closing a connection idle for {IDLE_TIMEOUT:?}");
                 return;
             }
         }
@@ -400,7 +505,7 @@ async fn serve(stream: UnixStream, root: SupervisorHandle, index: Arc<Index>) {
             })
         } else {
             match serde_json::from_slice::<Request>(&line) {
-                Ok(request) => answer(request, &root, &index).await,
+                Ok(request) => handle(request).await,
                 Err(e) => json!({
                     "error": format!(
                         "not a request ({e}); send {{\"op\":\"call\",\"agent\":\"...\",\"message\":\"...\"}} or {{\"op\":\"status\"}}, one per line"
@@ -411,7 +516,8 @@ async fn serve(stream: UnixStream, root: SupervisorHandle, index: Arc<Index>) {
         };
         let mut text = answer.to_string();
         text.push('\n');
-        if write.write_all(text.as_bytes()).await.is_err() || too_long {
+        let written = timeout(IDLE_TIMEOUT, write.write_all(text.as_bytes())).await;
+        if !matches!(written, Ok(Ok(()))) || too_long {
             return;
         }
     }
@@ -437,6 +543,57 @@ mod tests {
         assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
         assert_eq!(fnv1a(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    #[test]
+    fn accept_backoff_doubles_to_a_cap_and_starts_over_after_a_success() {
+        let mut backoff = AcceptBackoff::default();
+        let pauses: Vec<u128> = (0..10).map(|_| backoff.on_error().as_millis()).collect();
+        assert_eq!(pauses, [10, 20, 40, 80, 160, 320, 640, 1000, 1000, 1000]);
+        backoff.on_success();
+        assert_eq!(backoff.on_error(), AcceptBackoff::FIRST);
+        assert_eq!(backoff.on_error(), AcceptBackoff::FIRST * 2);
+    }
+
+    /// A client of [`serve_with`] whose requests are answered by echoing.
+    fn echo_server() -> (UnixStream, tokio::task::JoinHandle<()>) {
+        let (client, server) = UnixStream::pair().expect("a socket pair");
+        let server = tokio::spawn(serve_with(server, |request| async move {
+            match request {
+                Request::Call { message, .. } => json!({ "ok": format!("echo: {message}") }),
+                Request::Status => json!({ "ok": [] }),
+            }
+        }));
+        (client, server)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_client_is_disconnected_after_the_idle_timeout() {
+        let (client, server) = echo_server();
+        let (read, mut write) = client.into_split();
+        let mut reader = BufReader::new(read);
+        // Busy clients are served as long as they like.
+        for _ in 0..3 {
+            tokio::time::sleep(IDLE_TIMEOUT - Duration::from_secs(1)).await;
+            write
+                .write_all(b"{\"op\":\"status\"}\n")
+                .await
+                .expect("sent");
+            let mut answer = String::new();
+            reader.read_line(&mut answer).await.expect("answered");
+            assert_eq!(answer, "{\"ok\":[]}\n");
+        }
+        // An idle one is not.
+        let started = Instant::now();
+        let mut rest = Vec::new();
+        reader.read_to_end(&mut rest).await.expect("closed");
+        assert!(rest.is_empty());
+        let waited = started.elapsed();
+        assert!(
+            waited >= IDLE_TIMEOUT && waited < IDLE_TIMEOUT + Duration::from_secs(1),
+            "{waited:?}"
+        );
+        server.await.expect("the server ended");
     }
 
     #[test]
