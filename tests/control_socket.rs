@@ -714,3 +714,167 @@ fn out_of_file_descriptors_the_host_backs_off_and_recovers() {
         "stderr:\n{stderr}"
     );
 }
+
+// ---------------------------------------------------------------------------
+// How long a line may be
+// ---------------------------------------------------------------------------
+
+/// The largest message of a call (the supervisors' `max_message_bytes`).
+const MAX_MESSAGE_BYTES: usize = 1 << 20;
+/// The longest line either side reads (`control::MAX_LINE`).
+const MAX_LINE: usize = 16 << 20;
+
+/// A message of `len` bytes that JSON escapes at the worst, six bytes each
+/// (`\u0001`, ...; not `\n` and the like, two each). No NUL, so that it can
+/// also be a command-line argument.
+fn worst_case_message(len: usize) -> String {
+    let worst: Vec<char> = ('\u{1}'..' ')
+        .filter(|c| !matches!(c, '\u{8}' | '\t' | '\n' | '\u{c}' | '\r'))
+        .collect();
+    (0..len).map(|i| worst[i % worst.len()]).collect()
+}
+
+/// Send one request line over a fresh connection; the answer line.
+fn exchange(socket: &Path, request: &serde_json::Value) -> serde_json::Value {
+    let mut stream = connect(socket);
+    let mut line = request.to_string();
+    line.push('\n');
+    std::io::Write::write_all(&mut stream, line.as_bytes()).expect("sent");
+    let mut answer = String::new();
+    BufReader::new(stream)
+        .read_line(&mut answer)
+        .expect("answered");
+    serde_json::from_str(&answer).unwrap_or_else(|e| panic!("not JSON ({e}): {answer:.200}"))
+}
+
+#[test]
+fn a_maximal_message_escaped_at_worst_round_trips() {
+    let dir = TempDir::new("max-message");
+    let tree = dir.write("tree.toml", TREE);
+    let host = RunningHost::start(&dir, &tree, &[]);
+
+    let message = worst_case_message(MAX_MESSAGE_BYTES);
+    let request = serde_json::json!({"op": "call", "agent": "echo", "message": message});
+    assert!(
+        request.to_string().len() > 6 * MAX_MESSAGE_BYTES,
+        "worst case"
+    );
+    let answer = exchange(&host.socket, &request);
+    assert!(
+        answer["ok"].as_str() == Some(&format!("echo: {message}")),
+        "not echoed: {:.200}",
+        answer.to_string()
+    );
+    // One byte more is refused by the supervisor, not by the socket.
+    let message = worst_case_message(MAX_MESSAGE_BYTES + 1);
+    let request = serde_json::json!({"op": "call", "agent": "echo", "message": message});
+    let answer = exchange(&host.socket, &request);
+    assert_eq!(answer["category"], "Policy", "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .is_some_and(|e| e.contains(&format!("exceeds the limit of {MAX_MESSAGE_BYTES}"))),
+        "{answer}"
+    );
+
+    // Through `call`: as long as one command-line argument may be (Linux:
+    // 128 KiB with its NUL).
+    let message = worst_case_message((128 << 10) - 1);
+    let call = dir.agent_host(&["call", &tree, "echo", &message]);
+    assert_eq!(call.status.code(), Some(0), "{}", text(&call.stderr));
+    assert!(
+        text(&call.stdout) == format!("echo: {message}\n"),
+        "not echoed"
+    );
+    let (status, stderr) = host.stop();
+    assert!(status.success(), "{stderr}");
+}
+
+#[test]
+fn an_over_long_request_line_gets_a_policy_error_and_the_host_carries_on() {
+    let dir = TempDir::new("long-request");
+    let tree = dir.write("tree.toml", TREE);
+    let host = RunningHost::start(&dir, &tree, &[]);
+
+    let mut stream = connect(&host.socket);
+    let mut writer = stream.try_clone().expect("a second handle");
+    // The host stops reading at the limit: write from a thread of its own.
+    let writer = std::thread::spawn(move || {
+        let _ = std::io::Write::write_all(&mut writer, &vec![b'x'; MAX_LINE + 1]);
+    });
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let refused = one_json_line(&text(&answer));
+    assert_eq!(refused["category"], "Policy", "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("request longer than 16777216 bytes (16 MiB)")),
+        "{refused}"
+    );
+    writer.join().expect("the writer");
+
+    let call = dir.agent_host(&["call", &tree, "echo", "still there?"]);
+    assert_eq!(
+        text(&call.stdout),
+        "echo: still there?\n",
+        "{}",
+        text(&call.stderr)
+    );
+    let (status, stderr) = host.stop();
+    assert!(status.success(), "{stderr}");
+}
+
+/// A host of our own making at `path`: it reads one request line from each
+/// client and answers it with the next of `answers`, then hangs up.
+fn fake_host(path: &Path, answers: Vec<Vec<u8>>) -> std::thread::JoinHandle<()> {
+    let listener = std::os::unix::net::UnixListener::bind(path).expect("fake host binds");
+    std::thread::spawn(move || {
+        for answer in answers {
+            let (stream, _) = listener.accept().expect("a client");
+            stream.set_read_timeout(Some(HANG_GUARD)).expect("timeout");
+            let mut request = String::new();
+            let _ = BufReader::new(&stream).read_line(&mut request);
+            // The client may stop reading a line that is too long.
+            let _ = std::io::Write::write_all(&mut &stream, &answer);
+        }
+    })
+}
+
+#[test]
+fn the_client_reports_an_over_long_answer_clearly() {
+    let dir = TempDir::new("long-answer");
+    let tree = dir.write("tree.toml", TREE);
+    let socket = dir.path("fake.sock");
+    let socket_arg = socket.to_str().expect("UTF-8").to_owned();
+    let mut too_long = b"{\"ok\":\"".to_vec();
+    too_long.resize(MAX_LINE + 10, b'x');
+    too_long.extend_from_slice(b"\"}\n");
+    let host = fake_host(
+        &socket,
+        vec![too_long.clone(), too_long, b"{\"ok\":\"cut sh".to_vec()],
+    );
+
+    for args in [
+        &["call", &tree, "echo", "hi", "--socket", &socket_arg][..],
+        &["status", &tree, "--socket", &socket_arg],
+    ] {
+        let out = dir.agent_host(args);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: stderr:\n{stderr}");
+        assert!(
+            stderr.starts_with(
+                "error: the host's answer is longer than the control socket's limit of 16 MiB"
+            ),
+            "{args:?}: stderr:\n{stderr}"
+        );
+    }
+    let out = dir.agent_host(&["status", &tree, "--socket", &socket_arg]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr:\n{stderr}");
+    assert!(
+        stderr.starts_with("error: the host closed the connection in the middle of its answer"),
+        "stderr:\n{stderr}"
+    );
+    host.join().expect("the fake host");
+}

@@ -28,15 +28,69 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use terraphim_agent_supervisor::SupervisorHandle;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, sleep_until, timeout};
 
 use crate::tree_host::{Failure, Index};
 
-/// Longest request or answer line, in bytes.
-const MAX_LINE: u64 = 16 << 20;
+/// Largest message of a call, in bytes: the supervisors' `max_message_bytes`
+/// (a tree file cannot change it; a test checks that it is the library's
+/// default).
+pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
+
+/// JSON escaping turns one byte of a string into at most six (`\u0001`).
+const MAX_ESCAPED_BYTE: usize = 6;
+
+/// Room in a request line for everything but the escaped message:
+/// `{"op":"call","agent":"...","message":""}`, the agent's path included.
+const ENVELOPE_BYTES: usize = 64 << 10;
+
+/// Longest request or answer line, in bytes, newline included: the same
+/// limit on both sides of the socket.
+pub const MAX_LINE: usize = 16 << 20;
+
+// The largest legal call must fit in a line, however its message escapes.
+const _: () = assert!(
+    MAX_LINE >= MAX_MESSAGE_BYTES * MAX_ESCAPED_BYTE + ENVELOPE_BYTES,
+    "MAX_LINE must hold a call with the largest message, escaped at worst"
+);
+
+/// `16 MiB`, for messages about [`MAX_LINE`].
+fn max_line_text() -> String {
+    format!("{} MiB", MAX_LINE >> 20)
+}
+
+/// One line read from the control socket ([`read_line`]).
+#[derive(Debug, PartialEq)]
+enum Line {
+    /// A whole line, its newline included.
+    Whole(Vec<u8>),
+    /// The peer hung up in the middle of a line: what came of it.
+    Cut(Vec<u8>),
+    /// [`MAX_LINE`] bytes came and no newline among them.
+    TooLong,
+    /// The peer hung up between lines.
+    End,
+}
+
+/// Read one line of at most [`MAX_LINE`] bytes: how requests and answers
+/// are read, by the host and by its clients alike.
+async fn read_line<R: AsyncBufRead + Unpin>(reader: &mut R) -> io::Result<Line> {
+    let mut line = Vec::new();
+    let mut limited = reader.take(MAX_LINE as u64);
+    limited.read_until(b'\n', &mut line).await?;
+    Ok(if line.ends_with(b"\n") {
+        Line::Whole(line)
+    } else if line.len() >= MAX_LINE {
+        Line::TooLong
+    } else if line.is_empty() {
+        Line::End
+    } else {
+        Line::Cut(line)
+    })
+}
 
 /// Most clients served at once. One more is answered with a Policy error
 /// line ("too many connections") and closed. Each client may buffer a line
@@ -271,24 +325,38 @@ pub async fn request<T: DeserializeOwned>(
     let (read, mut write) = stream.into_split();
     let mut line = serde_json::to_string(request).map_err(|e| e.to_string())?;
     line.push('\n');
+    if line.len() > MAX_LINE {
+        return Err(format!(
+            "the request is {} bytes once encoded, more than the control socket takes ({}); a message may have at most {MAX_MESSAGE_BYTES} bytes",
+            line.len(),
+            max_line_text()
+        ));
+    }
     // If sending fails, the host may still have said why before it closed
     // the connection (a refusal): read that first.
     let sent = write.write_all(line.as_bytes()).await;
-    let mut answer = Vec::new();
-    let read = BufReader::new(read)
-        .take(MAX_LINE)
-        .read_until(b'\n', &mut answer)
-        .await;
-    match (read, sent) {
-        (Ok(_), _) if !answer.is_empty() => {}
+    let answer = match (read_line(&mut BufReader::new(read)).await, sent) {
+        (Ok(Line::Whole(answer)), _) => answer,
+        (Ok(Line::TooLong), _) => {
+            return Err(format!(
+                "the host's answer is longer than the control socket's limit of {} per line; it was not read",
+                max_line_text()
+            ));
+        }
         (_, Err(e)) => return Err(format!("cannot send the request to the host: {e}")),
         (Err(e), Ok(())) => return Err(format!("cannot read the host's answer: {e}")),
-        (Ok(_), Ok(())) => {
+        (Ok(Line::Cut(part)), Ok(())) => {
+            return Err(format!(
+                "the host closed the connection in the middle of its answer, after {} bytes (is it stopping?)",
+                part.len()
+            ));
+        }
+        (Ok(Line::End), Ok(())) => {
             return Err(
                 "the host closed the connection without answering (is it stopping?)".into(),
             );
         }
-    }
+    };
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Answer<T> {
@@ -480,11 +548,20 @@ where
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     loop {
-        let mut line = Vec::new();
-        let mut limited = (&mut reader).take(MAX_LINE);
-        match timeout(IDLE_TIMEOUT, limited.read_until(b'\n', &mut line)).await {
-            Ok(Ok(0)) => return,
-            Ok(Ok(_)) => {}
+        let (line, last) = match timeout(IDLE_TIMEOUT, read_line(&mut reader)).await {
+            Ok(Ok(Line::Whole(line))) => (line, false),
+            // A last request without its newline is still answered.
+            Ok(Ok(Line::Cut(line))) => (line, true),
+            Ok(Ok(Line::End)) => return,
+            Ok(Ok(Line::TooLong)) => {
+                let refusal = policy_line(&format!(
+                    "request longer than {} bytes ({}); a message may have at most {MAX_MESSAGE_BYTES} bytes",
+                    MAX_LINE,
+                    max_line_text()
+                ));
+                let _ = timeout(IDLE_TIMEOUT, write.write_all(refusal.as_bytes())).await;
+                return;
+            }
             Ok(Err(e)) => {
                 tracing::debug!("control socket: read failed: {e}");
                 return;
@@ -493,34 +570,43 @@ where
                 tracing::debug!("control socket: closing a connection idle for {IDLE_TIMEOUT:?}");
                 return;
             }
-        }
-        let too_long = !line.ends_with(b"\n") && line.len() as u64 >= MAX_LINE;
-        if line.iter().all(u8::is_ascii_whitespace) && !too_long {
+        };
+        if line.iter().all(u8::is_ascii_whitespace) {
+            if last {
+                return;
+            }
             continue;
         }
-        let answer = if too_long {
-            json!({
-                "error": format!("request longer than {MAX_LINE} bytes"),
-                "category": "Policy",
-            })
-        } else {
-            match serde_json::from_slice::<Request>(&line) {
-                Ok(request) => handle(request).await,
-                Err(e) => json!({
-                    "error": format!(
-                        "not a request ({e}); send {{\"op\":\"call\",\"agent\":\"...\",\"message\":\"...\"}} or {{\"op\":\"status\"}}, one per line"
-                    ),
-                    "category": "Serialization",
-                }),
-            }
+        let answer = match serde_json::from_slice::<Request>(&line) {
+            Ok(request) => handle(request).await,
+            Err(e) => json!({
+                "error": format!(
+                    "not a request ({e}); send {{\"op\":\"call\",\"agent\":\"...\",\"message\":\"...\"}} or {{\"op\":\"status\"}}, one per line"
+                ),
+                "category": "Serialization",
+            }),
         };
-        let mut text = answer.to_string();
-        text.push('\n');
+        let text = answer_line(&answer);
         let written = timeout(IDLE_TIMEOUT, write.write_all(text.as_bytes())).await;
-        if !matches!(written, Ok(Ok(()))) || too_long {
+        if !matches!(written, Ok(Ok(()))) || last {
             return;
         }
     }
+}
+
+/// `answer` as one line, newline included; a Policy error line instead if
+/// it would be longer than [`MAX_LINE`] (a client would not read it).
+fn answer_line(answer: &serde_json::Value) -> String {
+    let mut line = answer.to_string();
+    line.push('\n');
+    if line.len() <= MAX_LINE {
+        return line;
+    }
+    policy_line(&format!(
+        "the answer is {} bytes once encoded, more than the control socket takes ({}); it was not sent",
+        line.len(),
+        max_line_text()
+    ))
 }
 
 async fn answer(request: Request, root: &SupervisorHandle, index: &Index) -> serde_json::Value {
@@ -543,6 +629,142 @@ mod tests {
         assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
         assert_eq!(fnv1a(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    #[test]
+    fn the_message_limit_is_the_supervisors() {
+        assert_eq!(
+            MAX_MESSAGE_BYTES,
+            terraphim_agent_supervisor::SupervisorConfig::default().max_message_bytes,
+            "update MAX_MESSAGE_BYTES (and check MAX_LINE) with the library's default"
+        );
+    }
+
+    /// A message of `len` bytes that JSON escapes at the worst: six bytes
+    /// each (`\u0000`, `\u0001`, ...; not `\n` and the like, two each).
+    fn worst_case_message(len: usize) -> String {
+        let worst: Vec<char> = ('\0'..' ')
+            .filter(|c| !matches!(c, '\u{8}' | '\t' | '\n' | '\u{c}' | '\r'))
+            .collect();
+        (0..len).map(|i| worst[i % worst.len()]).collect()
+    }
+
+    #[tokio::test]
+    async fn a_maximal_message_escaped_at_worst_round_trips() {
+        let message = worst_case_message(MAX_MESSAGE_BYTES);
+        let call = Request::Call {
+            agent: "root/team/echo-a".into(),
+            message: message.clone(),
+        };
+        let encoded = serde_json::to_string(&call).expect("encoded");
+        assert!(
+            encoded.len() >= MAX_MESSAGE_BYTES * MAX_ESCAPED_BYTE,
+            "worst case"
+        );
+        let (client, server) = echo_server();
+        match request::<String>(client, &call).await {
+            Ok(Ok(reply)) => assert!(reply == format!("echo: {message}"), "not the message"),
+            Ok(Err(failure)) => panic!("{failure:?}"),
+            Err(e) => panic!("{e}"),
+        }
+        server.await.expect("the server ended");
+    }
+
+    #[tokio::test]
+    async fn an_over_long_request_line_gets_a_policy_error() {
+        let (client, server) = echo_server();
+        let (read, mut write) = client.into_split();
+        // The host stops reading at the limit: write from a task of its own.
+        let writer = tokio::spawn(async move {
+            let _ = write.write_all(&vec![b' '; MAX_LINE + 1]).await;
+        });
+        let answer = read_line(&mut BufReader::new(read))
+            .await
+            .expect("answered");
+        let Line::Whole(answer) = answer else {
+            panic!("{answer:?}")
+        };
+        let failure: Failure = serde_json::from_slice(&answer).expect("a failure");
+        assert_eq!(failure.category, "Policy");
+        assert!(
+            failure
+                .error
+                .starts_with("request longer than 16777216 bytes (16 MiB)"),
+            "{}",
+            failure.error
+        );
+        server.await.expect("the server ended");
+        writer.await.expect("the writer ended");
+    }
+
+    #[tokio::test]
+    async fn the_host_never_sends_a_line_longer_than_the_limit() {
+        let (client, server) = UnixStream::pair().expect("a socket pair");
+        let huge = worst_case_message(MAX_LINE / MAX_ESCAPED_BYTE + 1);
+        let server = tokio::spawn(serve_with(server, move |_| {
+            let huge = huge.clone();
+            async move { json!({ "ok": huge }) }
+        }));
+        match request::<String>(client, &Request::Status).await {
+            Ok(Err(failure)) => {
+                assert_eq!(failure.category, "Policy");
+                assert!(
+                    failure
+                        .error
+                        .contains("more than the control socket takes (16 MiB)"),
+                    "{}",
+                    failure.error
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        server.await.expect("the server ended");
+    }
+
+    /// What [`request`] makes of a host that answers `answer` and hangs up.
+    async fn client_reading(answer: Vec<u8>) -> Result<Result<String, Failure>, String> {
+        let (client, server) = UnixStream::pair().expect("a socket pair");
+        let host = tokio::spawn(async move {
+            let (read, mut write) = server.into_split();
+            let request = read_line(&mut BufReader::new(read)).await;
+            let _ = write.write_all(&answer).await;
+            request
+        });
+        let result = request::<String>(client, &Request::Status).await;
+        let request = host.await.expect("the host ended").expect("read");
+        assert_eq!(request, Line::Whole(b"{\"op\":\"status\"}\n".to_vec()));
+        result
+    }
+
+    #[tokio::test]
+    async fn the_client_reports_a_bad_answer_clearly() {
+        let mut too_long = b"{\"ok\":\"".to_vec();
+        too_long.resize(MAX_LINE + 10, b'x');
+        too_long.extend_from_slice(b"\"}\n");
+        let error = client_reading(too_long).await.expect_err("too long");
+        assert!(
+            error.starts_with(
+                "the host's answer is longer than the control socket's limit of 16 MiB"
+            ),
+            "{error}"
+        );
+        let error = client_reading(b"{\"ok\":\"trunc".to_vec())
+            .await
+            .expect_err("cut");
+        assert!(
+            error.starts_with(
+                "the host closed the connection in the middle of its answer, after 12 bytes"
+            ),
+            "{error}"
+        );
+        let error = client_reading(Vec::new()).await.expect_err("nothing");
+        assert!(error.contains("without answering"), "{error}");
+        // A longest answer is still read.
+        let mut longest = b"{\"ok\":\"".to_vec();
+        longest.resize(MAX_LINE - 3, b'x');
+        longest.extend_from_slice(b"\"}\n");
+        let reply = client_reading(longest).await.expect("read").expect("ok");
+        assert_eq!(reply.len(), MAX_LINE - 3 - 7);
     }
 
     #[test]
