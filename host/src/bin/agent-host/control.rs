@@ -14,7 +14,14 @@
 //! Only the user the host runs as may use it. The default socket lives in
 //! a directory of that user's that nobody else may enter
 //! ([`default_dir`]), and the socket file is created mode 0600 (no window
-//! between `bind` and `chmod`).
+//! between `bind` and `chmod`). Both ends check the other's uid (peer
+//! credentials): the host answers a client of another user with one Policy
+//! error line, and `call` and `status` refuse a host of another user.
+//!
+//! Lines are at most [`MAX_LINE`] bytes either way, enough for the largest
+//! message however it escapes. The host serves [`MAX_CONNECTIONS`] clients
+//! at once, disconnects one idle for [`IDLE_TIMEOUT`], and backs off when
+//! `accept` fails ([`AcceptBackoff`]).
 
 use std::future::Future;
 use std::io::{self, Write};
@@ -246,13 +253,17 @@ fn private_dir(dir: &Path) -> Result<(), String> {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
         Err(e) => {
             return Err(format!(
-                "cannot create {} (the directory of the control sockets): {e}; {OTHER_DIR}",
+                "cannot create {} (the directory of the control sockets): {e}; create it yourself (mode 0700), {OTHER_DIR}",
                 dir.display()
             ));
         }
     }
-    let meta = std::fs::symlink_metadata(dir)
-        .map_err(|e| format!("cannot inspect {}: {e}; {OTHER_DIR}", dir.display()))?;
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| {
+        format!(
+            "cannot inspect {}: {e}; remove it, {OTHER_DIR}",
+            dir.display()
+        )
+    })?;
     check_private_dir(dir, DirFacts::of(&meta), euid())
 }
 
