@@ -753,10 +753,12 @@ fn a_maximal_message_escaped_at_worst_round_trips() {
     let tree = dir.write("tree.toml", TREE);
     let host = RunningHost::start(&dir, &tree, &[]);
 
-    let message = worst_case_message(MAX_MESSAGE_BYTES);
+    // The echo agent's reply is `echo: ` and the message: the largest
+    // message whose reply is within the limit too.
+    let message = worst_case_message(MAX_MESSAGE_BYTES - "echo: ".len());
     let request = serde_json::json!({"op": "call", "agent": "echo", "message": message});
     assert!(
-        request.to_string().len() > 6 * MAX_MESSAGE_BYTES,
+        request.to_string().len() > 6 * (MAX_MESSAGE_BYTES - 6),
         "worst case"
     );
     let answer = exchange(&host.socket, &request);
@@ -764,6 +766,20 @@ fn a_maximal_message_escaped_at_worst_round_trips() {
         answer["ok"].as_str() == Some(&format!("echo: {message}")),
         "not echoed: {:.200}",
         answer.to_string()
+    );
+    // A message of exactly the limit reaches the agent; its reply is then
+    // six bytes too long and refused on the way back.
+    let message = worst_case_message(MAX_MESSAGE_BYTES);
+    let request = serde_json::json!({"op": "call", "agent": "echo", "message": message});
+    let answer = exchange(&host.socket, &request);
+    assert_eq!(answer["category"], "Policy", "{answer}");
+    let refused = format!(
+        "reply of {} bytes exceeds the limit of {MAX_MESSAGE_BYTES}",
+        MAX_MESSAGE_BYTES + 6
+    );
+    assert!(
+        answer["error"].as_str().is_some_and(|e| e.contains(&refused)),
+        "{answer}"
     );
     // One byte more is refused by the supervisor, not by the socket.
     let message = worst_case_message(MAX_MESSAGE_BYTES + 1);
