@@ -20,9 +20,12 @@ mod validate;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
+
+use crate::output::stderr_line;
 
 /// Exit status for a validation or runtime failure (clap uses 2 for usage errors).
 pub const EXIT_FAILURE: u8 = 1;
@@ -50,7 +53,9 @@ Exit status:
   2  usage error (unknown subcommand, missing or invalid argument)
 
 Logging goes to stderr and is controlled by RUST_LOG (default: `warn`), e.g.
-RUST_LOG=info, or RUST_LOG=agent=info for the agents' own log messages.";
+RUST_LOG=info, or RUST_LOG=agent=info for the agents' own log messages.
+Output and logs never hold the agents up: lines that stdout or stderr cannot
+take in time are dropped, and how many is reported on stderr at exit.";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -85,10 +90,13 @@ enum Command {
     Validate(validate::ValidateArgs),
 }
 
+/// Logs go to stderr through the non-blocking, lossy queue of
+/// [`output`]: a guest's `log` import formats its record and returns, even
+/// while nobody reads stderr.
 fn init_tracing() {
     let filter = match std::env::var("RUST_LOG") {
         Ok(spec) if !spec.trim().is_empty() => EnvFilter::try_new(&spec).unwrap_or_else(|e| {
-            eprintln!("warning: ignoring RUST_LOG={spec:?} ({e}); logging warnings only");
+            stderr_line!("warning: ignoring RUST_LOG={spec:?} ({e}); logging warnings only");
             EnvFilter::new("warn")
         }),
         _ => EnvFilter::new("warn"),
@@ -96,21 +104,41 @@ fn init_tracing() {
     // Fails only if a global subscriber is already set, which it is not.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| output::LogWriter)
         .with_ansi(std::io::stderr().is_terminal())
+        // On a failed write the subscriber would `eprintln!`, which panics
+        // once stderr is closed. `LogWriter` never fails; this makes sure.
+        .log_internal_errors(false)
         .try_init();
 }
+
+/// How long the async runtime's threads get to stop at exit, once the
+/// subcommand returned (the tree is stopped by then).
+const RUNTIME_SHUTDOWN: Duration = Duration::from_secs(2);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
+    let code = run_command(cli);
+    // The writer threads of stdout and stderr, and their tracing-appender
+    // `WorkerGuard`s, live in `output` from the first line until here.
+    // Everything queued is written now, each stream waited for within
+    // bounds (about a second once it takes nothing; see `output::finish`,
+    // which also says why a guard is dropped only once its queue is empty):
+    // a stalled reader cannot keep the process from exiting after Ctrl-C or
+    // SIGTERM.
+    output::finish();
+    code
+}
+
+fn run_command(cli: Cli) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(runtime) => runtime,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            stderr_line!("error: cannot start the async runtime: {e}");
             return ExitCode::from(EXIT_FAILURE);
         }
     };
@@ -123,10 +151,13 @@ fn main() -> ExitCode {
             Command::Validate(args) => validate::run(&args),
         }
     });
+    // No task writes output after this (bounded: a task stuck in a guest
+    // call is left behind, and ends with the process).
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e}");
+            stderr_line!("error: {e}");
             ExitCode::from(EXIT_FAILURE)
         }
     }
