@@ -101,7 +101,7 @@ pub async fn call(args: CallArgs) -> CliResult {
     };
     Ok(match control::request::<String>(stream, &request).await? {
         Ok(reply) => {
-            Out::new(false).line(&reply);
+            Out::blocking(false).line(&reply);
             ExitCode::SUCCESS
         }
         Err(failure) => failed(&failure),
@@ -148,7 +148,7 @@ async fn one_shot(args: &CallArgs) -> CliResult {
     }
     Ok(match result {
         Ok(reply) => {
-            Out::new(false).line(&reply);
+            Out::blocking(false).line(&reply);
             ExitCode::SUCCESS
         }
         Err(failure) => failed(&failure),
@@ -164,7 +164,7 @@ pub async fn status(args: StatusArgs) -> CliResult {
         Ok(rows) => rows,
         Err(failure) => return Ok(failed(&failure)),
     };
-    let out = Out::new(args.json);
+    let out = Out::blocking(args.json);
     if out.json() {
         for row in &rows {
             out.json_line(row);

@@ -1,19 +1,18 @@
 //! Output to stdout and stderr that never blocks the caller and never
 //! panics, even while the reader stalls (a paused terminal, `| less`, a log
-//! shipper) or has gone away.
+//! shipper) or has gone away (`agent-host demo --json | head`).
 //!
-//! Every log record (and every [`stderr_line!`] message) goes into a bounded
-//! queue that a writer thread of its own empties into stderr:
+//! Every line written while a tree may run in this process (an
+//! [`Out::new`] line, a [`stderr_line!`] message, a log record) goes into a
+//! bounded queue that a writer thread of its own empties into the stream:
 //! tracing-appender's non-blocking writer, in lossy mode. The caller only
 //! ever enqueues, so no tokio worker (and no guest call, which logs through
 //! the host's `log` import) ever waits in write(2). When the queue is full
-//! the record is dropped and counted; [`finish`] reports the count at exit.
-//! When stderr is closed, its writer thread records that and drops the
-//! rest: no write error reaches a caller, and none reaches a fallback
-//! `eprintln!` that would panic.
-//!
-//! [`Out`] writes stdout lines directly (it stops at the first failed
-//! write, so `agent-host demo --json | head` works).
+//! the line is dropped and counted; [`finish`] reports the count at exit.
+//! When the stream is closed, its writer thread records that
+//! ([`Out::is_broken`]) and drops the rest: no write error reaches a
+//! caller, and none reaches a fallback `eprintln!` that would panic.
+//! ([`Out::blocking`] is for the client commands, which run no tree.)
 //!
 //! Invariants:
 //! - a line is one queue message, written with one `write_all`: lines stay
@@ -31,6 +30,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
 
+/// Lines queued for stdout before further lines are dropped. An event line
+/// is about 100 bytes, so this holds about half a MiB.
+const STDOUT_QUEUE_LINES: usize = 4096;
 /// Log records queued for stderr before further records are dropped. A
 /// guest's record is cut at 4 KiB, so this holds at most about 9 MiB.
 const STDERR_QUEUE_LINES: usize = 2048;
@@ -198,7 +200,12 @@ impl Sink {
     }
 }
 
+static STDOUT: OnceLock<Sink> = OnceLock::new();
 static STDERR: OnceLock<Sink> = OnceLock::new();
+
+fn stdout() -> &'static Sink {
+    STDOUT.get_or_init(|| Sink::new(io::stdout(), STDOUT_QUEUE_LINES, "agent-host-stdout"))
+}
 
 fn stderr() -> &'static Sink {
     STDERR.get_or_init(|| Sink::new(io::stderr(), STDERR_QUEUE_LINES, "agent-host-stderr"))
@@ -248,9 +255,25 @@ fn with_newline(text: &str) -> String {
 }
 
 /// At exit (after the async runtime stopped): wait, within bounds, for
-/// stderr to be written; report records that were dropped; end the writer
-/// thread.
+/// stdout and then stderr to be written; report lines that were dropped or
+/// could not be written; end the writer threads.
 pub fn finish() {
+    if let Some(out) = STDOUT.get() {
+        let drained = out.drain(EXIT_STALL, EXIT_WAIT_MAX);
+        // A closed stdout is the reader's choice (`| head`): not reported.
+        let lost = if out.is_broken() {
+            0
+        } else {
+            out.dropped() + out.backlog()
+        };
+        if lost > 0 {
+            to_stderr(&format!(
+                "warning: {lost} output {} dropped: stdout was not read fast enough",
+                plural(lost, "line was", "lines were")
+            ));
+        }
+        out.close(drained);
+    }
     let err = stderr();
     // Empty the queue first, so that the report below is not dropped.
     let mut drained = err.drain(EXIT_STALL, EXIT_WAIT_MAX);
@@ -269,21 +292,38 @@ fn plural<'a>(n: usize, one: &'a str, many: &'a str) -> &'a str {
     if n == 1 { one } else { many }
 }
 
-/// Line-oriented output to stdout that survives a closed pipe: once stdout
-/// is gone, lines are dropped and [`Out::is_broken`] tells the caller to
-/// wind down.
+/// Line-oriented output to stdout (text or JSON lines).
 pub struct Out {
     start: OnceLock<Instant>,
     json: bool,
-    broken: AtomicBool,
+    /// `None`: through the non-blocking stdout queue ([`Out::new`]);
+    /// `Some(broken)`: written at once ([`Out::blocking`]), `broken` once a
+    /// write failed.
+    direct: Option<AtomicBool>,
 }
 
 impl Out {
+    /// Output while a tree runs in this process (`run`, `demo`): lines go
+    /// through the non-blocking stdout queue, so a stalled reader never
+    /// holds up a tokio worker; lines it cannot take in time are dropped
+    /// and counted (reported by [`finish`]).
     pub fn new(json: bool) -> Self {
         Self {
             start: OnceLock::new(),
             json,
-            broken: AtomicBool::new(false),
+            direct: None,
+        }
+    }
+
+    /// Output while no tree runs in this process (`call`, `status`): lines
+    /// are written at once and wait for the reader, so none is dropped
+    /// (`status` of a large tree into a slow pipe). Nothing else waits for
+    /// them, and Ctrl-C still ends the process.
+    pub fn blocking(json: bool) -> Self {
+        Self {
+            start: OnceLock::new(),
+            json,
+            direct: Some(AtomicBool::new(false)),
         }
     }
 
@@ -302,22 +342,38 @@ impl Out {
         self.start.get_or_init(Instant::now).elapsed()
     }
 
-    /// Whether stdout was closed (the reader went away).
+    /// Whether stdout was closed (the reader went away). Through the queue,
+    /// the writer thread notices it: true shortly after the failed write.
     pub fn is_broken(&self) -> bool {
-        self.broken.load(Ordering::Relaxed)
+        match &self.direct {
+            None => stdout().is_broken(),
+            Some(broken) => broken.load(Ordering::Relaxed),
+        }
     }
 
-    /// Write one line (in one piece, so concurrent writers do not interleave).
+    /// Write one line, whole (see the module's invariants). Through the
+    /// queue it never blocks; once stdout is closed, lines are dropped.
     pub fn line(&self, text: &str) {
-        if self.is_broken() {
-            return;
-        }
-        let mut stdout = std::io::stdout().lock();
-        if writeln!(stdout, "{text}")
-            .and_then(|()| stdout.flush())
-            .is_err()
-        {
-            self.broken.store(true, Ordering::Relaxed);
+        match &self.direct {
+            None => {
+                let out = stdout();
+                if !out.is_broken() {
+                    out.send(with_newline(text).as_bytes());
+                }
+            }
+            Some(broken) => {
+                if broken.load(Ordering::Relaxed) {
+                    return;
+                }
+                let mut stdout = io::stdout().lock();
+                if stdout
+                    .write_all(with_newline(text).as_bytes())
+                    .and_then(|()| stdout.flush())
+                    .is_err()
+                {
+                    broken.store(true, Ordering::Relaxed);
+                }
+            }
         }
     }
 
