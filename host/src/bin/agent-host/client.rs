@@ -10,7 +10,7 @@ use terraphim_agent_supervisor::tree::TreeFile;
 
 use crate::control::{self, Request};
 use crate::events::status_text;
-use crate::output::Out;
+use crate::output::{Out, stderr_line};
 use crate::tree_host::{Failure, Index, NodeStatus, report};
 use crate::{CliResult, EXIT_FAILURE};
 
@@ -86,7 +86,7 @@ pub struct StatusArgs {
 }
 
 fn failed(failure: &Failure) -> ExitCode {
-    eprintln!("error: {}", failure.error);
+    stderr_line!("error: {}", failure.error);
     ExitCode::from(EXIT_FAILURE)
 }
 
@@ -129,7 +129,7 @@ async fn one_shot(args: &CallArgs) -> CliResult {
         let why = index.names().humanise(e.to_string());
         return Err(format!("the tree did not start: {why}").into());
     }
-    eprintln!(
+    stderr_line!(
         "no running host for {}: started it for this call; state is not kept",
         args.tree.display()
     );

@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::events::{Names, PENDING_WAIT, Printer, Shared, describe_error, status_text};
-use crate::output::{Out, seconds};
+use crate::output::{Out, seconds, stderr_line};
 use crate::{CliResult, EXIT_FAILURE};
 
 pub const LONG_ABOUT: &str = "\
@@ -590,7 +590,7 @@ pub async fn run(args: DemoArgs) -> CliResult {
     stopped.map_err(|e| names.humanise(e.to_string()))?;
 
     if let SupervisorStatus::Failed(why) = root_status {
-        eprintln!("error: the root supervisor gave up: {why}");
+        stderr_line!("error: the root supervisor gave up: {why}");
         return Ok(ExitCode::from(EXIT_FAILURE));
     }
     Ok(ExitCode::SUCCESS)

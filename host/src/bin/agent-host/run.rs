@@ -15,7 +15,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::oneshot;
 
 use crate::events::{Printer, Shared};
-use crate::output::Out;
+use crate::output::{Out, stderr_line};
 use crate::tree_host::{Index, report};
 use crate::{CliResult, EXIT_FAILURE, control};
 
@@ -194,7 +194,7 @@ pub async fn run(args: RunArgs) -> CliResult {
     let stopped = tokio::select! {
         stopped = sup.stop() => stopped,
         _ = sigint.recv() => {
-            eprintln!("error: interrupted again: exiting without waiting for the tree to stop");
+            stderr_line!("error: interrupted again: exiting without waiting for the tree to stop");
             return Ok(ExitCode::from(EXIT_FAILURE));
         }
     };
@@ -210,7 +210,7 @@ pub async fn run(args: RunArgs) -> CliResult {
     }
     stopped.map_err(|e| names.humanise(e.to_string()))?;
     if let SupervisorStatus::Failed(why) = sup.status() {
-        eprintln!(
+        stderr_line!(
             "error: the root supervisor `{}` gave up ({why}); the tree is down",
             index.root()
         );
