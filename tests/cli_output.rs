@@ -1,0 +1,435 @@
+//! `agent-host` output under back-pressure: a reader that stops reading
+//! stdout and stderr (a paused terminal, `| less`, a stalled log shipper)
+//! or that went away must never stall or crash the tree.
+//!
+//! The helpers are copied from `tests/cli.rs` (kept separate so the two
+//! files can change independently).
+
+use std::io::{BufRead, BufReader, PipeReader, PipeWriter, Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use terraphim_agent_supervisor::examples::{ECHO, HOSTILE};
+
+/// Hang guard for waits that are not the point of a test (the host
+/// compiling its components at start): never a timing assertion.
+const HANG_GUARD: Duration = Duration::from_secs(120);
+
+/// How long a `call`, a `status` or the stop on SIGTERM may take while the
+/// host's output is stalled. A hang detector, not a timing claim: each
+/// takes well under a second when nothing blocks.
+const ANSWER_WITHIN: Duration = Duration::from_secs(20);
+
+/// The host's tokio worker threads. Pinned so that the floods below
+/// outnumber them on every machine: if a guest's log call blocked its worker
+/// in write(2), every worker would be blocked and nothing would answer.
+const WORKERS: &str = "2";
+
+/// The agents flooding the log at once, one `log-flood` call after another
+/// (more than [`WORKERS`]).
+const FLOODERS: [&str; 3] = ["flood-1", "flood-2", "flood-3"];
+
+/// An echo agent, three log flooders killed by their 500 ms deadline (then
+/// restarted, for as long as the test floods), and `counted` for bounded
+/// floods (`log-flood N`).
+const TREE: &str = r#"
+[supervisor]
+name = "root"
+strategy = "one_for_one"
+max_restarts = 1_000_000
+time_window_ms = 1_000
+
+[[supervisor.children]]
+name = "echo"
+component = "echo.wasm"
+
+[[supervisor.children]]
+name = "counted"
+component = "hostile.wasm"
+
+[[supervisor.children]]
+name = "flood-1"
+component = "hostile.wasm"
+limits = { deadline_ms = 500 }
+
+[[supervisor.children]]
+name = "flood-2"
+component = "hostile.wasm"
+limits = { deadline_ms = 500 }
+
+[[supervisor.children]]
+name = "flood-3"
+component = "hostile.wasm"
+limits = { deadline_ms = 500 }
+"#;
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A directory no other test (run) uses, with the example components in it;
+/// removed on drop. It is also the `XDG_RUNTIME_DIR` of the commands run in
+/// it, so control sockets land here.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        let path = std::env::temp_dir().join(format!(
+            "agent-host-cli-output-{}-{nanos}-{name}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&path).expect("temp dir created");
+        std::fs::write(path.join("echo.wasm"), ECHO).expect("echo.wasm written");
+        std::fs::write(path.join("hostile.wasm"), HOSTILE).expect("hostile.wasm written");
+        Self(path)
+    }
+
+    /// Write `contents` to `name` in the directory; its path.
+    fn write(&self, name: &str, contents: &str) -> String {
+        let path = self.0.join(name);
+        std::fs::write(&path, contents).expect("file written");
+        path.to_str().expect("temp path is UTF-8").to_owned()
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_agent-host"));
+        command
+            .args(args)
+            .env_remove("RUST_LOG")
+            .env("XDG_RUNTIME_DIR", &self.0);
+        command
+    }
+
+    /// Run `agent-host args` to the end, reading its output; fails the test
+    /// if it takes longer than `within`.
+    fn agent_host_within(&self, args: &[&str], within: Duration) -> Output {
+        let mut child = self
+            .command(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("agent-host runs");
+        let stdout = read_all(child.stdout.take().expect("piped stdout"));
+        let stderr = read_all(child.stderr.take().expect("piped stderr"));
+        let status = wait_within(&mut child, within, args);
+        Output {
+            status,
+            stdout: stdout.join().expect("stdout reader"),
+            stderr: stderr.join().expect("stderr reader"),
+        }
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn read_all(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = pipe.read_to_end(&mut bytes);
+        bytes
+    })
+}
+
+/// Wait for `child` to exit; kill it and fail the test after `within`.
+fn wait_within(child: &mut Child, within: Duration, what: &[&str]) -> ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("agent-host {what:?} did not exit within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// What happens to the output of the `run` under test.
+enum Reader {
+    /// Pipes that are full before the host writes its first byte and are
+    /// never read: every write(2) to them blocks.
+    Stalled,
+    /// Pipes whose reading ends are closed at once: every write fails
+    /// (EPIPE).
+    Gone,
+}
+
+/// A pipe that nobody reads, filled up: its reading end is held (never
+/// read) and a thread has written into it until the write blocked. Dropping
+/// it closes the reading end, which ends that thread (EPIPE).
+struct FullPipe {
+    reader: Option<PipeReader>,
+    filler: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FullPipe {
+    /// The pipe, and its writing end for a child's stdout or stderr.
+    fn new() -> (Self, PipeWriter) {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        let mut filler = writer.try_clone().expect("pipe writer cloned");
+        let filler = std::thread::spawn(move || {
+            let chunk = [b'#'; 4096];
+            while filler.write_all(&chunk).is_ok() {}
+        });
+        // Filling 64 KiB takes microseconds; nothing depends on it being
+        // complete (the host's own output fills the pipe in any case).
+        std::thread::sleep(Duration::from_millis(100));
+        let pipe = Self {
+            reader: Some(reader),
+            filler: Some(filler),
+        };
+        (pipe, writer)
+    }
+}
+
+impl Drop for FullPipe {
+    fn drop(&mut self) {
+        // Closing the reading end fails the filler's blocked write.
+        drop(self.reader.take());
+        if let Some(filler) = self.filler.take() {
+            let _ = filler.join();
+        }
+    }
+}
+
+/// An `agent-host run` whose stdout and stderr nobody reads.
+struct Host {
+    child: Child,
+    /// Held, never read (with [`Reader::Stalled`]).
+    _pipes: Vec<FullPipe>,
+}
+
+impl Host {
+    fn start(dir: &TempDir, tree: &str, reader: Reader) -> Self {
+        let mut command = dir.command(&["run", tree]);
+        command
+            // Warnings are logged (also the default): the flooders' records
+            // are written, not filtered out.
+            .env("RUST_LOG", "warn")
+            .env("TOKIO_WORKER_THREADS", WORKERS)
+            .stdin(Stdio::null());
+        let mut pipes = Vec::new();
+        match reader {
+            Reader::Stalled => {
+                let (stdout, writer) = FullPipe::new();
+                command.stdout(writer);
+                pipes.push(stdout);
+                let (stderr, writer) = FullPipe::new();
+                command.stderr(writer);
+                pipes.push(stderr);
+            }
+            Reader::Gone => {
+                command.stdout(Stdio::piped()).stderr(Stdio::piped());
+            }
+        }
+        let mut child = command.spawn().expect("agent-host run starts");
+        // With `Gone`, the reading ends go now; with `Stalled`, the
+        // command's writing ends do (the pipes stay full).
+        drop(child.stdout.take());
+        drop(child.stderr.take());
+        drop(command);
+        Self {
+            child,
+            _pipes: pipes,
+        }
+    }
+
+    /// SIGTERM, then the exit status (fails the test if there is none
+    /// within [`ANSWER_WITHIN`]).
+    fn terminate(mut self) -> ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -TERM failed");
+        wait_within(&mut self.child, ANSWER_WITHIN, &["run", "(SIGTERM)"])
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        // A failed test must not leave the host running.
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Wait until the host answers `status` (it compiles its components first).
+fn wait_until_serving(dir: &TempDir, tree: &str) {
+    let deadline = Instant::now() + HANG_GUARD;
+    loop {
+        let status = dir.agent_host_within(&["status", tree], HANG_GUARD);
+        if status.status.success() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the host did not start serving within {HANG_GUARD:?}: {}",
+            text(&status.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `log-flood` calls to every flooder, one after another, until dropped.
+struct Floods {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Floods {
+    fn start(dir: &TempDir, tree: &str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = FLOODERS
+            .iter()
+            .map(|agent| {
+                let mut command = dir.command(&["call", tree, agent, "log-flood"]);
+                command
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null());
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let Ok(mut call) = command.spawn() else {
+                            return;
+                        };
+                        // Each call ends with the flooder's deadline (a crash);
+                        // a host that hangs is what the test detects, so a call
+                        // that hangs is only killed when the floods stop.
+                        while !stop.load(Ordering::Relaxed) {
+                            if let Ok(Some(_)) = call.try_wait() {
+                                break;
+                            }
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        let _ = call.kill();
+                        let _ = call.wait();
+                        // The flooder may be restarting: do not spin.
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                })
+            })
+            .collect();
+        Self { stop, threads }
+    }
+}
+
+impl Drop for Floods {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// While the floods go on, the host answers: a bounded flood finishes (the
+/// log import does not block), echo replies and `status` lists the tree.
+fn assert_answers_while_flooding(dir: &TempDir, tree: &str) {
+    let floods = Floods::start(dir, tree);
+    // Let the floods fill the pipes and the host's buffers.
+    std::thread::sleep(Duration::from_secs(1));
+
+    // 1000 records of 4 KiB: far more than a pipe holds.
+    let counted =
+        dir.agent_host_within(&["call", tree, "counted", "log-flood 1000"], ANSWER_WITHIN);
+    assert_eq!(
+        (counted.status.code(), text(&counted.stdout).as_str()),
+        (Some(0), "logged 1000\n"),
+        "stderr:\n{}",
+        text(&counted.stderr)
+    );
+    for round in 0..3 {
+        let message = format!("ping-{round}");
+        let call = dir.agent_host_within(&["call", tree, "echo", &message], ANSWER_WITHIN);
+        assert_eq!(
+            (call.status.code(), text(&call.stdout)),
+            (Some(0), format!("echo: {message}\n")),
+            "stderr:\n{}",
+            text(&call.stderr)
+        );
+        let status = dir.agent_host_within(&["status", tree], ANSWER_WITHIN);
+        let table = text(&status.stdout);
+        assert_eq!(status.status.code(), Some(0), "{}", text(&status.stderr));
+        assert!(
+            table
+                .lines()
+                .any(|l| l.starts_with("root/echo ") && l.contains(" running ")),
+            "root/echo is not listed as running:\n{table}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    drop(floods);
+}
+
+#[test]
+fn a_host_whose_output_nobody_reads_keeps_answering_and_stops_on_sigterm() {
+    let dir = TempDir::new("stalled");
+    let tree = dir.write("tree.toml", TREE);
+    let host = Host::start(&dir, &tree, Reader::Stalled);
+    wait_until_serving(&dir, &tree);
+
+    assert_answers_while_flooding(&dir, &tree);
+
+    // Its stdout and stderr are still stalled: the last lines and the
+    // flush at exit must not keep it from stopping.
+    let status = host.terminate();
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn a_host_whose_output_is_closed_keeps_answering_and_does_not_panic() {
+    let dir = TempDir::new("closed");
+    let tree = dir.write("tree.toml", TREE);
+    let host = Host::start(&dir, &tree, Reader::Gone);
+    wait_until_serving(&dir, &tree);
+
+    // A panic in the log import would fail the bounded flood (the agent
+    // crashes) and a panic in the host would change the exit status.
+    assert_answers_while_flooding(&dir, &tree);
+
+    let status = host.terminate();
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn demo_json_winds_down_once_its_reader_goes_away() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_agent-host"))
+        .args(["demo", "--json", "--seconds", "600"])
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("agent-host demo starts");
+    let stderr = read_all(child.stderr.take().expect("piped stderr"));
+    // `| head -n 1`: one line, then the reader goes away.
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().expect("piped stdout"))
+        .read_line(&mut first)
+        .expect("a first line");
+    assert!(first.starts_with('{'), "{first}");
+
+    // It notices the closed pipe and stops long before its 600 s are up.
+    let status = wait_within(&mut child, HANG_GUARD, &["demo", "--json"]);
+    let stderr = text(&stderr.join().expect("stderr reader"));
+    assert!(status.success(), "{status:?}\nstderr:\n{stderr}");
+    assert!(!stderr.contains("panicked"), "stderr:\n{stderr}");
+}
