@@ -238,9 +238,13 @@ impl TempDir {
     }
 
     /// The control sockets in the directory.
+    /// The control sockets in the default socket directory
+    /// (`$XDG_RUNTIME_DIR/agent-host/`, here the temp dir).
     fn sockets(&self) -> Vec<String> {
-        std::fs::read_dir(&self.0)
-            .expect("temp dir readable")
+        let Ok(entries) = std::fs::read_dir(self.0.join("agent-host")) else {
+            return Vec::new();
+        };
+        entries
             .filter_map(|e| e.ok()?.file_name().into_string().ok())
             .filter(|name| name.ends_with(".sock"))
             .collect()
@@ -552,6 +556,11 @@ fn run_serves_call_and_status_and_stops_in_reverse_order_on_ctrl_c() {
         text(&call.stderr)
     );
     assert_eq!(text(&call.stderr), "", "a running host: no note");
+    assert_eq!(
+        dir.sockets().len(),
+        1,
+        "the host's socket is where it is looked for"
+    );
     let nested = dir.agent_host(&["call", &tree, "root/team/echo-a", "hello"]);
     assert_eq!(text(&nested.stdout), "echo: hello\n");
 

@@ -28,13 +28,18 @@ const ANSWER_WITHIN: Duration = Duration::from_secs(20);
 /// in write(2), every worker would be blocked and nothing would answer.
 const WORKERS: &str = "2";
 
-/// The agents flooding the log at once, one `log-flood` call after another
-/// (more than [`WORKERS`]).
-const FLOODERS: [&str; 3] = ["flood-1", "flood-2", "flood-3"];
+/// The agents flooding the host's output at once, one call after another
+/// (more than [`WORKERS`]): two through the log import, one through its
+/// granted stderr.
+const FLOODERS: [(&str, &str); 3] = [
+    ("flood-1", "log-flood"),
+    ("flood-2", "log-flood"),
+    ("flood-3", "stderr-flood"),
+];
 
-/// An echo agent, three log flooders killed by their 500 ms deadline (then
+/// An echo agent, three flooders killed by their 500 ms deadline (then
 /// restarted, for as long as the test floods), and `counted` for bounded
-/// floods (`log-flood N`).
+/// floods (`log-flood N`, `stderr-flood N`).
 const TREE: &str = r#"
 [supervisor]
 name = "root"
@@ -49,6 +54,7 @@ component = "echo.wasm"
 [[supervisor.children]]
 name = "counted"
 component = "hostile.wasm"
+wasi = { inherit_stderr = true }
 
 [[supervisor.children]]
 name = "flood-1"
@@ -64,6 +70,7 @@ limits = { deadline_ms = 500 }
 name = "flood-3"
 component = "hostile.wasm"
 limits = { deadline_ms = 500 }
+wasi = { inherit_stderr = true }
 "#;
 
 fn text(bytes: &[u8]) -> String {
@@ -298,8 +305,8 @@ impl Floods {
         let stop = Arc::new(AtomicBool::new(false));
         let threads = FLOODERS
             .iter()
-            .map(|agent| {
-                let mut command = dir.command(&["call", tree, agent, "log-flood"]);
+            .map(|(agent, flood)| {
+                let mut command = dir.command(&["call", tree, agent, flood]);
                 command
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
@@ -355,6 +362,17 @@ fn assert_answers_while_flooding(dir: &TempDir, tree: &str) {
         (Some(0), "logged 1000\n"),
         "stderr:\n{}",
         text(&counted.stderr)
+    );
+    // The same through a granted stderr.
+    let written = dir.agent_host_within(
+        &["call", tree, "counted", "stderr-flood 1000"],
+        ANSWER_WITHIN,
+    );
+    assert_eq!(
+        (written.status.code(), text(&written.stdout).as_str()),
+        (Some(0), "wrote 1000\n"),
+        "stderr:\n{}",
+        text(&written.stderr)
     );
     for round in 0..3 {
         let message = format!("ping-{round}");

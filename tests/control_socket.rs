@@ -778,7 +778,9 @@ fn a_maximal_message_escaped_at_worst_round_trips() {
         MAX_MESSAGE_BYTES + 6
     );
     assert!(
-        answer["error"].as_str().is_some_and(|e| e.contains(&refused)),
+        answer["error"]
+            .as_str()
+            .is_some_and(|e| e.contains(&refused)),
         "{answer}"
     );
     // One byte more is refused by the supervisor, not by the socket.

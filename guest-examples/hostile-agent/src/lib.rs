@@ -6,6 +6,8 @@
 //!   replies with how many it sent;
 //! - `reply <bytes>`: a reply of that many bytes;
 //! - `error <bytes>`: an application error of that many bytes;
+//! - `stderr-flood [n]`: writes `n` lines of 4 KiB to its stderr (forever
+//!   without `n`), then replies with how many it wrote;
 //! - `state-fill <value-bytes>`: stores values of that size under fresh keys
 //!   until the host refuses one; replies `stored <keys> keys: <refusal>`;
 //! - `ping` → `pong`.
@@ -35,6 +37,22 @@ fn log_flood(count: Option<u64>) -> String {
         sent += 1;
     }
     format!("logged {sent}")
+}
+
+fn stderr_flood(count: Option<u64>) -> String {
+    use std::io::Write;
+    let mut line = text(4095);
+    line.push('\n');
+    let mut stderr = std::io::stderr();
+    let mut written = 0u64;
+    while count.is_none_or(|n| written < n) {
+        // An error (stderr not granted is not one: it discards) ends it.
+        if stderr.write_all(line.as_bytes()).is_err() {
+            break;
+        }
+        written += 1;
+    }
+    format!("wrote {written}")
 }
 
 fn state_fill(value_bytes: usize) -> String {
@@ -73,6 +91,8 @@ impl Agent for Hostile {
             ("log-flood", arg) => Ok(log_flood(Some(number("log-flood", arg)?))),
             ("reply", arg) => Ok(text(number("reply", arg)?)),
             ("error", arg) => Err(text(number("error", arg)?)),
+            ("stderr-flood", None) => Ok(stderr_flood(None)),
+            ("stderr-flood", arg) => Ok(stderr_flood(Some(number("stderr-flood", arg)?))),
             ("state-fill", arg) => Ok(state_fill(number("state-fill", arg)?)),
             ("ping", None) => Ok("pong".into()),
             _ => unknown(message),

@@ -16,6 +16,7 @@ mod fault;
 mod host;
 mod instance;
 mod limits;
+mod stdio;
 mod wasi;
 
 use std::path::Path;

@@ -5,16 +5,19 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder};
 
+use super::stdio::{self, GuestOutput};
+
 /// What an agent may reach through WASI. The default grants nothing: no
 /// files, no environment, no arguments, no network, and stdio connected to
 /// nothing (reads see end of file, writes are discarded).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WasiGrants {
-    /// Let the agent write to the host's stdout.
+    /// Let the agent write to the host's stdout. Its writes never block: they
+    /// are queued for the host's stream, and dropped if the queue is full.
     pub inherit_stdout: bool,
     /// Let the agent write to the host's stderr (where a Rust guest's panic
-    /// message goes).
+    /// message goes); like `inherit_stdout`, never blocking.
     pub inherit_stderr: bool,
     /// Environment variables the agent sees.
     pub env: Vec<(String, String)>,
@@ -48,11 +51,13 @@ impl WasiGrants {
     /// Build the WASI context for one instance.
     pub(crate) fn build(&self) -> Result<WasiCtx, String> {
         let mut b = WasiCtxBuilder::new();
+        // Not `inherit_stdout`/`inherit_stderr`: those write inside the
+        // guest's call and a stalled reader would block a runtime worker.
         if self.inherit_stdout {
-            b.inherit_stdout();
+            b.stdout(GuestOutput(stdio::host_stdout()));
         }
         if self.inherit_stderr {
-            b.inherit_stderr();
+            b.stderr(GuestOutput(stdio::host_stderr()));
         }
         for (k, v) in &self.env {
             b.env(k, v);
