@@ -714,7 +714,7 @@ fn call_without_a_running_host_runs_the_tree_for_that_call() {
     let unknown = dir.agent_host(&["call", &tree, "nobody", "count"]);
     assert_eq!(unknown.status.code(), Some(1));
     assert!(
-        text(&unknown.stderr).contains("no agent `nobody` in the tree"),
+        text(&unknown.stderr).contains("no node `nobody` in the tree"),
         "{}",
         text(&unknown.stderr)
     );

@@ -17,10 +17,10 @@ use common::{
 use serde_json::json;
 use terraphim_agent_supervisor::{
     AgentComponent, AgentFault, AgentInstance, AgentLimits, AgentSpec, AgentStatus,
-    AgentSupervisor, CallError, ExitReason, InstanceOptions, LoadError, MAX_GUEST_TEXT,
+    AgentSupervisor, CallError, EventKind, ExitReason, InstanceOptions, LoadError, MAX_GUEST_TEXT,
     MemoryStateStore, RestartIntensity, RestartPolicy, RestartStrategy, Runtime, RuntimeConfig,
-    StateQuota, StateStore, SupervisionError, SupervisorConfig, SupervisorEvent, TestAgentFactory,
-    WasiGrants, WasmAgentFactory, entry_cost,
+    StateQuota, StateStore, SupervisionError, SupervisorConfig, TestAgentFactory, WasiGrants,
+    WasmAgentFactory, entry_cost,
 };
 
 const PAGE: usize = 64 << 10;
@@ -409,7 +409,7 @@ async fn exit_reasons_are_cut_and_the_history_is_bounded_by_bytes() {
         assert!(sup.call(&pid, format!("exit:{reason}")).await.is_err());
         wait_for(
             &mut events,
-            |e| matches!(e, SupervisorEvent::ChildRestarted { agent, .. } if *agent == pid),
+            |e| matches!(&e.kind, EventKind::ChildRestarted { agent, .. } if *agent == pid),
         )
         .await;
     }

@@ -13,10 +13,10 @@ use async_trait::async_trait;
 use common::wait_for;
 use serde_json::json;
 use terraphim_agent_supervisor::{
-    AgentFactory, AgentPid, AgentSpec, AgentStatus, AgentSupervisor, ExitReason, InitArgs,
-    RestartAction, RestartIntensity, RestartPolicy, RestartStrategy, ShutdownPolicy,
-    SupervisedAgent, SupervisionError, SupervisionResult, SupervisorConfig, SupervisorEvent,
-    SupervisorSpec, SupervisorStatus,
+    AgentFactory, AgentPid, AgentSpec, AgentStatus, AgentSupervisor, EventKind, ExitReason,
+    InitArgs, RestartAction, RestartIntensity, RestartPolicy, RestartStrategy, ShutdownPolicy,
+    SupervisedAgent, SupervisionError, SupervisionResult, SupervisorConfig, SupervisorSpec,
+    SupervisorStatus,
 };
 
 /// What the agents of one test did.
@@ -265,7 +265,7 @@ async fn a_panicking_nested_supervisor_ends_its_subtree_before_its_restart() {
     assert!(nested.spawn_agent(agent("panic", "boom")).await.is_err());
     wait_for(
         &mut events,
-        |e| matches!(e, SupervisorEvent::ChildRestarted { agent, .. } if *agent == team),
+        |e| matches!(&e.kind, EventKind::ChildRestarted { agent, .. } if *agent == team),
     )
     .await;
     let history = sup.get_restart_history().await;

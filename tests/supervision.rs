@@ -7,8 +7,8 @@ use std::time::Duration;
 use common::{wait_for, wasm_factory};
 use serde_json::json;
 use terraphim_agent_supervisor::{
-    AgentFault, AgentPid, AgentSpec, AgentStatus, AgentSupervisor, ExitReason, RestartAction,
-    RestartIntensity, RestartPolicy, RestartStrategy, RestartType, ShutdownPolicy,
+    AgentFault, AgentPid, AgentSpec, AgentStatus, AgentSupervisor, EventKind, ExitReason,
+    RestartAction, RestartIntensity, RestartPolicy, RestartStrategy, RestartType, ShutdownPolicy,
     SupervisionError, SupervisorConfig, SupervisorEvent, SupervisorSpec, SupervisorStatus,
 };
 use tokio::sync::broadcast::Receiver;
@@ -42,7 +42,7 @@ async fn tree(
 async fn restarted(events: &mut Receiver<SupervisorEvent>, pid: &AgentPid) {
     wait_for(
         events,
-        |e| matches!(e, SupervisorEvent::ChildRestarted { agent, .. } if agent == pid),
+        |e| matches!(&e.kind, EventKind::ChildRestarted { agent, .. } if agent == pid),
     )
     .await;
 }
@@ -55,9 +55,9 @@ async fn stops_and_restarts(
 ) -> (Vec<AgentPid>, Vec<AgentPid>) {
     let (mut stopped, mut started) = (Vec::new(), Vec::new());
     loop {
-        match wait_for(events, |_| true).await {
-            SupervisorEvent::ChildStopped { agent, .. } => stopped.push(agent),
-            SupervisorEvent::ChildRestarted { agent, .. } => {
+        match wait_for(events, |_| true).await.kind {
+            EventKind::ChildStopped { agent, .. } => stopped.push(agent),
+            EventKind::ChildRestarted { agent, .. } => {
                 let done = &agent == last;
                 started.push(agent);
                 if done {
@@ -186,7 +186,7 @@ async fn restart_type_row(restart_type: RestartType, how: &str) -> (bool, bool, 
     }
     let entry = loop {
         wait_for(&mut events, |e| {
-            matches!(e, SupervisorEvent::ChildExited { .. })
+            matches!(&e.kind, EventKind::ChildExited { .. })
         })
         .await;
         let history = sup.get_restart_history().await;
@@ -241,7 +241,7 @@ async fn a_transient_child_exiting_normally_is_stopped_not_failed() {
         .await
         .unwrap_err();
     wait_for(&mut events, |e| {
-        matches!(e, SupervisorEvent::ChildExited { .. })
+        matches!(&e.kind, EventKind::ChildExited { .. })
     })
     .await;
     let (_, info) = &sup.get_children().await[0];
@@ -265,7 +265,7 @@ async fn intensity_exceeded_escalates_and_the_root_fails() {
     }
     sup.call(&b, "panic".into()).await.unwrap_err();
     wait_for(&mut events, |e| {
-        matches!(e, SupervisorEvent::Escalated { .. })
+        matches!(&e.kind, EventKind::Escalated)
     })
     .await;
     assert!(matches!(sup.status(), SupervisorStatus::Failed(_)));
@@ -350,10 +350,9 @@ async fn escalation_reaches_the_parent_through_a_two_level_tree() {
         .call(&crasher.agent_id, "panic".into())
         .await
         .unwrap_err();
-    wait_for(
-        &mut events,
-        |e| matches!(e, SupervisorEvent::Escalated { supervisor } if supervisor == inner.id()),
-    )
+    wait_for(&mut events, |e| {
+        matches!(e.kind, EventKind::Escalated) && e.supervisor == *inner.id()
+    })
     .await;
     // The root restarts the inner supervisor (permanent), with fresh children.
     restarted(&mut events, &inner_id).await;
@@ -385,10 +384,9 @@ async fn escalation_through_a_parent_that_cannot_restart_fails_the_root() {
         .call(&crasher.agent_id, "panic".into())
         .await
         .unwrap_err();
-    wait_for(
-        &mut events,
-        |e| matches!(e, SupervisorEvent::Escalated { supervisor } if supervisor == root.id()),
-    )
+    wait_for(&mut events, |e| {
+        matches!(e.kind, EventKind::Escalated) && e.supervisor == *root.id()
+    })
     .await;
     assert!(matches!(root.status(), SupervisorStatus::Failed(_)));
     assert!(matches!(inner.status(), SupervisorStatus::Failed(_)));
@@ -413,8 +411,8 @@ async fn stop_runs_in_reverse_start_order() {
     sup.stop().await.unwrap();
     let mut stopped = Vec::new();
     while stopped.len() < 3 {
-        if let SupervisorEvent::ChildStopped { agent, killed, .. } =
-            wait_for(&mut events, |_| true).await
+        if let EventKind::ChildStopped { agent, killed, .. } =
+            wait_for(&mut events, |_| true).await.kind
         {
             assert!(!killed, "a prompt stop is not a kill");
             stopped.push(agent);
@@ -451,8 +449,8 @@ async fn a_child_that_ignores_stop_is_killed_after_its_timeout_or_at_once() {
         .unwrap();
     let mut killed = 0;
     while killed < 2 {
-        if let SupervisorEvent::ChildStopped { killed: true, .. } =
-            wait_for(&mut events, |_| true).await
+        if let EventKind::ChildStopped { killed: true, .. } =
+            wait_for(&mut events, |_| true).await.kind
         {
             killed += 1;
         }
@@ -490,9 +488,9 @@ async fn a_child_that_fails_to_start_fails_the_supervisor_start() {
     // The first child was started, then stopped; the third never started.
     let mut seen = Vec::new();
     while let Ok(event) = events.try_recv() {
-        match event {
-            SupervisorEvent::ChildStarted { agent, .. } => seen.push(("started", agent)),
-            SupervisorEvent::ChildStopped { agent, .. } => seen.push(("stopped", agent)),
+        match event.kind {
+            EventKind::ChildStarted { agent, .. } => seen.push(("started", agent)),
+            EventKind::ChildStopped { agent, .. } => seen.push(("stopped", agent)),
             _ => {}
         }
     }

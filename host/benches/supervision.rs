@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use terraphim_agent_supervisor::{
-    AgentInstance, AgentLimits, AgentPid, AgentSpec, AgentSupervisor, InitArgs, InstanceOptions,
-    MemoryStateStore, RestartIntensity, RestartPolicy, RestartStrategy, Runtime, SupervisorConfig,
-    SupervisorEvent, SupervisorId, WasiGrants, WasmAgentFactory, examples,
+    AgentInstance, AgentLimits, AgentPid, AgentSpec, AgentSupervisor, EventKind, InitArgs,
+    InstanceOptions, MemoryStateStore, RestartIntensity, RestartPolicy, RestartStrategy, Runtime,
+    SupervisorConfig, SupervisorEvent, SupervisorId, WasiGrants, WasmAgentFactory, examples,
 };
 use tokio::sync::broadcast;
 
@@ -171,7 +171,10 @@ fn config(strategy: RestartStrategy, max_children: usize) -> SupervisorConfig {
 async fn restarted(events: &mut broadcast::Receiver<SupervisorEvent>, pid: &AgentPid) {
     loop {
         match events.recv().await {
-            Ok(SupervisorEvent::ChildRestarted { agent, .. }) if &agent == pid => return,
+            Ok(SupervisorEvent {
+                kind: EventKind::ChildRestarted { agent, .. },
+                ..
+            }) if &agent == pid => return,
             Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
             Err(e) => panic!("event channel: {e}"),
         }

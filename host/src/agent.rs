@@ -163,15 +163,21 @@ impl AgentSpec {
     }
 }
 
-/// What a supervisor knows about one child.
+/// What a supervisor knows about one child (an agent or a nested
+/// supervisor), as of the last change.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SupervisedAgentInfo {
-    /// The child's id.
+    /// The child's id. A nested supervisor's [`SupervisorId`] is the same id.
     pub pid: AgentPid,
     /// Its supervisor.
     pub supervisor_id: SupervisorId,
-    /// Its spec.
-    pub spec: AgentSpec,
+    /// Its name, if it has one (unique among its siblings).
+    pub name: Option<String>,
+    /// Its path in the tree: its supervisor's path, `/`, and its name (or
+    /// its id if it has no name), e.g. `root/team/echo`.
+    pub path: String,
+    /// Its spec if it is an agent; `None` for a nested supervisor.
+    pub spec: Option<AgentSpec>,
     /// Its status now.
     pub status: AgentStatus,
     /// When its current instance started.
@@ -184,16 +190,22 @@ pub struct SupervisedAgentInfo {
     pub last_health_check: Option<DateTime<Utc>>,
     /// Why it last exited, if it ever did.
     pub last_exit: Option<ExitReason>,
-    /// Whether the child is itself a supervisor.
-    pub is_supervisor: bool,
 }
 
 impl SupervisedAgentInfo {
     /// Info for a child about to start for the first time.
-    pub fn new(pid: AgentPid, supervisor_id: SupervisorId, spec: AgentSpec) -> Self {
+    pub(crate) fn new(
+        pid: AgentPid,
+        supervisor_id: SupervisorId,
+        name: Option<String>,
+        path: String,
+        spec: Option<AgentSpec>,
+    ) -> Self {
         Self {
             pid,
             supervisor_id,
+            name,
+            path,
             spec,
             status: AgentStatus::Starting,
             start_time: Utc::now(),
@@ -201,8 +213,12 @@ impl SupervisedAgentInfo {
             last_restart: None,
             last_health_check: None,
             last_exit: None,
-            is_supervisor: false,
         }
+    }
+
+    /// Whether the child is a nested supervisor.
+    pub fn is_supervisor(&self) -> bool {
+        self.spec.is_none()
     }
 
     /// Whether the child is running.

@@ -9,11 +9,13 @@ pub enum SupervisionError {
     /// No child with this id.
     #[error("agent {0} not found")]
     AgentNotFound(AgentPid),
-    /// No supervisor with this id.
-    #[error("supervisor {0} not found")]
-    SupervisorNotFound(SupervisorId),
-    /// The agent could not be created, initialised or started.
-    #[error("agent {0} failed to start: {1}")]
+    /// No node of the tree has this path or name.
+    #[error("{0}")]
+    NodeNotFound(String),
+    /// The agent could not be created, initialised or started. Through a
+    /// supervisor the message starts with the child's path
+    /// (`root/echo failed to start: ...`).
+    #[error("{1}")]
     AgentStartFailed(AgentPid, String),
     /// The agent failed while handling a request.
     #[error("agent {0} failed during execution: {1}")]
@@ -24,21 +26,19 @@ pub enum SupervisionError {
     /// The supervisor's restart intensity was exceeded; it gave up.
     #[error("supervisor {0} exceeded maximum restart attempts")]
     MaxRestartsExceeded(SupervisorId),
-    /// A restart failed.
-    #[error("agent {0} restart failed: {1}")]
-    RestartFailed(AgentPid, String),
     /// Stopping failed.
     #[error("supervision tree shutdown failed: {0}")]
     ShutdownFailed(String),
     /// The agent spec is invalid (unknown type, bad limits, ...).
     #[error("agent specification invalid: {0}")]
     InvalidAgentSpec(String),
-    /// The supervisor configuration is invalid.
-    #[error("supervisor configuration invalid: {0}")]
-    InvalidSupervisorConfig(String),
     /// A child with this id already exists (OTP's `already_present`).
     #[error("an agent with id {0} already exists")]
     DuplicateAgent(AgentPid),
+    /// A sibling already has this name (names make paths, so they are
+    /// unique among siblings); the payload is the path it would have.
+    #[error("{0} already exists: names must be unique among siblings")]
+    NameTaken(String),
     /// The child is running, so the operation is refused (OTP's `running`).
     #[error("agent {0} is running")]
     AgentRunning(AgentPid),
@@ -93,13 +93,12 @@ impl SupervisionError {
             | E::CommunicationFailed(_)
             | E::Timeout => true,
             E::AgentNotFound(_)
-            | E::SupervisorNotFound(_)
+            | E::NodeNotFound(_)
             | E::MaxRestartsExceeded(_)
-            | E::RestartFailed(..)
             | E::ShutdownFailed(_)
             | E::InvalidAgentSpec(_)
-            | E::InvalidSupervisorConfig(_)
             | E::DuplicateAgent(_)
+            | E::NameTaken(_)
             | E::AgentRunning(_)
             | E::MaxChildrenReached(_)
             | E::Component(_)
@@ -114,18 +113,18 @@ impl SupervisionError {
     pub fn category(&self) -> ErrorCategory {
         use SupervisionError as E;
         match self {
-            E::AgentNotFound(_) | E::SupervisorNotFound(_) => ErrorCategory::NotFound,
+            E::AgentNotFound(_) | E::NodeNotFound(_) => ErrorCategory::NotFound,
             E::AgentStartFailed(..) => ErrorCategory::Startup,
             E::AgentExecutionFailed(..) | E::AgentCrashed(..) => ErrorCategory::Runtime,
             E::MaxRestartsExceeded(_)
             | E::MaxChildrenReached(_)
             | E::MessageTooLarge { .. }
             | E::ReplyTooLarge { .. } => ErrorCategory::Policy,
-            E::RestartFailed(..) | E::AgentRestarting(_) => ErrorCategory::Recovery,
+            E::AgentRestarting(_) => ErrorCategory::Recovery,
             E::ShutdownFailed(_) => ErrorCategory::Shutdown,
             E::InvalidAgentSpec(_)
-            | E::InvalidSupervisorConfig(_)
             | E::DuplicateAgent(_)
+            | E::NameTaken(_)
             | E::AgentRunning(_)
             | E::Component(_) => ErrorCategory::Configuration,
             E::Serialization(_) => ErrorCategory::Serialization,
@@ -136,7 +135,7 @@ impl SupervisionError {
 }
 
 /// Error categories for monitoring and alerting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum ErrorCategory {
     /// Something named does not exist.
     NotFound,

@@ -17,6 +17,7 @@
 
 mod agent;
 mod error;
+mod running;
 pub mod runtime;
 pub mod state;
 pub mod supervisor;
@@ -33,15 +34,18 @@ pub use agent::{
     TestAgentFactory,
 };
 pub use error::{ErrorCategory, SupervisionError, SupervisionResult};
+pub use running::{
+    Node, NodeError, NodeKind, NodeStatus, ResolveError, RunningTree, TreeCallError, TreeHandle,
+};
 pub use runtime::{
     AgentComponent, AgentFault, AgentInstance, AgentLimits, CallError, DroppedLogs,
     InstanceOptions, LoadError, MAX_GUEST_TEXT, Preopen, Runtime, RuntimeConfig, WasiGrants,
 };
 pub use state::{MemoryStateStore, StateError, StateQuota, StateStore, entry_cost};
 pub use supervisor::{
-    AgentSupervisor, ChildCount, ChildSpec, RestartAction, RestartEntry, RestartIntensity,
-    RestartPolicy, RestartStrategy, RestartType, SupervisorConfig, SupervisorEvent,
-    SupervisorHandle, SupervisorSpec, SupervisorStatus,
+    AgentSupervisor, ChildCount, ChildSpec, EventKind, ExitCause, RestartAction, RestartEntry,
+    RestartIntensity, RestartPolicy, RestartStrategy, RestartType, SupervisorConfig,
+    SupervisorEvent, SupervisorHandle, SupervisorSpec, SupervisorStatus,
 };
 pub use types::{
     AgentPid, AgentStatus, ExitReason, InitArgs, SupervisorId, SystemMessage, TerminateReason,

@@ -47,7 +47,7 @@ use crate::supervisor::{
     AgentSupervisor, ChildSpec, RestartIntensity, RestartPolicy, RestartStrategy, RestartType,
     SupervisorConfig, SupervisorSpec,
 };
-use crate::{AgentFactory, AgentPid, AgentSpec, ShutdownPolicy, WasmAgentFactory};
+use crate::{AgentFactory, AgentSpec, NodeKind, RunningTree, ShutdownPolicy, WasmAgentFactory};
 
 /// A problem with a tree file: where, and what to do about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,20 +59,31 @@ pub struct TreeProblem {
     pub field: String,
     /// What is wrong and how to fix it.
     pub message: String,
+    /// The line of the file it is on, when the TOML parser knows it.
+    pub line: Option<usize>,
+}
+
+impl TreeProblem {
+    fn new(file: &Path, field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            file: file.to_owned(),
+            field: field.into(),
+            message: message.into(),
+            line: None,
+        }
+    }
 }
 
 impl fmt::Display for TreeProblem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.field.is_empty() {
-            write!(f, "{}: {}", self.file.display(), self.message)
-        } else {
-            write!(
-                f,
-                "{}: `{}`: {}",
-                self.file.display(),
-                self.field,
-                self.message
-            )
+        write!(f, "{}: ", self.file.display())?;
+        if !self.field.is_empty() {
+            write!(f, "`{}`: ", self.field)?;
+        }
+        f.write_str(&self.message)?;
+        match self.line {
+            Some(line) => write!(f, " (line {line})"),
+            None => Ok(()),
         }
     }
 }
@@ -269,11 +280,8 @@ struct Checker<'a> {
 
 impl Checker<'_> {
     fn problem(&mut self, field: &str, message: impl Into<String>) {
-        self.problems.push(TreeProblem {
-            file: self.file.to_owned(),
-            field: field.to_owned(),
-            message: message.into(),
-        });
+        self.problems
+            .push(TreeProblem::new(self.file, field, message));
     }
 
     fn positive(&mut self, field: &str, value: Option<i64>, what: &str) -> Option<u64> {
@@ -585,21 +593,17 @@ fn parse_shutdown(text: &str) -> Option<ShutdownPolicy> {
 /// `supervisor.children[1].strategy`) and, for a misspelt name, suggests the
 /// closest known one.
 fn parse_problem(file: &Path, text: &str, field: String, e: toml::de::Error) -> TreeProblem {
-    let location = e
-        .span()
-        .map(|span| {
-            let before = text.get(..span.start).unwrap_or(text);
-            format!(" (line {})", before.matches('\n').count() + 1)
-        })
-        .unwrap_or_default();
+    let line = e.span().map(|span| {
+        let before = text.get(..span.start).unwrap_or(text);
+        before.matches('\n').count() + 1
+    });
     let message = e.message().trim();
     let hint = did_you_mean(message)
         .map(|known| format!("; did you mean `{known}`?"))
         .unwrap_or_default();
     TreeProblem {
-        file: file.to_owned(),
-        field,
-        message: format!("{message}{hint}{location}"),
+        line,
+        ..TreeProblem::new(file, field, format!("{message}{hint}"))
     }
 }
 
@@ -645,11 +649,11 @@ impl TreeFile {
     pub fn load(path: impl AsRef<Path>) -> Result<Self, TreeError> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| TreeError {
-            problems: vec![TreeProblem {
-                file: path.to_owned(),
-                field: String::new(),
-                message: format!("cannot read the file: {e}"),
-            }],
+            problems: vec![TreeProblem::new(
+                path,
+                "",
+                format!("cannot read the file: {e}"),
+            )],
         })?;
         Self::parse(path, &text)
     }
@@ -702,6 +706,27 @@ impl TreeFile {
         }
     }
 
+    /// Every node of the tree (the root excepted) with its path
+    /// (`root/team/echo`), depth first in start order, as
+    /// [`RunningTree::status`](crate::TreeHandle::status) lists them.
+    pub fn nodes(&self) -> Vec<(String, NodeKind)> {
+        fn walk(s: &TreeSupervisor, prefix: &str, out: &mut Vec<(String, NodeKind)>) {
+            for child in &s.children {
+                let path = format!("{prefix}/{}", child.name());
+                match child {
+                    TreeNode::Agent(_) => out.push((path, NodeKind::Agent)),
+                    TreeNode::Supervisor(nested) => {
+                        out.push((path.clone(), NodeKind::Supervisor));
+                        walk(nested, &path, out);
+                    }
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.root, &self.root.name, &mut out);
+        out
+    }
+
     /// Every agent of the tree with its field path, depth first.
     pub fn agents(&self) -> Vec<(String, &TreeAgent)> {
         fn walk<'a>(s: &'a TreeSupervisor, field: &str, out: &mut Vec<(String, &'a TreeAgent)>) {
@@ -731,11 +756,11 @@ impl TreeFile {
                 Ok(c) => {
                     components.insert(agent.component.clone(), c);
                 }
-                Err(e) => problems.push(TreeProblem {
-                    file: self.path.clone(),
-                    field: format!("{field}.component"),
-                    message: e.to_string(),
-                }),
+                Err(e) => problems.push(TreeProblem::new(
+                    &self.path,
+                    format!("{field}.component"),
+                    e.to_string(),
+                )),
             }
         }
         if problems.is_empty() {
@@ -745,23 +770,50 @@ impl TreeFile {
         }
     }
 
-    /// Build the root supervisor (not started) over `runtime`, with the
-    /// names of every node by id (`root/pipeline/stage-1`).
-    pub fn build(&self, runtime: &Runtime) -> Result<(AgentSupervisor, TreeNames), TreeError> {
+    /// Build the root supervisor (not started) over `runtime`: every
+    /// component compiled, every node named as in the file, so that paths
+    /// are those of the file (`root/pipeline/stage-1`).
+    ///
+    /// # Errors
+    ///
+    /// Every component that cannot be loaded, as a [`TreeError`].
+    pub fn build(&self, runtime: &Runtime) -> Result<AgentSupervisor, TreeError> {
         let components = self.check(runtime)?;
         let mut factory = WasmAgentFactory::new(runtime.clone());
         for (path, component) in components {
             factory = factory.with_component(path.display().to_string(), component);
         }
         let factory: Arc<dyn AgentFactory> = Arc::new(factory);
-        let mut names = TreeNames::default();
         let config = supervisor_config(&self.root);
-        let mut sup = AgentSupervisor::new(config, factory.clone());
+        let mut sup = AgentSupervisor::new(config, factory.clone()).with_name(&self.root.name);
         for child in &self.root.children {
-            sup = sup.with_child(child_spec(child, &self.root.name, &factory, &mut names));
+            sup = sup.with_child(child_spec(child, &factory));
         }
-        Ok((sup, names))
+        Ok(sup)
     }
+
+    /// Build the tree and start it.
+    ///
+    /// # Errors
+    ///
+    /// [`StartError::File`] if a component cannot be loaded,
+    /// [`StartError::Start`] if a child fails to start (the message names
+    /// its path).
+    pub async fn start(&self, runtime: &Runtime) -> Result<RunningTree, StartError> {
+        let root = self.build(runtime)?;
+        Ok(RunningTree::start(root).await?)
+    }
+}
+
+/// Why a tree file's tree did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The file's components could not be loaded.
+    #[error(transparent)]
+    File(#[from] TreeError),
+    /// A child failed to start.
+    #[error("the tree did not start: {0}")]
+    Start(#[from] crate::SupervisionError),
 }
 
 fn supervisor_config(s: &TreeSupervisor) -> SupervisorConfig {
@@ -772,13 +824,7 @@ fn supervisor_config(s: &TreeSupervisor) -> SupervisorConfig {
     }
 }
 
-fn child_spec(
-    node: &TreeNode,
-    parent: &str,
-    factory: &Arc<dyn AgentFactory>,
-    names: &mut TreeNames,
-) -> ChildSpec {
-    let path = format!("{parent}/{}", node.name());
+fn child_spec(node: &TreeNode, factory: &Arc<dyn AgentFactory>) -> ChildSpec {
     match node {
         TreeNode::Agent(a) => {
             let spec = AgentSpec::new(a.component.display().to_string(), a.config.clone())
@@ -787,7 +833,6 @@ fn child_spec(
                 .with_shutdown(a.shutdown)
                 .with_limits(a.limits.clone())
                 .with_wasi(a.wasi.clone());
-            names.insert(spec.agent_id.clone(), path);
             ChildSpec::Agent(spec)
         }
         TreeNode::Supervisor(s) => {
@@ -795,44 +840,10 @@ fn child_spec(
                 .with_name(s.name.clone())
                 .with_restart_type(s.restart)
                 .with_shutdown(s.shutdown);
-            names.insert(spec.id.clone(), path.clone());
             for child in &s.children {
-                spec = spec.with_child(child_spec(child, &path, factory, names));
+                spec = spec.with_child(child_spec(child, factory));
             }
             ChildSpec::Supervisor(spec)
-        }
-    }
-}
-
-/// The path names (`root/pipeline/stage-1`) of a built tree's nodes.
-#[derive(Debug, Clone, Default)]
-pub struct TreeNames {
-    by_id: HashMap<AgentPid, String>,
-}
-
-impl TreeNames {
-    fn insert(&mut self, id: AgentPid, path: String) {
-        self.by_id.insert(id, path);
-    }
-
-    /// The path name of `id`.
-    pub fn name(&self, id: &AgentPid) -> Option<&str> {
-        self.by_id.get(id).map(String::as_str)
-    }
-
-    /// The id of the node whose path name is `path`, or whose own name is
-    /// `path` when that is unambiguous.
-    pub fn id(&self, path: &str) -> Option<&AgentPid> {
-        if let Some((id, _)) = self.by_id.iter().find(|(_, p)| *p == path) {
-            return Some(id);
-        }
-        let mut found = self
-            .by_id
-            .iter()
-            .filter(|(_, p)| p.rsplit('/').next() == Some(path));
-        match (found.next(), found.next()) {
-            (Some((id, _)), None) => Some(id),
-            _ => None,
         }
     }
 }
@@ -887,7 +898,7 @@ mod tests {
             "names the field: {}",
             p[0]
         );
-        assert!(p[0].contains("line 4"), "{}", p[0]);
+        assert!(p[0].ends_with("(line 4)"), "{}", p[0]);
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //! decisions of [`decision`](super::decision).
 //!
 //! Invariants:
-//! - `children` is in start order; `Shared::table.infos[i]` describes
-//!   `children[i]` (both change together, only here).
+//! - `children` is in start order and is the only place a child's state
+//!   lives; handles see a snapshot of it ([`View`]), republished by the task
+//!   after every change.
 //! - A child is running iff its `running` is `Some`; the incarnation number
 //!   in it is the only one whose exit report is acted on. Reports from
 //!   incarnations the supervisor stopped itself are ignored.
@@ -19,10 +20,10 @@
 //!   restarted only after its previous incarnation (and its whole subtree)
 //!   has ended: never are two incarnations of one child alive.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::Utc;
@@ -30,17 +31,20 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::timeout;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
-use super::child::{self, ChildExit, Lineage, Started, WorkerCommand};
-use super::decision::{ChildRef, Decision, ExitKind, RestartWindow, decide, decide_failed_start};
+use super::child::{self, ChildExit, Lineage, Started};
+use super::decision::{
+    ChildRef, Decision, ExitKind, RestartWindow, decide, decide_failed_start, shutdown_order,
+};
+use super::view::{ChildView, Route, Shared};
 use super::{
-    ChildCount, ChildSpec, RestartAction, RestartEntry, SupervisorConfig, SupervisorEvent,
-    SupervisorHandle, SupervisorStatus,
+    ChildCount, ChildSpec, EventKind, ExitCause, RestartAction, RestartEntry, SupervisorConfig,
+    SupervisorEvent, SupervisorHandle, SupervisorStatus,
 };
 use crate::runtime::MAX_GUEST_TEXT;
 use crate::text::bound;
 use crate::{
-    AgentFactory, AgentFault, AgentPid, AgentSpec, AgentStatus, ExitReason, InitArgs,
-    ShutdownPolicy, SupervisedAgentInfo, SupervisionError, SupervisionResult, SupervisorId,
+    AgentFactory, AgentFault, AgentPid, AgentStatus, ExitReason, InitArgs, ShutdownPolicy,
+    SupervisedAgentInfo, SupervisionError, SupervisionResult, SupervisorId,
 };
 
 /// Requests from handles to the supervisor task.
@@ -54,70 +58,6 @@ pub(crate) enum Command {
 }
 
 pub(crate) type Reply<T> = oneshot::Sender<SupervisionResult<T>>;
-
-/// How to reach a child, for calls that bypass the supervisor task.
-#[derive(Clone)]
-pub(crate) enum Route {
-    Worker(mpsc::Sender<WorkerCommand>),
-    Supervisor(SupervisorHandle),
-    /// Known child, not running now.
-    Down,
-}
-
-/// What the handles can read without asking the task.
-pub(crate) struct Table {
-    pub infos: Vec<SupervisedAgentInfo>,
-    pub history: VecDeque<RestartEntry>,
-    /// What `history` weighs, as [`entry_weight`] counts it.
-    pub history_bytes: usize,
-}
-
-/// State shared between the supervisor task and its handles.
-pub(crate) struct Shared {
-    pub id: SupervisorId,
-    pub config: SupervisorConfig,
-    pub status: Mutex<SupervisorStatus>,
-    pub table: Mutex<Table>,
-    pub routes: RwLock<HashMap<AgentPid, Route>>,
-    pub events: broadcast::Sender<SupervisorEvent>,
-}
-
-/// Lock a mutex whose data stays consistent even if a holder panicked
-/// (every critical section here is a single assignment or push).
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl Shared {
-    pub fn status(&self) -> SupervisorStatus {
-        lock(&self.status).clone()
-    }
-
-    fn set_status(&self, status: SupervisorStatus) {
-        *lock(&self.status) = status;
-    }
-
-    fn emit(&self, event: SupervisorEvent) {
-        // No subscriber is fine.
-        let _ = self.events.send(event);
-    }
-
-    pub fn route(&self, pid: &AgentPid) -> Option<Route> {
-        self.routes
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(pid)
-            .cloned()
-    }
-
-    fn set_route(&self, pid: &AgentPid, route: Option<Route>) {
-        let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
-        match route {
-            Some(route) => routes.insert(pid.clone(), route),
-            None => routes.remove(pid),
-        };
-    }
-}
 
 /// The supervisor is giving up: its restart intensity was exceeded.
 pub(crate) struct Escalated;
@@ -152,6 +92,8 @@ async fn settle(subtree: Option<TaskTracker>) {
     }
 }
 
+/// One child: its spec, its incarnation if it runs, and what handles see of
+/// it.
 struct Child {
     spec: ChildSpec,
     running: Option<Running>,
@@ -159,15 +101,39 @@ struct Child {
     /// `{restarting, _}`): it is not running, and the next attempt will
     /// start it unless it is terminated meanwhile.
     restarting: bool,
+    info: SupervisedAgentInfo,
+    route: Route,
+}
+
+impl Child {
+    fn id(&self) -> &AgentPid {
+        self.spec.id()
+    }
+
+    fn view(&self) -> Arc<ChildView> {
+        Arc::new(ChildView {
+            info: self.info.clone(),
+            route: self.route.clone(),
+        })
+    }
 }
 
 /// A restart to attempt again, queued behind the requests already waiting
 /// (OTP's `try_again_restart`).
 struct Retry {
-    cause: AgentPid,
+    cause: ExitCause,
     stop: Vec<AgentPid>,
     remove: Vec<AgentPid>,
     start: Vec<AgentPid>,
+}
+
+/// How a child came to be no longer running.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// It exited (or was reported dead).
+    Exit,
+    /// A restart attempt failed to start it.
+    FailedStart,
 }
 
 pub(crate) struct Actor {
@@ -175,6 +141,8 @@ pub(crate) struct Actor {
     factory: Arc<dyn AgentFactory>,
     children: Vec<Child>,
     window: RestartWindow,
+    /// What the restart history weighs (see [`entry_weight`]).
+    history_bytes: usize,
     exits_tx: mpsc::UnboundedSender<ChildExit>,
     exits_rx: mpsc::UnboundedReceiver<ChildExit>,
     commands: mpsc::Receiver<Command>,
@@ -187,30 +155,36 @@ pub(crate) struct Actor {
     lineage: Option<Arc<Lineage>>,
 }
 
-/// Create a supervisor: its handle, and the task body to spawn. The tasks of
-/// its children are tracked by `tracker`; `lineage` is that of the task the
-/// supervisor itself runs in (`None` for a root).
+/// Where a new supervisor sits in its tree.
+pub(crate) struct Placement {
+    /// Its id (for a nested supervisor: its id as a child).
+    pub id: SupervisorId,
+    /// Its path (`root`, `root/team`).
+    pub path: String,
+    /// The tree's event channel.
+    pub events: broadcast::Sender<SupervisorEvent>,
+    /// Tracks the tasks of its children and of everything below them.
+    pub tracker: TaskTracker,
+    /// The lineage of the task it runs in (`None` for a root).
+    pub lineage: Option<Arc<Lineage>>,
+}
+
+/// Create a supervisor: its handle, and the task body to spawn.
 pub(crate) fn new_supervisor(
     config: SupervisorConfig,
     factory: Arc<dyn AgentFactory>,
-    events: broadcast::Sender<SupervisorEvent>,
-    tracker: TaskTracker,
-    lineage: Option<Arc<Lineage>>,
+    placement: Placement,
 ) -> (SupervisorHandle, Actor) {
     let intensity = &config.restart_policy.intensity;
     let window = RestartWindow::new(intensity.max_restarts, intensity.time_window);
-    let shared = Arc::new(Shared {
-        id: config.supervisor_id.clone(),
-        config,
-        status: Mutex::new(SupervisorStatus::Starting),
-        table: Mutex::new(Table {
-            infos: Vec::new(),
-            history: VecDeque::new(),
-            history_bytes: 0,
-        }),
-        routes: RwLock::default(),
+    let Placement {
+        id,
+        path,
         events,
-    });
+        tracker,
+        lineage,
+    } = placement;
+    let shared = Arc::new(Shared::new(id, path, config, events));
     let (commands_tx, commands) = mpsc::channel(64);
     let (exits_tx, exits_rx) = mpsc::unbounded_channel();
     let handle = SupervisorHandle {
@@ -222,6 +196,7 @@ pub(crate) fn new_supervisor(
         factory,
         children: Vec::new(),
         window,
+        history_bytes: 0,
         exits_tx,
         exits_rx,
         commands,
@@ -239,6 +214,14 @@ enum Wake {
     Exit(ChildExit),
     Command(Option<Command>),
     Retry,
+}
+
+fn exit_kind(reason: &ExitReason) -> ExitKind {
+    match reason {
+        ExitReason::Normal => ExitKind::Normal,
+        ExitReason::Shutdown | ExitReason::SupervisorShutdown => ExitKind::Shutdown,
+        _ => ExitKind::Abnormal,
+    }
 }
 
 /// `reason` with every text in it bounded (it may come from a guest or an
@@ -262,7 +245,7 @@ fn bounded_reason(reason: ExitReason) -> ExitReason {
 /// What one history entry weighs against `max_history_bytes`: its own size
 /// and the text it holds.
 fn entry_weight(entry: &RestartEntry) -> usize {
-    std::mem::size_of::<RestartEntry>() + reason_text_len(&entry.reason)
+    std::mem::size_of::<RestartEntry>() + entry.path.len() + reason_text_len(&entry.reason)
 }
 
 fn reason_text_len(reason: &ExitReason) -> usize {
@@ -279,14 +262,6 @@ fn reason_text_len(reason: &ExitReason) -> usize {
     }
 }
 
-fn exit_kind(reason: &ExitReason) -> ExitKind {
-    match reason {
-        ExitReason::Normal => ExitKind::Normal,
-        ExitReason::Shutdown | ExitReason::SupervisorShutdown => ExitKind::Shutdown,
-        _ => ExitKind::Abnormal,
-    }
-}
-
 /// Tell the factories that `spec`'s agents are gone for good: a nested
 /// supervisor's agents (those of its spec) with it.
 fn release(factory: &dyn AgentFactory, spec: &ChildSpec) {
@@ -300,25 +275,11 @@ fn release(factory: &dyn AgentFactory, spec: &ChildSpec) {
     }
 }
 
-fn info_spec(spec: &ChildSpec) -> AgentSpec {
-    match spec {
-        ChildSpec::Agent(a) => a.clone(),
-        ChildSpec::Supervisor(s) => {
-            let mut a = AgentSpec::new("supervisor".into(), serde_json::Value::Null)
-                .with_id(s.id.clone())
-                .with_restart_type(s.restart_type)
-                .with_shutdown(s.shutdown);
-            a.name = s.name.clone();
-            a
-        }
-    }
-}
-
 impl Actor {
     /// The task body: start `initial` in order, then serve until stopped
     /// (`Some(Shutdown)`) or escalated (`Some(Shutdown)` with status
     /// `Failed`). `None` when the start failed (the error went to
-    /// `started`).
+    /// `started`), or when the owner is gone.
     pub async fn run(
         mut self,
         initial: Vec<ChildSpec>,
@@ -332,7 +293,7 @@ impl Actor {
                 return None;
             }
         }
-        self.shared.set_status(SupervisorStatus::Running);
+        self.set_status(SupervisorStatus::Running);
         if started.send(Ok(())).is_err() {
             self.shutdown(SupervisorStatus::Stopped).await;
             return None;
@@ -376,93 +337,170 @@ impl Actor {
         Box::pin(self.run(initial, started, stop))
     }
 
+    // --- the snapshot handles read ------------------------------------
+
+    fn set_status(&self, status: SupervisorStatus) {
+        self.shared.view.send_modify(|view| view.status = status);
+    }
+
+    /// Republish every child (after one was added or removed).
+    fn publish_children(&self) {
+        let children = self.children.iter().map(Child::view).collect();
+        self.shared
+            .view
+            .send_modify(|view| view.children = children);
+    }
+
+    /// Change the child at `idx` and republish it.
+    fn update(&mut self, idx: usize, f: impl FnOnce(&mut SupervisedAgentInfo)) {
+        let Some(child) = self.children.get_mut(idx) else {
+            return;
+        };
+        f(&mut child.info);
+        self.publish(idx);
+    }
+
+    fn set_route(&mut self, idx: usize, route: Route) {
+        if let Some(child) = self.children.get_mut(idx) {
+            child.route = route;
+            self.publish(idx);
+        }
+    }
+
+    fn publish(&self, idx: usize) {
+        let view = self.children[idx].view();
+        self.shared.view.send_modify(|v| {
+            if let Some(slot) = v.children.get_mut(idx) {
+                *slot = view;
+            }
+        });
+    }
+
+    /// Add a history entry, dropping the oldest ones beyond the entry and
+    /// byte bounds (the newest entry is always kept).
+    fn record(&mut self, idx: usize, reason: ExitReason, action: RestartAction) {
+        let child = &self.children[idx];
+        let entry = RestartEntry {
+            agent_id: child.id().clone(),
+            path: child.info.path.clone(),
+            timestamp: Utc::now(),
+            reason: bounded_reason(reason),
+            action,
+        };
+        let config = &self.shared.config;
+        let (max_entries, max_bytes) = (config.max_history.max(1), config.max_history_bytes);
+        let mut bytes = self.history_bytes + entry_weight(&entry);
+        self.shared.view.send_modify(|view| {
+            let history = Arc::make_mut(&mut view.history);
+            history.push_back(entry);
+            while history.len() > 1 && (history.len() > max_entries || bytes > max_bytes) {
+                if let Some(old) = history.pop_front() {
+                    bytes -= entry_weight(&old);
+                }
+            }
+        });
+        self.history_bytes = bytes;
+    }
+
+    fn emit(&self, path: &str, kind: EventKind) {
+        // No subscriber is fine.
+        let _ = self.shared.events.send(SupervisorEvent {
+            at: Utc::now(),
+            supervisor: self.shared.id.clone(),
+            path: path.to_owned(),
+            kind,
+        });
+    }
+
+    fn emit_child(&self, idx: usize, kind: EventKind) {
+        self.emit(&self.children[idx].info.path, kind);
+    }
+
+    // --- children -------------------------------------------------------
+
     fn index(&self, pid: &AgentPid) -> Option<usize> {
-        self.children.iter().position(|c| c.spec.id() == pid)
+        self.children.iter().position(|c| c.id() == pid)
+    }
+
+    fn known(&self, pid: &AgentPid) -> SupervisionResult<usize> {
+        self.index(pid)
+            .ok_or_else(|| SupervisionError::AgentNotFound(pid.clone()))
     }
 
     fn refs(&self) -> Vec<ChildRef<AgentPid>> {
         self.children
             .iter()
             .map(|c| ChildRef {
-                id: c.spec.id().clone(),
+                id: c.id().clone(),
                 restart_type: c.spec.restart_type(),
             })
             .collect()
-    }
-
-    fn update(&self, idx: usize, f: impl FnOnce(&mut SupervisedAgentInfo)) {
-        if let Some(info) = lock(&self.shared.table).infos.get_mut(idx) {
-            f(info);
-        }
-    }
-
-    /// Add a history entry, dropping the oldest ones beyond the entry and
-    /// byte bounds (the newest entry is always kept).
-    fn record(&self, agent_id: &AgentPid, reason: ExitReason, action: RestartAction) {
-        let entry = RestartEntry {
-            agent_id: agent_id.clone(),
-            timestamp: Utc::now(),
-            reason: bounded_reason(reason),
-            action,
-        };
-        let config = &self.shared.config;
-        let mut table = lock(&self.shared.table);
-        table.history_bytes += entry_weight(&entry);
-        table.history.push_back(entry);
-        while table.history.len() > 1
-            && (table.history.len() > config.max_history.max(1)
-                || table.history_bytes > config.max_history_bytes)
-        {
-            if let Some(old) = table.history.pop_front() {
-                table.history_bytes -= entry_weight(&old);
-            }
-        }
-    }
-
-    fn emit(&self, event: SupervisorEvent) {
-        self.shared.emit(event);
-    }
-
-    fn sup(&self) -> SupervisorId {
-        self.shared.id.clone()
     }
 
     /// Add a child and start it (OTP's `start_child`); the spec is not kept
     /// if the start fails.
     async fn add_child(&mut self, spec: ChildSpec) -> SupervisionResult<AgentPid> {
         let pid = spec.id().clone();
-        if self.children.len() >= self.shared.config.max_children {
-            return Err(SupervisionError::MaxChildrenReached(
-                self.shared.config.max_children,
-            ));
+        let max = self.shared.config.max_children;
+        if self.children.len() >= max {
+            return Err(SupervisionError::MaxChildrenReached(max));
         }
         if self.index(&pid).is_some() {
             return Err(SupervisionError::DuplicateAgent(pid));
         }
-        if let ChildSpec::Agent(agent) = &spec {
-            self.factory.validate_spec(agent)?;
+        let name = spec.name().map(str::to_owned);
+        let path = format!(
+            "{}/{}",
+            self.shared.path,
+            name.clone().unwrap_or_else(|| pid.to_string())
+        );
+        if let Some(name) = &name {
+            if name.is_empty() || name.contains('/') {
+                return Err(SupervisionError::InvalidAgentSpec(format!(
+                    "`{name}` cannot name a child: use a non-empty name without `/`"
+                )));
+            }
+            if self
+                .children
+                .iter()
+                .any(|c| c.info.name.as_ref() == Some(name))
+            {
+                return Err(SupervisionError::NameTaken(path));
+            }
         }
-        let mut info = SupervisedAgentInfo::new(pid.clone(), self.sup(), info_spec(&spec));
-        info.is_supervisor = matches!(spec, ChildSpec::Supervisor(_));
-        let name = info.spec.name.clone();
-        lock(&self.shared.table).infos.push(info);
+        let agent_spec = match &spec {
+            ChildSpec::Agent(agent) => {
+                self.factory.validate_spec(agent)?;
+                Some(agent.clone())
+            }
+            ChildSpec::Supervisor(_) => None,
+        };
+        let info =
+            SupervisedAgentInfo::new(pid.clone(), self.shared.id.clone(), name, path, agent_spec);
         self.children.push(Child {
             spec,
             running: None,
             restarting: false,
+            info,
+            route: Route::Down,
         });
+        self.publish_children();
         let idx = self.children.len() - 1;
         match self.start_child(idx).await {
             Ok(()) => {
-                self.emit(SupervisorEvent::ChildStarted {
-                    supervisor: self.sup(),
-                    agent: pid.clone(),
-                    name,
-                });
+                let name = self.children[idx].info.name.clone();
+                self.emit_child(
+                    idx,
+                    EventKind::ChildStarted {
+                        agent: pid.clone(),
+                        name,
+                    },
+                );
                 Ok(pid)
             }
             Err(e) => {
-                self.remove(idx);
+                self.children.remove(idx);
+                self.publish_children();
                 Err(e)
             }
         }
@@ -475,7 +513,7 @@ impl Actor {
     async fn start_child(&mut self, idx: usize) -> SupervisionResult<()> {
         let incarnation = self.next_incarnation;
         self.next_incarnation += 1;
-        let pid = self.children[idx].spec.id().clone();
+        let pid = self.children[idx].id().clone();
         let (stop_tx, stop_rx) = oneshot::channel();
         let exits = self.exits_tx.clone();
         let lineage = Arc::new(Lineage::new(&self.tracker, self.lineage.clone()));
@@ -486,7 +524,7 @@ impl Actor {
                 let spec = spec.clone();
                 let args = InitArgs {
                     agent_id: pid.clone(),
-                    supervisor_id: self.sup(),
+                    supervisor_id: self.shared.id.clone(),
                     config: spec.config.clone(),
                 };
                 let limits = child::WorkerLimits {
@@ -502,13 +540,17 @@ impl Actor {
             }
             ChildSpec::Supervisor(spec) => {
                 let subtree = TaskTracker::new();
-                let (handle, actor) = new_supervisor(
-                    spec.config.clone(),
-                    spec.factory.clone(),
-                    self.shared.events.clone(),
-                    subtree.clone(),
-                    Some(lineage.clone()),
-                );
+                let placement = Placement {
+                    // One identity: the nested supervisor's id is its id as
+                    // a child.
+                    id: SupervisorId(pid.0),
+                    path: self.children[idx].info.path.clone(),
+                    events: self.shared.events.clone(),
+                    tracker: subtree.clone(),
+                    lineage: Some(lineage.clone()),
+                };
+                let (handle, actor) =
+                    new_supervisor(spec.config.clone(), spec.factory.clone(), placement);
                 let initial = spec.children.clone();
                 let (task, started) = child::spawn(
                     pid.clone(),
@@ -518,54 +560,52 @@ impl Actor {
                     Some(subtree.clone()),
                     move |s| actor.run_boxed(initial, s, stop_rx),
                 );
-                (
-                    task,
-                    started,
-                    Route::Supervisor(handle),
-                    None,
-                    Some(subtree),
-                )
+                let route = Route::Supervisor(handle);
+                (task, started, route, None, Some(subtree))
             }
         };
         let mut task = AbortOnDropHandle::new(task);
         let mut started = started;
+        let failed = |why: String| {
+            let path = &self.children[idx].info.path;
+            SupervisionError::AgentStartFailed(
+                pid.clone(),
+                format!("{path} failed to start: {why}"),
+            )
+        };
         let outcome = match bound {
             Some(bound) => match timeout(bound, &mut started).await {
                 Ok(answer) => answer,
                 Err(_) => {
+                    let error = failed(format!("it did not start within {bound:?}"));
                     task.abort();
                     let _ = (&mut task).await;
                     settle(subtree).await;
-                    return Err(SupervisionError::AgentStartFailed(
-                        pid,
-                        format!("did not start within {bound:?}"),
-                    ));
+                    return Err(error);
                 }
             },
             None => started.await,
         };
         let error = match outcome {
             Ok(Ok(())) => {
-                self.children[idx].running = Some(Running {
+                let child = &mut self.children[idx];
+                child.running = Some(Running {
                     incarnation,
                     task,
                     stop: stop_tx,
                     subtree,
                 });
-                self.children[idx].restarting = false;
-                self.shared.set_route(&pid, Some(route));
+                child.restarting = false;
+                child.route = route;
                 self.update(idx, |info| {
                     info.status = AgentStatus::Running;
                     info.start_time = Utc::now();
                 });
                 return Ok(());
             }
-            Ok(Err(e @ SupervisionError::AgentStartFailed(..))) => e,
-            Ok(Err(e)) => SupervisionError::AgentStartFailed(pid, e.to_string()),
-            Err(_) => SupervisionError::AgentStartFailed(
-                pid,
-                "the child task ended while starting (panicked)".into(),
-            ),
+            Ok(Err(SupervisionError::AgentStartFailed(_, why))) => failed(why),
+            Ok(Err(e)) => failed(e.to_string()),
+            Err(_) => failed("its task ended while starting (it panicked)".into()),
         };
         // The task ends by itself after a failed start; wait for it.
         let _ = task.await;
@@ -584,8 +624,8 @@ impl Actor {
             }
             return;
         };
-        let pid = self.children[idx].spec.id().clone();
-        self.shared.set_route(&pid, Some(Route::Down));
+        let pid = self.children[idx].id().clone();
+        self.children[idx].route = Route::Down;
         self.update(idx, |info| info.status = AgentStatus::Stopping);
         let Running {
             mut task,
@@ -619,31 +659,7 @@ impl Actor {
         }
         settle(subtree).await;
         self.update(idx, |info| info.status = AgentStatus::Stopped);
-        self.emit(SupervisorEvent::ChildStopped {
-            supervisor: self.sup(),
-            agent: pid,
-            killed,
-        });
-    }
-
-    fn remove(&mut self, idx: usize) {
-        let child = self.children.remove(idx);
-        lock(&self.shared.table).infos.remove(idx);
-        self.shared.set_route(child.spec.id(), None);
-    }
-
-    /// Remove a child's spec for good (a temporary child that exited,
-    /// `delete_child`): what the factories keep for its agents (their state)
-    /// is released.
-    fn remove_and_report(&mut self, pid: &AgentPid) {
-        if let Some(idx) = self.index(pid) {
-            release(&*self.factory, &self.children[idx].spec);
-            self.remove(idx);
-            self.emit(SupervisorEvent::ChildRemoved {
-                supervisor: self.sup(),
-                agent: pid.clone(),
-            });
-        }
+        self.emit_child(idx, EventKind::ChildStopped { agent: pid, killed });
     }
 
     async fn stop_ids(&mut self, ids: &[AgentPid]) {
@@ -654,17 +670,44 @@ impl Actor {
         }
     }
 
+    /// Remove a child's spec for good (a temporary child that exited,
+    /// `delete_child`): what the factories keep for its agents (their state)
+    /// is released.
+    fn remove(&mut self, idx: usize) {
+        let child = self.children.remove(idx);
+        release(&*self.factory, &child.spec);
+        self.publish_children();
+        self.emit(
+            &child.info.path,
+            EventKind::ChildRemoved {
+                agent: child.id().clone(),
+            },
+        );
+    }
+
     /// Stop every child in reverse start order and settle in `status`.
     async fn shutdown(&mut self, status: SupervisorStatus) {
-        self.shared.set_status(SupervisorStatus::Stopping);
-        for idx in (0..self.children.len()).rev() {
-            self.stop_child(idx).await;
-        }
-        self.shared.set_status(status);
-        self.emit(SupervisorEvent::SupervisorStopped {
-            supervisor: self.sup(),
-        });
+        self.set_status(SupervisorStatus::Stopping);
+        let order = shutdown_order(&self.refs());
+        self.stop_ids(&order).await;
+        self.set_status(status);
+        self.emit(&self.shared.path, EventKind::SupervisorStopped);
     }
+
+    /// Give up: stop `stop` (every remaining child, reverse start order) and
+    /// end in `Failed`.
+    async fn escalate(&mut self, stop: &[AgentPid]) -> Result<(), Escalated> {
+        self.set_status(SupervisorStatus::Stopping);
+        self.stop_ids(stop).await;
+        self.set_status(SupervisorStatus::Failed(
+            "maximum restart intensity exceeded".into(),
+        ));
+        self.emit(&self.shared.path, EventKind::Escalated);
+        self.emit(&self.shared.path, EventKind::SupervisorStopped);
+        Err(Escalated)
+    }
+
+    // --- exits and restarts ---------------------------------------------
 
     async fn on_exit(&mut self, exit: ChildExit) -> Result<(), Escalated> {
         let Some(idx) = self.index(&exit.pid) else {
@@ -678,69 +721,114 @@ impl Actor {
             // It sent its exit as its last act: this returns at once.
             let _ = ended.task.await;
         }
-        self.shared.set_route(&exit.pid, Some(Route::Down));
-        self.child_exited(idx, exit.reason).await
+        self.set_route(idx, Route::Down);
+        self.handle_exit(idx, exit.reason).await
     }
 
     /// The child at `idx` (no longer running) exited with `reason`: decide
     /// and act.
-    async fn child_exited(&mut self, idx: usize, reason: ExitReason) -> Result<(), Escalated> {
-        let reason = bounded_reason(reason);
-        let pid = self.children[idx].spec.id().clone();
-        self.update(idx, |info| {
-            info.last_exit = Some(reason.clone());
-            info.status = AgentStatus::Failed(reason.to_string());
-        });
-        self.emit(SupervisorEvent::ChildExited {
-            supervisor: self.sup(),
-            agent: pid.clone(),
-            reason: reason.clone(),
-        });
-        let refs = self.refs();
-        let strategy = self.shared.config.restart_policy.strategy;
-        let kind = exit_kind(&reason);
-        let Ok(decision) = decide(
-            strategy,
-            &refs,
-            &pid,
-            kind,
-            &mut self.window,
-            Instant::now(),
-        ) else {
-            return Ok(()); // unreachable: `pid` is a child
-        };
-        match decision {
-            Decision::NoRestart { remove: true } => {
-                self.record(&pid, reason, RestartAction::Removed);
-                self.remove_and_report(&pid);
-                Ok(())
-            }
-            Decision::NoRestart { remove: false } => {
-                self.record(&pid, reason, RestartAction::NotRestarted);
-                self.update(idx, |info| info.status = AgentStatus::Stopped);
-                Ok(())
-            }
-            Decision::Restart {
-                stop,
-                remove,
-                start,
-            } => {
-                self.record(&pid, reason, RestartAction::Restarted);
-                self.restart(&pid, stop, remove, start).await
-            }
-            Decision::Escalate { stop } => {
-                self.record(&pid, reason, RestartAction::Escalated);
-                self.escalate(&stop).await
-            }
+    async fn handle_exit(&mut self, idx: usize, reason: ExitReason) -> Result<(), Escalated> {
+        match self.decide_exit(idx, reason, Ending::Exit) {
+            (
+                cause,
+                Decision::Restart {
+                    stop,
+                    remove,
+                    start,
+                },
+            ) => self.restart(cause, stop, remove, start).await,
+            (_, other) => self.conclude(idx, other).await,
         }
     }
 
-    /// Carry out a restart decision caused by `cause`. A child that fails to
-    /// start counts as a new abnormal exit (OTP), which may escalate; the
+    /// The one place where an exit or a failed start is shown, decided and
+    /// recorded: OTP's `restart/3` for both (a failed start is an abnormal
+    /// exit that counts against the intensity again).
+    fn decide_exit(
+        &mut self,
+        idx: usize,
+        reason: ExitReason,
+        ending: Ending,
+    ) -> (ExitCause, Decision<AgentPid>) {
+        let reason = bounded_reason(reason);
+        let pid = self.children[idx].id().clone();
+        self.update(idx, |info| {
+            info.last_exit = Some(reason.clone());
+            info.status = match ending {
+                Ending::Exit => AgentStatus::Failed(reason.to_string()),
+                Ending::FailedStart => AgentStatus::Restarting,
+            };
+        });
+        let refs = self.refs();
+        let strategy = self.shared.config.restart_policy.strategy;
+        let now = Instant::now();
+        let decided = match ending {
+            Ending::Exit => {
+                self.emit_child(
+                    idx,
+                    EventKind::ChildExited {
+                        agent: pid.clone(),
+                        reason: reason.clone(),
+                    },
+                );
+                decide(
+                    strategy,
+                    &refs,
+                    &pid,
+                    exit_kind(&reason),
+                    &mut self.window,
+                    now,
+                )
+            }
+            Ending::FailedStart => {
+                decide_failed_start(strategy, &refs, &pid, &mut self.window, now)
+            }
+        };
+        // `pid` is a child: `decide` cannot fail.
+        let decision = decided.unwrap_or(Decision::NoRestart { remove: false });
+        let action = match (&decision, ending) {
+            (Decision::Escalate { .. }, _) => RestartAction::Escalated,
+            (Decision::NoRestart { remove: true }, _) => RestartAction::Removed,
+            (_, Ending::FailedStart) => RestartAction::StartFailed,
+            (Decision::NoRestart { .. }, Ending::Exit) => RestartAction::NotRestarted,
+            (Decision::Restart { .. }, Ending::Exit) => RestartAction::Restarted,
+        };
+        self.record(idx, reason.clone(), action);
+        let cause = ExitCause {
+            agent: pid,
+            path: self.children[idx].info.path.clone(),
+            reason,
+        };
+        (cause, decision)
+    }
+
+    /// Carry out a decision other than a restart about the child at `idx`.
+    async fn conclude(
+        &mut self,
+        idx: usize,
+        decision: Decision<AgentPid>,
+    ) -> Result<(), Escalated> {
+        match decision {
+            Decision::NoRestart { remove: true } => {
+                self.remove(idx);
+                Ok(())
+            }
+            Decision::NoRestart { remove: false } | Decision::Restart { .. } => {
+                self.children[idx].restarting = false;
+                self.update(idx, |info| info.status = AgentStatus::Stopped);
+                Ok(())
+            }
+            Decision::Escalate { stop } => self.escalate(&stop).await,
+        }
+    }
+
+    /// Carry out a restart caused by `cause`: stop the bystanders, remove
+    /// the temporary ones, start the others in order. A child that fails to
+    /// start is decided on as a new abnormal exit, which may escalate; its
     /// next attempt is queued, not made here.
     async fn restart(
         &mut self,
-        cause: &AgentPid,
+        cause: ExitCause,
         stop: Vec<AgentPid>,
         remove: Vec<AgentPid>,
         start: Vec<AgentPid>,
@@ -753,13 +841,70 @@ impl Actor {
             }
         }
         for id in &remove {
-            self.record(id, ExitReason::Shutdown, RestartAction::Removed);
-            self.remove_and_report(id);
+            if let Some(idx) = self.index(id) {
+                self.record(idx, ExitReason::Shutdown, RestartAction::Removed);
+                self.remove(idx);
+            }
         }
-        match self.start_all(cause, &start).await {
-            None => Ok(()),
-            Some((failed, error)) => self.restart_failed(&failed, &error).await,
+        for id in &start {
+            let Some(idx) = self.index(id) else { continue };
+            if self.children[idx].running.is_some() {
+                continue;
+            }
+            if let Err(error) = self.start_child(idx).await {
+                let reason = ExitReason::Fault(AgentFault::InitFailed(error.to_string()));
+                return match self.decide_exit(idx, reason, Ending::FailedStart) {
+                    (
+                        cause,
+                        Decision::Restart {
+                            stop,
+                            remove,
+                            start,
+                        },
+                    ) => {
+                        self.retries.push_back(Retry {
+                            cause,
+                            stop,
+                            remove,
+                            start,
+                        });
+                        Ok(())
+                    }
+                    (_, other) => self.conclude(idx, other).await,
+                };
+            }
+            let bystander = *id != cause.agent;
+            if bystander {
+                let sibling = cause.agent.clone();
+                self.record(
+                    idx,
+                    ExitReason::Shutdown,
+                    RestartAction::RestartedWithSibling(sibling),
+                );
+            }
+            self.restarted(idx, cause.clone(), bystander);
         }
+        Ok(())
+    }
+
+    /// The child at `idx` was started again: count it and say so.
+    fn restarted(&mut self, idx: usize, cause: ExitCause, bystander: bool) {
+        let mut restart_count = 0;
+        self.update(idx, |info| {
+            info.restart_count += 1;
+            info.last_restart = Some(Utc::now());
+            restart_count = info.restart_count;
+        });
+        let agent = self.children[idx].id().clone();
+        self.emit_child(
+            idx,
+            EventKind::ChildRestarted {
+                agent,
+                restart_count,
+                cause,
+                bystander,
+            },
+        );
     }
 
     /// A queued restart attempt: the children still waiting for it (those
@@ -775,119 +920,10 @@ impl Actor {
             .into_iter()
             .filter(|id| self.index(id).is_some_and(|i| self.children[i].restarting))
             .collect();
-        self.restart(&cause, stop, remove, start).await
+        self.restart(cause, stop, remove, start).await
     }
 
-    /// A restart attempt failed to start `failed`: decide again, as for an
-    /// abnormal exit, and queue the next attempt or escalate.
-    async fn restart_failed(
-        &mut self,
-        failed: &AgentPid,
-        error: &SupervisionError,
-    ) -> Result<(), Escalated> {
-        let reason = bounded_reason(ExitReason::Fault(AgentFault::InitFailed(error.to_string())));
-        if let Some(idx) = self.index(failed) {
-            self.update(idx, |info| {
-                info.last_exit = Some(reason.clone());
-                info.status = AgentStatus::Restarting;
-            });
-        }
-        let refs = self.refs();
-        let strategy = self.shared.config.restart_policy.strategy;
-        let now = Instant::now();
-        match decide_failed_start(strategy, &refs, failed, &mut self.window, now) {
-            Ok(Decision::Restart {
-                stop,
-                remove,
-                start,
-            }) => {
-                self.record(failed, reason, RestartAction::StartFailed);
-                self.retries.push_back(Retry {
-                    cause: failed.clone(),
-                    stop,
-                    remove,
-                    start,
-                });
-                Ok(())
-            }
-            Ok(Decision::Escalate { stop }) => {
-                self.record(failed, reason, RestartAction::Escalated);
-                self.escalate(&stop).await
-            }
-            Ok(Decision::NoRestart { remove }) => {
-                self.record(failed, reason, RestartAction::StartFailed);
-                if let Some(idx) = self.index(failed) {
-                    self.children[idx].restarting = false;
-                    self.update(idx, |info| {
-                        info.status = AgentStatus::Failed("could not be restarted".into());
-                    });
-                }
-                if remove {
-                    self.remove_and_report(failed);
-                }
-                Ok(())
-            }
-            Err(_) => Ok(()), // unreachable: `failed` is a child
-        }
-    }
-
-    /// Start `ids` in order (skipping running ones); the first that fails.
-    async fn start_all(
-        &mut self,
-        cause: &AgentPid,
-        ids: &[AgentPid],
-    ) -> Option<(AgentPid, SupervisionError)> {
-        for id in ids {
-            let Some(idx) = self.index(id) else { continue };
-            if self.children[idx].running.is_some() {
-                continue;
-            }
-            if let Err(e) = self.start_child(idx).await {
-                return Some((id.clone(), e));
-            }
-            let mut restart_count = 0;
-            self.update(idx, |info| {
-                info.restart_count += 1;
-                info.last_restart = Some(Utc::now());
-                restart_count = info.restart_count;
-            });
-            if id != cause {
-                self.record(
-                    id,
-                    ExitReason::Shutdown,
-                    RestartAction::RestartedWithSibling(cause.clone()),
-                );
-            }
-            self.emit(SupervisorEvent::ChildRestarted {
-                supervisor: self.sup(),
-                agent: id.clone(),
-                restart_count,
-            });
-        }
-        None
-    }
-
-    /// Give up: stop `stop` (every remaining child, reverse start order) and
-    /// end in `Failed`.
-    async fn escalate(&mut self, stop: &[AgentPid]) -> Result<(), Escalated> {
-        self.shared.set_status(SupervisorStatus::Stopping);
-        self.stop_ids(stop).await;
-        self.shared.set_status(SupervisorStatus::Failed(
-            "maximum restart intensity exceeded".into(),
-        ));
-        self.emit(SupervisorEvent::Escalated {
-            supervisor: self.sup(),
-        });
-        self.emit(SupervisorEvent::SupervisorStopped {
-            supervisor: self.sup(),
-        });
-        Err(Escalated)
-    }
-
-    fn known(&self, pid: &AgentPid) -> SupervisionResult<usize> {
-        self.index(pid)
-            .ok_or_else(|| SupervisionError::AgentNotFound(pid.clone()))
-    }
+    // --- requests ---------------------------------------------------------
 
     async fn serve(&mut self, command: Command) -> Result<(), Escalated> {
         match command {
@@ -908,12 +944,14 @@ impl Actor {
                     return Ok(());
                 };
                 // The reporter says it is dead: make it so, without a stop.
-                self.shared.set_route(&pid, Some(Route::Down));
+                self.set_route(idx, Route::Down);
                 running.kill().await;
-                let outcome = self.child_exited(idx, reason).await;
+                let outcome = self.handle_exit(idx, reason).await;
                 let _ = reply.send(match outcome {
                     Ok(()) => Ok(()),
-                    Err(Escalated) => Err(SupervisionError::MaxRestartsExceeded(self.sup())),
+                    Err(Escalated) => Err(SupervisionError::MaxRestartsExceeded(
+                        self.shared.id.clone(),
+                    )),
                 });
                 return outcome;
             }
@@ -932,18 +970,15 @@ impl Actor {
                 let _ = reply.send(count);
             }
             Command::Terminate(pid, reply) => {
-                let result = match self.known(&pid) {
-                    Ok(idx) => {
-                        self.stop_child(idx).await;
-                        // OTP deletes a temporary child's spec once it stops.
-                        if self.children[idx].spec.restart_type() == super::RestartType::Temporary {
-                            self.remove_and_report(&pid);
-                        }
-                        Ok(())
+                let known = self.known(&pid);
+                if let Ok(idx) = known {
+                    self.stop_child(idx).await;
+                    // OTP deletes a temporary child's spec once it stops.
+                    if self.children[idx].spec.restart_type() == super::RestartType::Temporary {
+                        self.remove(idx);
                     }
-                    Err(e) => Err(e),
-                };
-                let _ = reply.send(result);
+                }
+                let _ = reply.send(known.map(|_| ()));
             }
             Command::Restart(pid, reply) => {
                 let result = match self.known(&pid) {
@@ -953,9 +988,23 @@ impl Actor {
                     Ok(idx) if self.children[idx].restarting => {
                         Err(SupervisionError::AgentRestarting(pid))
                     }
-                    Ok(_) => match self.start_all(&pid, std::slice::from_ref(&pid)).await {
-                        None => Ok(()),
-                        Some((_, e)) => Err(e),
+                    Ok(idx) => match self.start_child(idx).await {
+                        Ok(()) => {
+                            // Restarted on request: its own last exit is the
+                            // cause.
+                            let cause = ExitCause {
+                                agent: pid,
+                                path: self.children[idx].info.path.clone(),
+                                reason: self.children[idx]
+                                    .info
+                                    .last_exit
+                                    .clone()
+                                    .unwrap_or(ExitReason::Shutdown),
+                            };
+                            self.restarted(idx, cause, false);
+                            Ok(())
+                        }
+                        Err(e) => Err(e),
                     },
                     Err(e) => Err(e),
                 };
@@ -969,8 +1018,8 @@ impl Actor {
                     Ok(idx) if self.children[idx].restarting => {
                         Err(SupervisionError::AgentRestarting(pid))
                     }
-                    Ok(_) => {
-                        self.remove_and_report(&pid);
+                    Ok(idx) => {
+                        self.remove(idx);
                         Ok(())
                     }
                     Err(e) => Err(e),

@@ -8,8 +8,9 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::timeout;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
-use super::actor::{self, Command, Route, Shared, lock};
+use super::actor::{self, Command, Placement};
 use super::child::WorkerCommand;
+use super::view::{Route, Shared};
 use super::{
     ChildCount, ChildSpec, RestartEntry, SupervisorConfig, SupervisorEvent, SupervisorSpec,
     SupervisorStatus,
@@ -47,6 +48,28 @@ impl SupervisorHandle {
     /// The supervisor's status now.
     pub fn status(&self) -> SupervisorStatus {
         self.shared.status()
+    }
+
+    /// The supervisor's path in its tree (`root`, `root/team`).
+    pub fn path(&self) -> &str {
+        &self.shared.path
+    }
+
+    /// Its configuration.
+    pub fn config(&self) -> &SupervisorConfig {
+        &self.shared.config
+    }
+
+    /// The children in start order, with their status as of the last change
+    /// (OTP's `which_children`), read without asking the supervisor task.
+    pub fn children(&self) -> Vec<SupervisedAgentInfo> {
+        self.shared.children()
+    }
+
+    /// Every exit and what was done about it, oldest first (bounded by
+    /// `max_history` entries and `max_history_bytes`).
+    pub fn restart_history(&self) -> Vec<RestartEntry> {
+        self.shared.history().iter().cloned().collect()
     }
 
     /// The events of the whole tree this supervisor belongs to.
@@ -104,21 +127,6 @@ impl SupervisorHandle {
     ) -> SupervisionResult<()> {
         self.request(|r| Command::ReportExit(agent_id, reason, r))
             .await?
-    }
-
-    /// The children in start order, with their status (OTP's
-    /// `which_children`).
-    pub async fn get_children(&self) -> Vec<(AgentPid, SupervisedAgentInfo)> {
-        lock(&self.shared.table)
-            .infos
-            .iter()
-            .map(|info| (info.pid.clone(), info.clone()))
-            .collect()
-    }
-
-    /// Every exit and what was done about it, oldest first.
-    pub async fn get_restart_history(&self) -> Vec<RestartEntry> {
-        lock(&self.shared.table).history.iter().cloned().collect()
     }
 
     /// OTP's `count_children`.
@@ -229,6 +237,10 @@ impl SupervisorHandle {
     }
 }
 
+/// The name of a root supervisor that was given none: the first segment of
+/// every path of its tree.
+pub const DEFAULT_ROOT_NAME: &str = "root";
+
 struct Root {
     stop: oneshot::Sender<()>,
     /// The root supervisor's task: aborted (and with it the whole tree) if
@@ -247,6 +259,7 @@ struct Root {
 /// The `AgentSupervisor` owns the tree: dropping it without `stop` kills
 /// every agent and nested supervisor of the tree at once (no graceful stop).
 pub struct AgentSupervisor {
+    name: String,
     config: SupervisorConfig,
     factory: Arc<dyn AgentFactory>,
     initial: Vec<ChildSpec>,
@@ -269,6 +282,7 @@ impl AgentSupervisor {
     /// runs until [`start`](Self::start).
     pub fn new(config: SupervisorConfig, factory: Arc<dyn AgentFactory>) -> Self {
         Self {
+            name: DEFAULT_ROOT_NAME.to_owned(),
             config,
             factory,
             initial: Vec::new(),
@@ -276,6 +290,18 @@ impl AgentSupervisor {
             handle: None,
             root: None,
         }
+    }
+
+    /// Name the root supervisor: the first segment of its tree's paths
+    /// (default [`DEFAULT_ROOT_NAME`]).
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// The root supervisor's name.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// Add a child started (in order) by [`start`](Self::start).
@@ -329,13 +355,15 @@ impl AgentSupervisor {
             )));
         }
         let tree = TaskTracker::new();
-        let (handle, actor) = actor::new_supervisor(
-            self.config.clone(),
-            self.factory.clone(),
-            self.events.clone(),
-            tree.clone(),
-            None,
-        );
+        let placement = Placement {
+            id: self.config.supervisor_id.clone(),
+            path: self.name.clone(),
+            events: self.events.clone(),
+            tracker: tree.clone(),
+            lineage: None,
+        };
+        let (handle, actor) =
+            actor::new_supervisor(self.config.clone(), self.factory.clone(), placement);
         let (started_tx, started_rx) = oneshot::channel();
         let (stop_tx, stop_rx) = oneshot::channel();
         let initial = self.initial.clone();
@@ -392,18 +420,25 @@ impl AgentSupervisor {
         self.handle()?.handle_agent_exit(agent_id, reason).await
     }
 
-    /// The children in start order (empty before the first start).
+    /// The children in start order (empty before the first start). Async
+    /// as in the original API; [`SupervisorHandle::children`] is the same,
+    /// synchronously.
     pub async fn get_children(&self) -> Vec<(AgentPid, SupervisedAgentInfo)> {
         match &self.handle {
-            Some(handle) => handle.get_children().await,
+            Some(handle) => handle
+                .children()
+                .into_iter()
+                .map(|info| (info.pid.clone(), info))
+                .collect(),
             None => Vec::new(),
         }
     }
 
-    /// The restart history, oldest first.
+    /// The restart history, oldest first. Async as in the original API;
+    /// [`SupervisorHandle::restart_history`] is the same, synchronously.
     pub async fn get_restart_history(&self) -> Vec<RestartEntry> {
         match &self.handle {
-            Some(handle) => handle.get_restart_history().await,
+            Some(handle) => handle.restart_history(),
             None => Vec::new(),
         }
     }

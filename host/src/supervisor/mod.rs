@@ -9,8 +9,10 @@
 mod actor;
 mod child;
 pub mod decision;
+mod event;
 mod handle;
 mod policy;
+mod view;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +21,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 pub use decision::{RestartStrategy, RestartType};
-pub use handle::{AgentSupervisor, SupervisorHandle};
+pub use event::{EventKind, ExitCause, SupervisorEvent};
+pub use handle::{AgentSupervisor, DEFAULT_ROOT_NAME, SupervisorHandle};
 pub use policy::{RestartIntensity, RestartPolicy};
 
 use crate::{AgentFactory, AgentPid, AgentSpec, ExitReason, ShutdownPolicy, SupervisorId};
@@ -34,7 +37,7 @@ pub struct SupervisorConfig {
     /// Bound on starting a child (create + init + start) and on a call's
     /// reply.
     pub agent_timeout: Duration,
-    /// Interval of health checks (reserved; health checks are not run yet).
+    /// Interval of health checks (reserved: health checks are not run yet).
     pub health_check_interval: Duration,
     /// Most children this supervisor accepts.
     pub max_children: usize,
@@ -107,72 +110,15 @@ pub enum RestartAction {
 pub struct RestartEntry {
     /// The child concerned.
     pub agent_id: AgentPid,
+    /// Its path in the tree.
+    #[serde(default)]
+    pub path: String,
     /// When.
     pub timestamp: DateTime<Utc>,
     /// Why it exited.
     pub reason: ExitReason,
     /// What the supervisor did.
     pub action: RestartAction,
-}
-
-/// A lifecycle event of a supervision tree. Every supervisor of a tree sends
-/// to the same channel; `supervisor` says which.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub enum SupervisorEvent {
-    /// A child started (first start).
-    ChildStarted {
-        /// Its supervisor.
-        supervisor: SupervisorId,
-        /// The child.
-        agent: AgentPid,
-        /// Its name, if any.
-        name: Option<String>,
-    },
-    /// A child exited on its own or was reported exited.
-    ChildExited {
-        /// Its supervisor.
-        supervisor: SupervisorId,
-        /// The child.
-        agent: AgentPid,
-        /// Why.
-        reason: ExitReason,
-    },
-    /// A child was restarted.
-    ChildRestarted {
-        /// Its supervisor.
-        supervisor: SupervisorId,
-        /// The child.
-        agent: AgentPid,
-        /// Its restart count now.
-        restart_count: u32,
-    },
-    /// A child was stopped by its supervisor.
-    ChildStopped {
-        /// Its supervisor.
-        supervisor: SupervisorId,
-        /// The child.
-        agent: AgentPid,
-        /// Whether it was killed (brutal kill, or it did not stop within its
-        /// shutdown timeout) rather than stopping on request.
-        killed: bool,
-    },
-    /// A child's spec was removed.
-    ChildRemoved {
-        /// Its supervisor.
-        supervisor: SupervisorId,
-        /// The child.
-        agent: AgentPid,
-    },
-    /// The supervisor exceeded its restart intensity and gave up.
-    Escalated {
-        /// The supervisor.
-        supervisor: SupervisorId,
-    },
-    /// The supervisor stopped.
-    SupervisorStopped {
-        /// The supervisor.
-        supervisor: SupervisorId,
-    },
 }
 
 /// A nested supervisor, as a child of another supervisor.
@@ -273,6 +219,14 @@ impl ChildSpec {
         match self {
             ChildSpec::Agent(a) => &a.agent_id,
             ChildSpec::Supervisor(s) => &s.id,
+        }
+    }
+
+    /// The child's name, if it has one.
+    pub fn name(&self) -> Option<&str> {
+        match self {
+            ChildSpec::Agent(a) => a.name.as_deref(),
+            ChildSpec::Supervisor(s) => s.name.as_deref(),
         }
     }
 

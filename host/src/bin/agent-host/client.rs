@@ -6,12 +6,13 @@ use std::process::ExitCode;
 
 use clap::Args;
 use terraphim_agent_supervisor::Runtime;
-use terraphim_agent_supervisor::tree::TreeFile;
 
-use crate::control::{self, Request};
+use terraphim_agent_supervisor::{NodeKind, NodeStatus};
+
+use crate::control::{self, Failure, Request};
 use crate::events::status_text;
 use crate::output::{Out, stderr_line};
-use crate::tree_host::{Failure, Index, NodeStatus, report};
+use crate::problems::{self, NotStarted};
 use crate::{CliResult, EXIT_FAILURE};
 
 pub const CALL_LONG_ABOUT: &str = "\
@@ -110,48 +111,32 @@ pub async fn call(args: CallArgs) -> CliResult {
 
 /// No host runs the tree: start it, call, stop it.
 async fn one_shot(args: &CallArgs) -> CliResult {
-    let file = match TreeFile::load(&args.tree) {
-        Ok(file) => file,
-        Err(e) => {
-            report(&e);
-            return Ok(ExitCode::from(EXIT_FAILURE));
-        }
+    let started = match problems::load(&args.tree) {
+        Ok(file) => problems::start(&file, &Runtime::new()?).await,
+        Err(e) => Err(e),
     };
-    let runtime = Runtime::new()?;
-    let (mut sup, index) = match Index::build(&file, &runtime) {
-        Ok(built) => built,
-        Err(e) => {
-            report(&e);
-            return Ok(ExitCode::from(EXIT_FAILURE));
-        }
+    let mut tree = match started {
+        Ok(tree) => tree,
+        Err(NotStarted::Reported) => return Ok(ExitCode::from(EXIT_FAILURE)),
+        Err(NotStarted::Failed(why)) => return Err(why.into()),
     };
-    if let Err(e) = sup.start().await {
-        let why = index.names().humanise(e.to_string());
-        return Err(format!("the tree did not start: {why}").into());
-    }
     stderr_line!(
         "no running host for {}: started it for this call; state is not kept",
         args.tree.display()
     );
-    let result = match sup.handle() {
-        Ok(root) => index.call(&root, &args.agent, args.message.clone()).await,
-        Err(e) => Err(Failure {
-            error: index.names().humanise(e.to_string()),
-            category: format!("{:?}", e.category()),
-        }),
-    };
-    if let Err(e) = sup.stop().await {
-        tracing::warn!(
-            "stopping the tree: {}",
-            index.names().humanise(e.to_string())
-        );
+    let result = tree.call(&args.agent, args.message.clone()).await;
+    if let Err(e) = tree.stop().await {
+        tracing::warn!("stopping the tree: {e}");
     }
     Ok(match result {
         Ok(reply) => {
             Out::blocking(false).line(&reply);
             ExitCode::SUCCESS
         }
-        Err(failure) => failed(&failure),
+        Err(e) => {
+            stderr_line!("error: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
     })
 }
 
@@ -189,10 +174,9 @@ pub async fn status(args: StatusArgs) -> CliResult {
         out.line(&format!(
             "{:<w$}  {:<10}  {:<10}  {:>8}  {last}",
             row.path,
-            if row.supervisor {
-                "supervisor"
-            } else {
-                "agent"
+            match row.kind {
+                NodeKind::Supervisor => "supervisor",
+                NodeKind::Agent => "agent",
             },
             status_text(&row.status),
             row.restart_count,

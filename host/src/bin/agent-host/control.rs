@@ -34,13 +34,11 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use terraphim_agent_supervisor::SupervisorHandle;
+use terraphim_agent_supervisor::TreeHandle;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, sleep_until, timeout};
-
-use crate::tree_host::{Failure, Index};
 
 /// Largest message of a call, in bytes: the supervisors' `max_message_bytes`
 /// (a tree file cannot change it; a test checks that it is the library's
@@ -141,6 +139,15 @@ impl Default for AcceptBackoff {
     fn default() -> Self {
         Self { next: Self::FIRST }
     }
+}
+
+/// A failed request, as the control socket reports it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Failure {
+    /// What went wrong, for people.
+    pub error: String,
+    /// The library's `ErrorCategory` (`Runtime`, `NotFound`, ...).
+    pub category: String,
 }
 
 /// A request to a running host.
@@ -438,7 +445,7 @@ impl Listener {
     /// refuse it (a client of another user, too many clients). After a
     /// failed `accept` it first waits ([`AcceptBackoff`]). Cancel-safe, for
     /// `select!`.
-    pub async fn serve_next(&mut self, root: &SupervisorHandle, index: &Arc<Index>) {
+    pub async fn serve_next(&mut self, tree: &TreeHandle) {
         if let Some(at) = self.resume_at {
             sleep_until(at).await;
             self.resume_at = None;
@@ -465,9 +472,9 @@ impl Listener {
                 return;
             }
         };
-        let (root, index) = (root.clone(), index.clone());
+        let tree = tree.clone();
         tokio::spawn(async move {
-            serve(stream, root, index).await;
+            serve(stream, tree).await;
             drop(slot);
         });
     }
@@ -540,10 +547,10 @@ pub async fn listen(path: &Path, in_default_dir: bool) -> Result<Listener, Strin
 }
 
 /// Serve one client: answer each request line until it hangs up.
-async fn serve(stream: UnixStream, root: SupervisorHandle, index: Arc<Index>) {
+async fn serve(stream: UnixStream, tree: TreeHandle) {
     serve_with(stream, move |request| {
-        let (root, index) = (root.clone(), index.clone());
-        async move { answer(request, &root, &index).await }
+        let tree = tree.clone();
+        async move { answer(request, &tree).await }
     })
     .await;
 }
@@ -620,13 +627,13 @@ fn answer_line(answer: &serde_json::Value) -> String {
     ))
 }
 
-async fn answer(request: Request, root: &SupervisorHandle, index: &Index) -> serde_json::Value {
+async fn answer(request: Request, tree: &TreeHandle) -> serde_json::Value {
     match request {
-        Request::Call { agent, message } => match index.call(root, &agent, message).await {
+        Request::Call { agent, message } => match tree.call(&agent, message).await {
             Ok(reply) => json!({ "ok": reply }),
-            Err(failure) => json!(failure),
+            Err(e) => json!({ "error": e.to_string(), "category": e.category() }),
         },
-        Request::Status => json!({ "ok": index.status(root).await }),
+        Request::Status => json!({ "ok": tree.status() }),
     }
 }
 

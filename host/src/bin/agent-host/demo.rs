@@ -10,15 +10,15 @@ use clap::Args;
 use serde::Serialize;
 use serde_json::json;
 use terraphim_agent_supervisor::{
-    AgentLimits, AgentPid, AgentSpec, AgentStatus, AgentSupervisor, ExitReason, RestartIntensity,
-    RestartPolicy, RestartStrategy, Runtime, SupervisedAgentInfo, SupervisionError,
-    SupervisionResult, SupervisorConfig, SupervisorSpec, SupervisorStatus, WasmAgentFactory,
-    examples,
+    AgentLimits, AgentSpec, AgentStatus, AgentSupervisor, ExitReason, RestartIntensity,
+    RestartPolicy, RestartStrategy, RunningTree, Runtime, SupervisionError, SupervisionResult,
+    SupervisorConfig, SupervisorSpec, SupervisorStatus, TreeCallError, TreeHandle,
+    WasmAgentFactory, examples,
 };
 use tokio::sync::oneshot;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use crate::events::{Names, PENDING_WAIT, Printer, Shared, describe_error, status_text};
+use crate::events::{PENDING_WAIT, Printer, Shared, row, status_text};
 use crate::output::{Out, seconds, stderr_line};
 use crate::{CliResult, EXIT_FAILURE};
 
@@ -84,17 +84,11 @@ fn plural(n: u32, one: &str, many: &str) -> String {
 // The tree
 // ---------------------------------------------------------------------------
 
-/// The demo tree and the ids of its children.
-struct Tree {
-    sup: AgentSupervisor,
-    echo: AgentPid,
-    crasher: AgentPid,
-    fuel_burner: AgentPid,
-    memory_hog: AgentPid,
-    team: AgentPid,
-    team_a: AgentPid,
-    team_b: AgentPid,
-}
+const ECHO: &str = "root/echo";
+const CRASHER: &str = "root/crasher";
+const FUEL_BURNER: &str = "root/fuel-burner";
+const MEMORY_HOG: &str = "root/memory-hog";
+const TEAM_A: &str = "root/team/echo-a";
 
 fn example(agent_type: &str) -> SupervisionResult<&'static [u8]> {
     examples::ALL
@@ -110,7 +104,20 @@ fn agent(agent_type: &str, name: &str) -> AgentSpec {
     AgentSpec::new(agent_type.into(), json!({})).with_name(name.into())
 }
 
-fn build_tree() -> Result<(Tree, Names), Box<dyn std::error::Error>> {
+fn supervisor_config(
+    strategy: RestartStrategy,
+    restarts: u32,
+    window: Duration,
+) -> SupervisorConfig {
+    SupervisorConfig {
+        restart_policy: RestartPolicy::new(strategy, RestartIntensity::new(restarts, window)),
+        agent_timeout: Duration::from_secs(10),
+        ..SupervisorConfig::default()
+    }
+}
+
+/// The demo tree, not started.
+fn build_tree() -> Result<AgentSupervisor, Box<dyn std::error::Error>> {
     let runtime = Runtime::new()?;
     let base = AgentLimits {
         deadline: Duration::from_secs(2),
@@ -122,9 +129,6 @@ fn build_tree() -> Result<(Tree, Names), Box<dyn std::error::Error>> {
         factory = factory.with_component(agent_type, component);
     }
     let factory = Arc::new(factory);
-
-    let echo = agent("echo", "echo");
-    let crasher = agent("crasher", "crasher");
     let fuel_burner = agent("fuel-burner", "fuel-burner").with_limits(AgentLimits {
         fuel_per_call: Some(BURNER_FUEL),
         ..base.clone()
@@ -133,66 +137,19 @@ fn build_tree() -> Result<(Tree, Names), Box<dyn std::error::Error>> {
         memory_bytes: HOG_MEMORY,
         ..base
     });
-    let team_a = agent("echo", "echo-a");
-    let team_b = agent("echo", "echo-b");
-
-    let team_config = SupervisorConfig {
-        restart_policy: RestartPolicy::new(
-            RestartStrategy::OneForAll,
-            RestartIntensity::new(TEAM_RESTARTS, TEAM_WINDOW),
-        ),
-        agent_timeout: Duration::from_secs(10),
-        ..SupervisorConfig::default()
-    };
-    let team_id = team_config.supervisor_id.clone();
+    let team_config = supervisor_config(RestartStrategy::OneForAll, TEAM_RESTARTS, TEAM_WINDOW);
     let team = SupervisorSpec::new(team_config, factory.clone())
         .with_name("team".into())
-        .with_child(team_a.clone())
-        .with_child(team_b.clone());
-
-    let root_config = SupervisorConfig {
-        restart_policy: RestartPolicy::new(
-            RestartStrategy::OneForOne,
-            RestartIntensity::new(ROOT_RESTARTS, ROOT_WINDOW),
-        ),
-        agent_timeout: Duration::from_secs(10),
-        ..SupervisorConfig::default()
-    };
-
-    let mut names = Names::with_root(root_config.supervisor_id.clone(), "root");
-    names.add_supervisor(team_id, "team");
-    for spec in [&echo, &crasher, &fuel_burner, &memory_hog] {
-        names.add_child(
-            spec.agent_id.clone(),
-            "root",
-            spec.name.as_deref().unwrap_or_default(),
-        );
-    }
-    names.add_child(team.id.clone(), "root", "team");
-    for spec in [&team_a, &team_b] {
-        names.add_child(
-            spec.agent_id.clone(),
-            "team",
-            spec.name.as_deref().unwrap_or_default(),
-        );
-    }
-
-    let tree = Tree {
-        echo: echo.agent_id.clone(),
-        crasher: crasher.agent_id.clone(),
-        fuel_burner: fuel_burner.agent_id.clone(),
-        memory_hog: memory_hog.agent_id.clone(),
-        team: team.id.clone(),
-        team_a: team_a.agent_id.clone(),
-        team_b: team_b.agent_id.clone(),
-        sup: AgentSupervisor::new(root_config, factory)
-            .with_child(echo)
-            .with_child(crasher)
-            .with_child(fuel_burner)
-            .with_child(memory_hog)
-            .with_child(team),
-    };
-    Ok((tree, names))
+        .with_child(agent("echo", "echo-a"))
+        .with_child(agent("echo", "echo-b"));
+    let root_config = supervisor_config(RestartStrategy::OneForOne, ROOT_RESTARTS, ROOT_WINDOW);
+    Ok(AgentSupervisor::new(root_config, factory)
+        .with_name("root")
+        .with_child(agent("echo", "echo"))
+        .with_child(agent("crasher", "crasher"))
+        .with_child(fuel_burner)
+        .with_child(memory_hog)
+        .with_child(team))
 }
 
 // ---------------------------------------------------------------------------
@@ -200,50 +157,42 @@ fn build_tree() -> Result<(Tree, Names), Box<dyn std::error::Error>> {
 // ---------------------------------------------------------------------------
 
 #[derive(Debug, Clone, Copy)]
-enum Target {
-    Echo,
-    FuelBurner,
-    MemoryHog,
-    TeamA,
-}
-
-#[derive(Debug, Clone, Copy)]
 enum Step {
-    /// Send a message.
-    Send(Target, &'static str),
+    /// Send a message to the agent at a path.
+    Send(&'static str, &'static str),
     /// Send the crasher its next crash.
     Crash,
-    /// Report a failure with `handle_agent_exit`.
-    Inject(Target),
+    /// Report a failure of the agent at a path with `handle_agent_exit`.
+    Inject(&'static str),
 }
 
 /// The first steps (6 s at 400 ms a step) show every kind of failure once.
 const SCRIPT: [Step; 15] = [
-    Step::Send(Target::Echo, "count"),
+    Step::Send(ECHO, "count"),
     Step::Crash,
-    Step::Inject(Target::Echo),
-    Step::Send(Target::Echo, "count"),
-    Step::Send(Target::FuelBurner, "burn"),
+    Step::Inject(ECHO),
+    Step::Send(ECHO, "count"),
+    Step::Send(FUEL_BURNER, "burn"),
     Step::Crash,
-    Step::Send(Target::MemoryHog, "grow"),
-    Step::Send(Target::TeamA, "count"),
-    Step::Inject(Target::TeamA),
+    Step::Send(MEMORY_HOG, "grow"),
+    Step::Send(TEAM_A, "count"),
+    Step::Inject(TEAM_A),
     Step::Crash,
-    Step::Send(Target::TeamA, "count"),
-    Step::Send(Target::FuelBurner, "burn"),
+    Step::Send(TEAM_A, "count"),
+    Step::Send(FUEL_BURNER, "burn"),
     Step::Crash,
-    Step::Send(Target::MemoryHog, "grow"),
-    Step::Send(Target::Echo, "count"),
+    Step::Send(MEMORY_HOG, "grow"),
+    Step::Send(ECHO, "count"),
 ];
 
 /// Then this repeats: about 12 root restarts per 10 s, within the intensity.
 const CYCLE: [Step; 6] = [
-    Step::Send(Target::Echo, "count"),
+    Step::Send(ECHO, "count"),
     Step::Crash,
-    Step::Send(Target::Echo, "count"),
-    Step::Send(Target::FuelBurner, "burn"),
-    Step::Send(Target::Echo, "count"),
-    Step::Send(Target::MemoryHog, "grow"),
+    Step::Send(ECHO, "count"),
+    Step::Send(FUEL_BURNER, "burn"),
+    Step::Send(ECHO, "count"),
+    Step::Send(MEMORY_HOG, "grow"),
 ];
 
 const CRASHES: [&str; 4] = ["panic", "unreachable", "oob", "stack"];
@@ -259,8 +208,7 @@ fn step(n: usize) -> Step {
 struct CallLine<'a> {
     kind: &'static str,
     t: f64,
-    supervisor: &'a str,
-    agent: &'a str,
+    path: &'a str,
     message: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     reply: Option<&'a str>,
@@ -272,113 +220,85 @@ struct CallLine<'a> {
 struct InjectLine<'a> {
     kind: &'static str,
     t: f64,
-    supervisor: &'a str,
-    agent: &'a str,
+    path: &'a str,
     reason: &'a ExitReason,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
 }
 
-impl Tree {
-    fn pid(&self, target: Target) -> &AgentPid {
-        match target {
-            Target::Echo => &self.echo,
-            Target::FuelBurner => &self.fuel_burner,
-            Target::MemoryHog => &self.memory_hog,
-            Target::TeamA => &self.team_a,
-        }
-    }
-
-    async fn call(&self, pid: &AgentPid, message: &str) -> SupervisionResult<String> {
-        if *pid == self.team_a || *pid == self.team_b {
-            self.sup
-                .child_supervisor(&self.team)?
-                .call(pid, message.into())
-                .await
-        } else {
-            self.sup.call(pid, message.into()).await
-        }
-    }
-
-    async fn inject(&mut self, pid: &AgentPid, reason: ExitReason) -> SupervisionResult<()> {
-        if *pid == self.team_a || *pid == self.team_b {
-            self.sup
-                .child_supervisor(&self.team)?
-                .handle_agent_exit(pid.clone(), reason)
-                .await
-        } else {
-            self.sup.handle_agent_exit(pid.clone(), reason).await
-        }
-    }
+/// What the driver prints to.
+struct Driver<'a> {
+    tree: &'a TreeHandle,
+    out: &'a Out,
+    shared: &'a Shared,
+    width: usize,
 }
 
-/// Send `message` to `pid` and print the outcome.
-async fn send(
-    tree: &Tree,
-    names: &Names,
-    out: &Out,
-    shared: &Shared,
-    pid: &AgentPid,
-    message: &str,
-) {
-    let at = out.elapsed();
-    shared.set_in_flight(Some(pid.clone()));
-    let result = tree.call(pid, message).await;
-    if out.json() {
-        let (supervisor, agent) = names.parts(pid);
-        let (reply, error) = match &result {
-            Ok(reply) => (Some(reply.as_str()), None),
-            Err(e) => (None, Some(describe_error(e, names))),
-        };
-        out.json_line(&CallLine {
-            kind: "call",
-            t: seconds(at),
-            supervisor: &supervisor,
-            agent: &agent,
-            message,
-            reply,
-            error,
-        });
-    } else {
-        let outcome = match &result {
-            Ok(reply) => format!("reply {reply:?}"),
-            Err(e) => describe_error(e, names),
-        };
-        out.line(&names.row(
-            at,
-            &names.label(pid),
-            &format!("call {message:?} -> {outcome}"),
-        ));
-    }
-    shared.set_in_flight(None);
-}
-
-/// Report a failure of `pid` from outside and print it (before: the
-/// supervisor restarts the agent before it answers).
-async fn inject(tree: &mut Tree, names: &Names, out: &Out, pid: &AgentPid) {
-    let reason = ExitReason::Error(INJECTED.into());
-    let (supervisor, agent) = names.parts(pid);
-    let line = |error: Option<String>| {
-        if out.json() {
-            out.json_line(&InjectLine {
-                kind: "inject",
-                t: seconds(out.elapsed()),
-                supervisor: &supervisor,
-                agent: &agent,
-                reason: &reason,
+impl Driver<'_> {
+    /// Send `message` to the agent at `path` and print the outcome.
+    async fn send(&self, path: &str, message: &str) {
+        let at = self.out.elapsed();
+        self.shared.set_in_flight(Some(path));
+        let result = self.tree.call(path, message.into()).await;
+        if self.out.json() {
+            let (reply, error) = match &result {
+                Ok(reply) => (Some(reply.as_str()), None),
+                Err(e) => (None, Some(describe(e))),
+            };
+            self.out.json_line(&CallLine {
+                kind: "call",
+                t: seconds(at),
+                path,
+                message,
+                reply,
                 error,
             });
         } else {
-            let text = match error {
-                None => format!("reported as failed: handle_agent_exit({reason:?})"),
-                Some(e) => format!("handle_agent_exit failed: {e}"),
+            let outcome = match &result {
+                Ok(reply) => format!("reply {reply:?}"),
+                Err(e) => describe(e),
             };
-            out.line(&names.row(out.elapsed(), &names.label(pid), &text));
+            let text = format!("call {message:?} -> {outcome}");
+            self.out.line(&row(at, self.width, path, &text));
         }
-    };
-    line(None);
-    if let Err(e) = tree.inject(pid, reason.clone()).await {
-        line(Some(describe_error(&e, names)));
+        self.shared.set_in_flight(None);
+    }
+
+    /// Report a failure of the agent at `path` from outside and print it
+    /// (before: the supervisor restarts the agent before it answers).
+    async fn inject(&self, path: &str) {
+        let reason = ExitReason::Error(INJECTED.into());
+        let line = |error: Option<String>| {
+            if self.out.json() {
+                self.out.json_line(&InjectLine {
+                    kind: "inject",
+                    t: seconds(self.out.elapsed()),
+                    path,
+                    reason: &reason,
+                    error,
+                });
+            } else {
+                let text = match error {
+                    None => format!("reported as failed: handle_agent_exit({reason:?})"),
+                    Some(e) => format!("handle_agent_exit failed: {e}"),
+                };
+                self.out
+                    .line(&row(self.out.elapsed(), self.width, path, &text));
+            }
+        };
+        line(None);
+        if let Err(e) = self.tree.report_exit(path, reason.clone()).await {
+            line(Some(e.to_string()));
+        }
+    }
+}
+
+/// A failed call, as the driver's line shows it (the path is on the line).
+fn describe(error: &TreeCallError) -> String {
+    match error {
+        TreeCallError::Crashed { fault, .. } => format!("crashed: {fault}"),
+        TreeCallError::Application { error, .. } => format!("error reply: {error}"),
+        other => other.to_string(),
     }
 }
 
@@ -412,67 +332,49 @@ come back, and echo's count keep rising across its restarts.
     out.line(&text);
 }
 
-/// The final table: one row per child, nested supervisors' children after
-/// their supervisor.
-async fn children(tree: &Tree) -> Vec<SupervisedAgentInfo> {
-    let mut rows = Vec::new();
-    for (pid, info) in tree.sup.get_children().await {
-        let nested = info.is_supervisor;
-        rows.push(info);
-        if nested && let Ok(handle) = tree.sup.child_supervisor(&pid) {
-            rows.extend(handle.get_children().await.into_iter().map(|(_, i)| i));
-        }
-    }
-    rows
-}
-
 #[derive(Serialize)]
 struct ChildLine<'a> {
     kind: &'static str,
-    supervisor: String,
-    name: String,
+    path: &'a str,
     status: &'a AgentStatus,
     restart_count: u32,
     last_exit: &'a Option<ExitReason>,
 }
 
-async fn summary(tree: &Tree, names: &Names, out: &Out) {
-    let rows = children(tree).await;
+async fn summary(tree: &TreeHandle, out: &Out, width: usize) {
+    let rows = tree.status();
     if out.json() {
-        for info in &rows {
-            let (supervisor, name) = names.parts(&info.pid);
+        for node in &rows {
             out.json_line(&ChildLine {
                 kind: "child",
-                supervisor,
-                name,
-                status: &info.status,
-                restart_count: info.restart_count,
-                last_exit: &info.last_exit,
+                path: &node.path,
+                status: &node.status,
+                restart_count: node.restart_count,
+                last_exit: &node.last_exit,
             });
         }
         return;
     }
-    let w = names.width();
     out.line("");
-    out.line("Children now (get_children):");
+    out.line("Every node now (RunningTree::status):");
     out.line(&format!(
-        "  {:<w$}  {:<10}  {:>8}  LAST EXIT",
-        "CHILD", "STATUS", "RESTARTS"
+        "  {:<width$}  {:<10}  {:>8}  LAST EXIT",
+        "PATH", "STATUS", "RESTARTS"
     ));
-    for info in &rows {
-        let last = info
+    for node in &rows {
+        let last = node
             .last_exit
             .as_ref()
             .map_or_else(|| "-".to_owned(), ToString::to_string);
         out.line(&format!(
-            "  {:<w$}  {:<10}  {:>8}  {last}",
-            names.label(&info.pid),
-            status_text(&info.status),
-            info.restart_count,
+            "  {:<width$}  {:<10}  {:>8}  {last}",
+            node.path,
+            status_text(&node.status),
+            node.restart_count,
         ));
     }
-    let restarts: u32 = rows.iter().map(|i| i.restart_count).sum();
-    let history = tree.sup.get_restart_history().await.len();
+    let restarts: u32 = rows.iter().map(|n| n.restart_count).sum();
+    let history = tree.root().restart_history().len();
     out.line(&format!(
         "  {} in all; the root's restart history has {}.",
         plural(restarts, "restart", "restarts"),
@@ -480,9 +382,9 @@ async fn summary(tree: &Tree, names: &Names, out: &Out) {
     ));
     let echo_restarts = rows
         .iter()
-        .find(|i| i.pid == tree.echo)
-        .map_or(0, |i| i.restart_count);
-    if let Ok(count) = tree.call(&tree.echo, "get").await {
+        .find(|n| n.path == ECHO)
+        .map_or(0, |n| n.restart_count);
+    if let Ok(count) = tree.call(ECHO, "get".into()).await {
         out.line(&format!(
             "  echo's count is {count} after {}: it lives in the host, not in the instance.",
             plural(echo_restarts, "restart", "restarts"),
@@ -495,24 +397,32 @@ pub async fn run(args: DemoArgs) -> CliResult {
     if !out.json() {
         intro(&out, args.seconds);
     }
-    let (mut tree, names) = build_tree()?;
-    let names = Arc::new(names);
+    let root = build_tree()?;
     out.start_clock();
 
     let shared = Arc::new(Shared::default());
     let (finish_tx, finish_rx) = oneshot::channel();
-    let printer = Printer::new(out.clone(), names.clone(), shared.clone(), true);
-    let printer = tokio::spawn(printer.run(tree.sup.subscribe(), finish_rx));
+    let paths = [ECHO, CRASHER, FUEL_BURNER, MEMORY_HOG, TEAM_A].map(String::from);
+    let width = paths.iter().map(String::len).max().unwrap_or(0);
+    let printer = Printer::new(out.clone(), shared.clone(), paths, true);
+    // Subscribed before the start: the printer sees every child start.
+    let printer = tokio::spawn(printer.run(root.subscribe(), finish_rx));
 
-    if let Err(e) = tree.sup.start().await {
-        let _ = finish_tx.send(());
-        let _ = printer.await;
-        return Err(format!(
-            "the demo tree did not start: {}",
-            names.humanise(e.to_string())
-        )
-        .into());
-    }
+    let mut tree = match RunningTree::start(root).await {
+        Ok(tree) => tree,
+        Err(e) => {
+            let _ = finish_tx.send(());
+            let _ = printer.await;
+            return Err(format!("the demo tree did not start: {e}").into());
+        }
+    };
+    let handle = tree.handle();
+    let driver = Driver {
+        tree: &handle,
+        out: &out,
+        shared: &shared,
+        width,
+    };
 
     // The driver.
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
@@ -541,22 +451,17 @@ pub async fn run(args: DemoArgs) -> CliResult {
         }
         if Instant::now() >= deadline
             || out.is_broken()
-            || matches!(tree.sup.status(), SupervisorStatus::Failed(_))
+            || matches!(tree.supervisor_status(), SupervisorStatus::Failed(_))
         {
             break;
         }
         match step(n) {
-            Step::Send(target, message) => {
-                send(&tree, &names, &out, &shared, tree.pid(target), message).await;
-            }
+            Step::Send(path, message) => driver.send(path, message).await,
             Step::Crash => {
                 let message = crashes.next().copied().unwrap_or("panic");
-                send(&tree, &names, &out, &shared, &tree.crasher, message).await;
+                driver.send(CRASHER, message).await;
             }
-            Step::Inject(target) => {
-                let pid = tree.pid(target).clone();
-                inject(&mut tree, &names, &out, &pid).await;
-            }
+            Step::Inject(path) => driver.inject(path).await,
         }
         n += 1;
     }
@@ -566,15 +471,15 @@ pub async fn run(args: DemoArgs) -> CliResult {
 
     // Let the last restarts happen and print before the table.
     tokio::time::sleep(PENDING_WAIT + Duration::from_millis(100)).await;
-    let root_status = tree.sup.status();
-    summary(&tree, &names, &out).await;
+    let root_status = tree.supervisor_status();
+    summary(&handle, &out, width).await;
 
     if !out.json() {
         out.line("");
         out.line("Stopping the tree: every supervisor stops its children in reverse start order.");
     }
     shared.set_stopping();
-    let stopped = tree.sup.stop().await;
+    let stopped = tree.stop().await;
     let _ = finish_tx.send(());
     let order = match tokio::time::timeout(Duration::from_secs(5), printer).await {
         Ok(Ok(order)) => order,
@@ -587,7 +492,7 @@ pub async fn run(args: DemoArgs) -> CliResult {
     } else {
         out.line(&format!("Stopped, in this order: {}.", order.join(", ")));
     }
-    stopped.map_err(|e| names.humanise(e.to_string()))?;
+    stopped?;
 
     if let SupervisorStatus::Failed(why) = root_status {
         stderr_line!("error: the root supervisor gave up: {why}");

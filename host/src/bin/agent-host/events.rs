@@ -1,15 +1,13 @@
 //! A supervision tree's lifecycle events as lines on stdout, text or JSON
-//! (shared by `demo` and `run`), and the human names they use.
+//! (shared by `demo` and `run`). Every event names its node by path and a
+//! restart its cause, so a line needs nothing but the event.
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
-use terraphim_agent_supervisor::{
-    AgentPid, AgentStatus, ExitReason, SupervisionError, SupervisorEvent, SupervisorId,
-};
+use terraphim_agent_supervisor::{AgentStatus, EventKind, ExitReason, SupervisorEvent};
 use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
 use tokio::sync::oneshot;
 
@@ -18,188 +16,65 @@ use crate::output::{Out, seconds, stamp};
 /// How long an exit is held back, waiting for its restart, to print both on one line.
 pub const PENDING_WAIT: Duration = Duration::from_millis(200);
 
-/// Labels are padded to at least this width in text lines.
+/// Paths are padded to at least this width in text lines.
 const MIN_WIDTH: usize = 12;
 
-/// Human names for the ids in events.
-#[derive(Default)]
-pub struct Names {
-    /// Supervisor id → its name. Nested supervisors' ids are only known
-    /// once they run, so they are learnt as events arrive.
-    supervisors: Mutex<HashMap<SupervisorId, String>>,
-    /// The root supervisor.
-    root: Option<SupervisorId>,
-    /// Child id → (its supervisor's name, its name).
-    children: HashMap<AgentPid, (String, String)>,
-    width: usize,
-}
-
-fn short(id: String) -> String {
-    id.chars().take(8).collect()
-}
-
-impl Names {
-    /// The root supervisor is `id`, called `name`.
-    pub fn with_root(id: SupervisorId, name: impl Into<String>) -> Self {
-        let names = Self {
-            root: Some(id.clone()),
-            width: MIN_WIDTH,
-            ..Self::default()
-        };
-        names.add_supervisor(id, name);
-        names
-    }
-
-    /// The supervisor `id` is called `name`.
-    pub fn add_supervisor(&self, id: SupervisorId, name: impl Into<String>) {
-        self.supervisors
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, name.into());
-    }
-
-    /// The child `pid` of the supervisor called `supervisor` is called `name`.
-    pub fn add_child(&mut self, pid: AgentPid, supervisor: &str, name: &str) {
-        self.children
-            .insert(pid.clone(), (supervisor.to_owned(), name.to_owned()));
-        self.width = self.width.max(self.label(&pid).len());
-    }
-
-    /// Whether `id` is the root supervisor.
-    pub fn is_root(&self, id: &SupervisorId) -> bool {
-        self.root.as_ref() == Some(id)
-    }
-
-    /// The name of supervisor `id` (the start of its id if it has none).
-    pub fn supervisor(&self, id: &SupervisorId) -> String {
-        self.supervisors
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .cloned()
-            .unwrap_or_else(|| short(id.to_string()))
-    }
-
-    /// A child started under `supervisor`: if the child is known, so is the
-    /// supervisor's name.
-    fn learn(&self, supervisor: &SupervisorId, child: &AgentPid) {
-        if let Some((name, _)) = self.children.get(child) {
-            let mut supervisors = self.supervisors.lock().unwrap_or_else(|p| p.into_inner());
-            supervisors
-                .entry(supervisor.clone())
-                .or_insert_with(|| name.clone());
-        }
-    }
-
-    /// (its supervisor's name, its own name), empty if unknown.
-    pub fn parts(&self, pid: &AgentPid) -> (String, String) {
-        self.children.get(pid).cloned().unwrap_or_default()
-    }
-
-    /// The child's own name.
-    pub fn name(&self, pid: &AgentPid) -> String {
-        self.children
-            .get(pid)
-            .map(|(_, name)| name.clone())
-            .unwrap_or_else(|| short(pid.to_string()))
-    }
-
-    /// `supervisor/child`.
-    pub fn label(&self, pid: &AgentPid) -> String {
-        match self.children.get(pid) {
-            Some((sup, name)) => format!("{sup}/{name}"),
-            None => short(pid.to_string()),
-        }
-    }
-
-    /// The width of the widest label.
-    pub fn width(&self) -> usize {
-        self.width
-    }
-
-    /// Replace the ids in `text` (from a library error) by names.
-    pub fn humanise(&self, text: String) -> String {
-        let mut text = text;
-        for pid in self.children.keys() {
-            text = text.replace(&pid.to_string(), &self.label(pid));
-        }
-        let supervisors = self.supervisors.lock().unwrap_or_else(|p| p.into_inner());
-        for (id, name) in supervisors.iter() {
-            text = text.replace(&id.to_string(), name);
-        }
-        text
-    }
-
-    /// One text line: time, padded label, text.
-    pub fn row(&self, at: Duration, label: &str, text: &str) -> String {
-        format!("{} {label:<width$}  {text}", stamp(at), width = self.width)
-    }
-}
-
-/// A caller-facing description of a failed call.
-pub fn describe_error(error: &SupervisionError, names: &Names) -> String {
-    let text = match error {
-        SupervisionError::AgentCrashed(_, fault) => format!("crashed: {fault}"),
-        SupervisionError::AgentExecutionFailed(_, e) => format!("error reply: {e}"),
-        SupervisionError::MaxRestartsExceeded(id) => format!(
-            "supervisor {} gave up (restart intensity exceeded)",
-            names.supervisor(id)
-        ),
-        other => other.to_string(),
-    };
-    names.humanise(text)
-}
-
 /// `running`, `restarting`, ...
-pub fn status_text(status: &AgentStatus) -> String {
+pub fn status_text(status: &AgentStatus) -> &'static str {
     match status {
-        AgentStatus::Starting => "starting".into(),
-        AgentStatus::Running => "running".into(),
-        AgentStatus::Stopping => "stopping".into(),
-        AgentStatus::Stopped => "stopped".into(),
-        AgentStatus::Failed(_) => "failed".into(),
-        AgentStatus::Restarting => "restarting".into(),
+        AgentStatus::Starting => "starting",
+        AgentStatus::Running => "running",
+        AgentStatus::Stopping => "stopping",
+        AgentStatus::Stopped => "stopped",
+        AgentStatus::Failed(_) => "failed",
+        AgentStatus::Restarting => "restarting",
     }
+}
+
+/// One text line: time, padded path, text.
+pub fn row(at: Duration, width: usize, path: &str, text: &str) -> String {
+    format!("{} {path:<width$}  {text}", stamp(at))
+}
+
+/// The last segment of a path.
+pub fn name(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
 }
 
 #[derive(Serialize)]
 struct EventLine<'a> {
     kind: &'static str,
     t: f64,
-    supervisor: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    agent: Option<String>,
-    /// `supervisor/agent`, when the event is about a child.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    path: Option<String>,
-    event: &'a SupervisorEvent,
+    path: &'a str,
+    event: &'a EventKind,
+    at: &'a chrono::DateTime<chrono::Utc>,
 }
 
 /// State shared by the code that drives the tree and the event printer.
 #[derive(Default)]
 pub struct Shared {
-    /// The agent a call is in flight to: its exit is printed after the
-    /// call's own line.
-    in_flight: Mutex<Option<AgentPid>>,
+    /// The path of the agent a call is in flight to: its exit is printed
+    /// after the call's own line.
+    in_flight: std::sync::Mutex<Option<String>>,
     /// Set once the tree is being stopped.
     stopping: AtomicBool,
 }
 
 impl Shared {
-    pub fn set_in_flight(&self, pid: Option<AgentPid>) {
-        *self.in_flight.lock().unwrap_or_else(|p| p.into_inner()) = pid;
+    pub fn set_in_flight(&self, path: Option<&str>) {
+        *self.in_flight.lock().unwrap_or_else(|p| p.into_inner()) = path.map(str::to_owned);
     }
 
-    fn is_in_flight(&self, pid: &AgentPid) -> bool {
+    fn is_in_flight(&self, path: &str) -> bool {
         self.in_flight
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            == Some(pid)
+            .as_deref()
+            == Some(path)
     }
 
-    /// The tree is being stopped on purpose: stops are no longer caused
-    /// by a sibling's exit.
+    /// The tree is being stopped on purpose: stops are no longer caused by
+    /// a sibling's exit.
     pub fn set_stopping(&self) {
         self.stopping.store(true, Ordering::Relaxed);
     }
@@ -214,7 +89,7 @@ impl Shared {
 struct Pending {
     at: Duration,
     since: std::time::Instant,
-    agent: AgentPid,
+    path: String,
     reason: ExitReason,
     restart_count: Option<u32>,
 }
@@ -222,27 +97,41 @@ struct Pending {
 /// Prints every event of a tree, one line each (text or JSON).
 pub struct Printer {
     out: Arc<Out>,
-    names: Arc<Names>,
     shared: Arc<Shared>,
+    /// The width paths are padded to; grows with the longest path seen.
+    width: usize,
     /// Hold an exit back to print it on one line with its restart (the
     /// demo); otherwise every event gets its own line at once (`run`).
     hold_exits: bool,
     pending: Option<Pending>,
-    /// Per supervisor, the last child that exited (the cause of sibling restarts).
-    last_exit: HashMap<SupervisorId, AgentPid>,
+    /// Per supervisor path, the path of its child that last exited: the
+    /// cause of the stops of its siblings that follow.
+    last_exit: std::collections::HashMap<String, String>,
     /// Children stopped during the final stop, in order.
     stopped: Vec<String>,
 }
 
 impl Printer {
-    pub fn new(out: Arc<Out>, names: Arc<Names>, shared: Arc<Shared>, hold_exits: bool) -> Self {
+    /// A printer whose paths are padded to the longest of `paths`.
+    pub fn new(
+        out: Arc<Out>,
+        shared: Arc<Shared>,
+        paths: impl IntoIterator<Item = String>,
+        hold_exits: bool,
+    ) -> Self {
+        let width = paths
+            .into_iter()
+            .map(|p| p.len())
+            .max()
+            .unwrap_or(0)
+            .max(MIN_WIDTH);
         Self {
             out,
-            names,
             shared,
+            width,
             hold_exits,
             pending: None,
-            last_exit: HashMap::new(),
+            last_exit: Default::default(),
             stopped: Vec::new(),
         }
     }
@@ -254,7 +143,7 @@ impl Printer {
         let Some(p) = &self.pending else { return };
         let age = p.since.elapsed();
         let settled = p.restart_count.is_some() || age >= PENDING_WAIT;
-        let call_done = !self.shared.is_in_flight(&p.agent) || age >= Duration::from_secs(1);
+        let call_done = !self.shared.is_in_flight(&p.path) || age >= Duration::from_secs(1);
         if !(force || settled && call_done) {
             return;
         }
@@ -263,90 +152,62 @@ impl Printer {
             Some(n) => format!("exited: {} -> restarted (restart #{n})", p.reason),
             None => format!("exited: {}", p.reason),
         };
-        self.out
-            .line(&self.names.row(p.at, &self.names.label(&p.agent), &text));
+        self.out.line(&row(p.at, self.width, &p.path, &text));
     }
 
-    fn print(&self, label: &str, text: &str) {
+    fn print(&self, path: &str, text: &str) {
         self.out
-            .line(&self.names.row(self.out.elapsed(), label, text));
-    }
-
-    fn json(&self, event: &SupervisorEvent) {
-        let (supervisor, agent) = match event {
-            SupervisorEvent::ChildStarted {
-                supervisor, agent, ..
-            }
-            | SupervisorEvent::ChildExited {
-                supervisor, agent, ..
-            }
-            | SupervisorEvent::ChildRestarted {
-                supervisor, agent, ..
-            }
-            | SupervisorEvent::ChildStopped {
-                supervisor, agent, ..
-            }
-            | SupervisorEvent::ChildRemoved { supervisor, agent } => (supervisor, Some(agent)),
-            SupervisorEvent::Escalated { supervisor }
-            | SupervisorEvent::SupervisorStopped { supervisor } => (supervisor, None),
-        };
-        self.out.json_line(&EventLine {
-            kind: "event",
-            t: seconds(self.out.elapsed()),
-            supervisor: self.names.supervisor(supervisor),
-            agent: agent.map(|a| self.names.name(a)),
-            path: agent.map(|a| self.names.label(a)),
-            event,
-        });
+            .line(&row(self.out.elapsed(), self.width, path, text));
     }
 
     fn on_event(&mut self, event: SupervisorEvent) {
-        if let SupervisorEvent::ChildStarted {
-            supervisor, agent, ..
-        } = &event
-        {
-            self.names.learn(supervisor, agent);
-        }
         let stopping = self.shared.is_stopping();
-        if stopping && let SupervisorEvent::ChildStopped { agent, .. } = &event {
-            self.stopped.push(self.names.label(agent));
+        if stopping && let EventKind::ChildStopped { .. } = &event.kind {
+            self.stopped.push(event.path.clone());
         }
         if self.out.json() {
-            self.json(&event);
+            self.out.json_line(&EventLine {
+                kind: "event",
+                t: seconds(self.out.elapsed()),
+                path: &event.path,
+                event: &event.kind,
+                at: &event.at,
+            });
             return;
         }
-        let names = self.names.clone();
-        match event {
-            SupervisorEvent::ChildStarted { agent, .. } => {
+        self.width = self.width.max(event.path.len());
+        let path = event.path;
+        let parent = path.rsplit_once('/').map(|(p, _)| p.to_owned());
+        match event.kind {
+            EventKind::ChildStarted { .. } => {
                 self.flush(true);
-                self.print(&names.label(&agent), "started");
+                self.print(&path, "started");
             }
-            SupervisorEvent::ChildExited {
-                supervisor,
-                agent,
-                reason,
-            } => {
+            EventKind::ChildExited { reason, .. } => {
                 self.flush(true);
-                self.last_exit.insert(supervisor, agent.clone());
+                if let Some(parent) = parent {
+                    self.last_exit.insert(parent, path.clone());
+                }
                 if !self.hold_exits {
-                    self.print(&names.label(&agent), &format!("exited: {reason}"));
+                    self.print(&path, &format!("exited: {reason}"));
                     return;
                 }
                 self.pending = Some(Pending {
                     at: self.out.elapsed(),
                     since: std::time::Instant::now(),
-                    agent,
+                    path,
                     reason,
                     restart_count: None,
                 });
             }
-            SupervisorEvent::ChildRestarted {
-                supervisor,
-                agent,
+            EventKind::ChildRestarted {
                 restart_count,
+                cause,
+                bystander,
+                ..
             } => {
                 if let Some(p) = &mut self.pending
-                    && p.agent == agent
+                    && p.path == path
                     && p.restart_count.is_none()
                 {
                     p.restart_count = Some(restart_count);
@@ -354,48 +215,46 @@ impl Printer {
                     return;
                 }
                 self.flush(true);
-                let text = match self.last_exit.get(&supervisor) {
-                    Some(cause) if *cause != agent => format!(
+                let text = if bystander {
+                    format!(
                         "restarted together with {} (restart #{restart_count})",
-                        names.name(cause)
-                    ),
-                    _ => format!("restarted (restart #{restart_count})"),
+                        name(&cause.path)
+                    )
+                } else {
+                    format!("restarted (restart #{restart_count})")
                 };
-                self.print(&names.label(&agent), &text);
+                self.print(&path, &text);
             }
-            SupervisorEvent::ChildStopped {
-                supervisor,
-                agent,
-                killed,
-            } => {
+            EventKind::ChildStopped { killed, .. } => {
                 self.flush(true);
-                let mut text = match self.last_exit.get(&supervisor) {
-                    Some(cause) if !stopping && *cause != agent => {
-                        format!("stopped, because its sibling {} exited", names.name(cause))
+                let cause = parent.and_then(|p| self.last_exit.get(&p));
+                let mut text = match cause {
+                    Some(cause) if !stopping && *cause != path => {
+                        format!("stopped, because its sibling {} exited", name(cause))
                     }
                     _ => "stopped".to_owned(),
                 };
                 if killed {
                     text.push_str(" (killed: it did not stop within its shutdown policy)");
                 }
-                self.print(&names.label(&agent), &text);
+                self.print(&path, &text);
             }
-            SupervisorEvent::ChildRemoved { agent, .. } => {
+            EventKind::ChildRemoved { .. } => {
                 self.flush(true);
-                self.print(&names.label(&agent), "removed");
+                self.print(&path, "removed");
             }
-            SupervisorEvent::Escalated { supervisor } => {
+            EventKind::Escalated => {
                 self.flush(true);
-                let text = if names.is_root(&supervisor) {
-                    "gave up: restart intensity exceeded; the tree is down"
-                } else {
+                let text = if path.contains('/') {
                     "gave up: restart intensity exceeded (escalated to its parent)"
+                } else {
+                    "gave up: restart intensity exceeded; the tree is down"
                 };
-                self.print(&names.supervisor(&supervisor), text);
+                self.print(&path, text);
             }
-            SupervisorEvent::SupervisorStopped { supervisor } => {
+            EventKind::SupervisorStopped => {
                 self.flush(true);
-                self.print(&names.supervisor(&supervisor), "supervisor stopped");
+                self.print(&path, "supervisor stopped");
             }
         }
     }

@@ -14,8 +14,8 @@ mod control;
 mod demo;
 mod events;
 mod output;
+mod problems;
 mod run;
-mod tree_host;
 mod validate;
 
 use std::io::IsTerminal;

@@ -8,15 +8,14 @@ use std::sync::Arc;
 
 use clap::Args;
 use serde::Serialize;
-use terraphim_agent_supervisor::tree::TreeFile;
-use terraphim_agent_supervisor::{Runtime, SupervisorEvent, SupervisorStatus};
+use terraphim_agent_supervisor::{EventKind, NodeKind, RunningTree, Runtime, SupervisorStatus};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::oneshot;
 
 use crate::events::{Printer, Shared};
 use crate::output::{Out, stderr_line};
-use crate::tree_host::{Index, report};
+use crate::problems;
 use crate::{CliResult, EXIT_FAILURE, control};
 
 pub const LONG_ABOUT: &str = "\
@@ -30,7 +29,7 @@ in the file is printed as an `error: FILE: `FIELD`: what to do` line.
 Once started, one line per lifecycle event is printed: a child started,
 exited (and why), was restarted, a supervisor gave up (escalated), a child
 or supervisor stopped. With --json each line is a JSON object instead:
-{\"kind\":\"event\",\"t\":SECONDS,\"supervisor\":...,\"agent\":...,\"path\":...,\"event\":{...}},
+{\"kind\":\"event\",\"t\":SECONDS,\"path\":...,\"event\":{...},\"at\":...},
 after a first {\"kind\":\"listening\",...} line and before a last
 {\"kind\":\"stopped\",\"order\":[...]} line.
 
@@ -94,19 +93,16 @@ enum Stop {
 }
 
 pub async fn run(args: RunArgs) -> CliResult {
-    let file = match TreeFile::load(&args.tree) {
+    let file = match problems::load(&args.tree) {
         Ok(file) => file,
-        Err(e) => {
-            report(&e);
-            return Ok(ExitCode::from(EXIT_FAILURE));
-        }
+        Err(_) => return Ok(ExitCode::from(EXIT_FAILURE)),
     };
     let socket = control::socket_for(&args.tree, args.socket.as_deref())?;
     let runtime = Runtime::new()?;
-    let (mut sup, index) = match Index::build(&file, &runtime) {
-        Ok(built) => built,
+    let root = match file.build(&runtime) {
+        Ok(root) => root,
         Err(e) => {
-            report(&e);
+            problems::report(&e);
             return Ok(ExitCode::from(EXIT_FAILURE));
         }
     };
@@ -115,21 +111,23 @@ pub async fn run(args: RunArgs) -> CliResult {
     let mut listener = control::listen(&socket, args.socket.is_none()).await?;
 
     let out = Arc::new(Out::new(args.json));
-    let names = index.names().clone();
+    let nodes = file.nodes();
+    let agents = nodes.iter().filter(|(_, k)| *k == NodeKind::Agent).count();
+    let supervisors = 1 + nodes.len() - agents;
     if out.json() {
         out.json_line(&ListeningLine {
             kind: "listening",
             tree: &args.tree,
             socket: &socket,
-            agents: index.agents(),
-            supervisors: index.supervisors(),
+            agents,
+            supervisors,
         });
     } else {
         out.line(&format!(
             "Running {}: {} under {}. Ctrl-C stops it.",
             args.tree.display(),
-            count(index.agents(), "agent", "agents"),
-            count(index.supervisors(), "supervisor", "supervisors"),
+            count(agents, "agent", "agents"),
+            count(supervisors, "supervisor", "supervisors"),
         ));
         out.line(&format!(
             "Control socket: {} (for `agent-host call` and `agent-host status`)",
@@ -139,9 +137,11 @@ pub async fn run(args: RunArgs) -> CliResult {
     out.start_clock();
     let shared = Arc::new(Shared::default());
     let (finish_tx, finish_rx) = oneshot::channel();
-    let printer = Printer::new(out.clone(), names.clone(), shared.clone(), false);
-    let printer = tokio::spawn(printer.run(sup.subscribe(), finish_rx));
-    let mut watch = sup.subscribe();
+    let paths = nodes.into_iter().map(|(path, _)| path);
+    let printer = Printer::new(out.clone(), shared.clone(), paths, false);
+    // Subscribed before the start: the printer sees every child start.
+    let printer = tokio::spawn(printer.run(root.subscribe(), finish_rx));
+    let mut watch = root.subscribe();
     let finish = |finish_tx: oneshot::Sender<()>, printer| async move {
         let _ = finish_tx.send(());
         match tokio::time::timeout(std::time::Duration::from_secs(5), printer).await {
@@ -150,26 +150,27 @@ pub async fn run(args: RunArgs) -> CliResult {
         }
     };
 
-    if let Err(e) = sup.start().await {
-        drop(listener);
-        finish(finish_tx, printer).await;
-        return Err(format!("the tree did not start: {}", names.humanise(e.to_string())).into());
-    }
-    let root = sup.handle()?;
-    index.register_supervisors(&root);
+    let mut tree = match RunningTree::start(root).await {
+        Ok(tree) => tree,
+        Err(e) => {
+            drop(listener);
+            finish(finish_tx, printer).await;
+            return Err(format!("the tree did not start: {e}").into());
+        }
+    };
+    let handle = tree.handle();
 
     let why = loop {
         tokio::select! {
             _ = sigint.recv() => break Stop::Signal("SIGINT"),
             _ = sigterm.recv() => break Stop::Signal("SIGTERM"),
-            () = listener.serve_next(&root, &index) => {}
+            () = listener.serve_next(&handle) => {}
             event = watch.recv() => match event {
-                Ok(SupervisorEvent::SupervisorStopped { supervisor }) if names.is_root(&supervisor) => {
-                    break Stop::RootDown;
-                }
+                Ok(event) if matches!(event.kind, EventKind::SupervisorStopped)
+                    && event.path == tree.root_name() => break Stop::RootDown,
                 Err(RecvError::Closed) => break Stop::RootDown,
                 _ => {
-                    if matches!(sup.status(), SupervisorStatus::Failed(_)) {
+                    if matches!(tree.supervisor_status(), SupervisorStatus::Failed(_)) {
                         break Stop::RootDown;
                     }
                 }
@@ -192,7 +193,7 @@ pub async fn run(args: RunArgs) -> CliResult {
         }
     }
     let stopped = tokio::select! {
-        stopped = sup.stop() => stopped,
+        stopped = tree.stop() => stopped,
         _ = sigint.recv() => {
             stderr_line!("error: interrupted again: exiting without waiting for the tree to stop");
             return Ok(ExitCode::from(EXIT_FAILURE));
@@ -208,11 +209,11 @@ pub async fn run(args: RunArgs) -> CliResult {
     } else if signal.is_some() {
         out.line("Stopped.");
     }
-    stopped.map_err(|e| names.humanise(e.to_string()))?;
-    if let SupervisorStatus::Failed(why) = sup.status() {
+    stopped?;
+    if let SupervisorStatus::Failed(why) = tree.supervisor_status() {
         stderr_line!(
             "error: the root supervisor `{}` gave up ({why}); the tree is down",
-            index.root()
+            tree.root_name()
         );
         return Ok(ExitCode::from(EXIT_FAILURE));
     }

@@ -8,7 +8,7 @@ use clap::Args;
 use terraphim_agent_supervisor::tree::{TreeFile, TreeNode, TreeSupervisor};
 use terraphim_agent_supervisor::{LoadError, Runtime};
 
-use crate::tree_host::report;
+use crate::problems::report;
 use crate::{CliResult, EXIT_FAILURE};
 
 /// The world every agent component must implement.

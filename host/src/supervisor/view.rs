@@ -1,0 +1,104 @@
+//! What a supervisor publishes for its handles: a snapshot of its status,
+//! its children and its restart history.
+//!
+//! The supervisor task is the only writer: it replaces the snapshot's parts
+//! after every change (a [`tokio::sync::watch`]), and handles read it without
+//! asking the task and without waiting for it. The snapshot is derived from
+//! the task's own list of children; nothing else holds a child's state.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use tokio::sync::{broadcast, mpsc, watch};
+
+use super::child::WorkerCommand;
+use super::{RestartEntry, SupervisorConfig, SupervisorEvent, SupervisorHandle, SupervisorStatus};
+use crate::{AgentPid, SupervisedAgentInfo, SupervisorId};
+
+/// How to reach a child, for calls that bypass the supervisor task.
+#[derive(Clone)]
+pub(crate) enum Route {
+    /// A running agent's request queue.
+    Worker(mpsc::Sender<WorkerCommand>),
+    /// A running nested supervisor.
+    Supervisor(SupervisorHandle),
+    /// A known child that does not run now.
+    Down,
+}
+
+/// One child as handles see it.
+#[derive(Clone)]
+pub(crate) struct ChildView {
+    pub info: SupervisedAgentInfo,
+    pub route: Route,
+}
+
+/// A supervisor as handles see it.
+pub(crate) struct View {
+    pub status: SupervisorStatus,
+    /// In start order.
+    pub children: Vec<Arc<ChildView>>,
+    /// Oldest first.
+    pub history: Arc<VecDeque<RestartEntry>>,
+}
+
+impl View {
+    pub fn child(&self, pid: &AgentPid) -> Option<&Arc<ChildView>> {
+        self.children.iter().find(|c| c.info.pid == *pid)
+    }
+}
+
+/// What a supervisor's task and its handles share.
+pub(crate) struct Shared {
+    pub id: SupervisorId,
+    /// The supervisor's path in its tree (`root`, `root/team`).
+    pub path: String,
+    pub config: SupervisorConfig,
+    /// Written by the task only.
+    pub view: watch::Sender<View>,
+    /// The tree's events (one channel for every supervisor of a tree).
+    pub events: broadcast::Sender<SupervisorEvent>,
+}
+
+impl Shared {
+    pub fn new(
+        id: SupervisorId,
+        path: String,
+        config: SupervisorConfig,
+        events: broadcast::Sender<SupervisorEvent>,
+    ) -> Self {
+        let view = View {
+            status: SupervisorStatus::Starting,
+            children: Vec::new(),
+            history: Arc::default(),
+        };
+        Self {
+            id,
+            path,
+            config,
+            view: watch::Sender::new(view),
+            events,
+        }
+    }
+
+    pub fn status(&self) -> SupervisorStatus {
+        self.view.borrow().status.clone()
+    }
+
+    pub fn route(&self, pid: &AgentPid) -> Option<Route> {
+        self.view.borrow().child(pid).map(|c| c.route.clone())
+    }
+
+    pub fn children(&self) -> Vec<SupervisedAgentInfo> {
+        self.view
+            .borrow()
+            .children
+            .iter()
+            .map(|c| c.info.clone())
+            .collect()
+    }
+
+    pub fn history(&self) -> Arc<VecDeque<RestartEntry>> {
+        self.view.borrow().history.clone()
+    }
+}
