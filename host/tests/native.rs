@@ -317,10 +317,7 @@ async fn restart_attempts_that_fail_count_and_escalate() {
     let (mut sup, mut events, created, pid) = flaky_tree(|n| n >= 1).await;
 
     assert!(sup.call(&pid, "panic".into()).await.is_err());
-    wait_for(&mut events, |e| {
-        matches!(&e.kind, EventKind::Escalated)
-    })
-    .await;
+    wait_for(&mut events, |e| matches!(&e.kind, EventKind::Escalated)).await;
 
     assert!(
         matches!(sup.status(), SupervisorStatus::Failed(_)),

@@ -1,22 +1,16 @@
 //! `agent-host` output under back-pressure: a reader that stops reading
 //! stdout and stderr (a paused terminal, `| less`, a stalled log shipper)
 //! or that went away must never stall or crash the tree.
-//!
-//! The helpers are copied from `tests/cli.rs` (kept separate so the two
-//! files can change independently).
 
-use std::io::{BufRead, BufReader, PipeReader, PipeWriter, Read, Write};
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+mod common;
+
+use std::io::{BufRead, BufReader, PipeReader, PipeWriter, Write};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use terraphim_agent_supervisor::examples::{ECHO, HOSTILE};
-
-/// Hang guard for waits that are not the point of a test (the host
-/// compiling its components at start): never a timing assertion.
-const HANG_GUARD: Duration = Duration::from_secs(120);
+use common::cli::{HANG_GUARD, TempDir, read_all, signal, text, wait_within};
 
 /// How long a `call`, a `status` or the stop on SIGTERM may take while the
 /// host's output is stalled. A hang detector, not a timing claim: each
@@ -72,98 +66,6 @@ component = "hostile.wasm"
 limits = { deadline_ms = 500 }
 wasi = { inherit_stderr = true }
 "#;
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// A directory no other test (run) uses, with the example components in it;
-/// removed on drop. It is also the `XDG_RUNTIME_DIR` of the commands run in
-/// it, so control sockets land here.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default();
-        let path = std::env::temp_dir().join(format!(
-            "agent-host-cli-output-{}-{nanos}-{name}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&path).expect("temp dir created");
-        std::fs::write(path.join("echo.wasm"), ECHO).expect("echo.wasm written");
-        std::fs::write(path.join("hostile.wasm"), HOSTILE).expect("hostile.wasm written");
-        Self(path)
-    }
-
-    /// Write `contents` to `name` in the directory; its path.
-    fn write(&self, name: &str, contents: &str) -> String {
-        let path = self.0.join(name);
-        std::fs::write(&path, contents).expect("file written");
-        path.to_str().expect("temp path is UTF-8").to_owned()
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_agent-host"));
-        command
-            .args(args)
-            .env_remove("RUST_LOG")
-            .env("XDG_RUNTIME_DIR", &self.0);
-        command
-    }
-
-    /// Run `agent-host args` to the end, reading its output; fails the test
-    /// if it takes longer than `within`.
-    fn agent_host_within(&self, args: &[&str], within: Duration) -> Output {
-        let mut child = self
-            .command(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("agent-host runs");
-        let stdout = read_all(child.stdout.take().expect("piped stdout"));
-        let stderr = read_all(child.stderr.take().expect("piped stderr"));
-        let status = wait_within(&mut child, within, args);
-        Output {
-            status,
-            stdout: stdout.join().expect("stdout reader"),
-            stderr: stderr.join().expect("stderr reader"),
-        }
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn read_all(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
-    std::thread::spawn(move || {
-        let mut bytes = Vec::new();
-        let _ = pipe.read_to_end(&mut bytes);
-        bytes
-    })
-}
-
-/// Wait for `child` to exit; kill it and fail the test after `within`.
-fn wait_within(child: &mut Child, within: Duration, what: &[&str]) -> ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("agent-host {what:?} did not exit within {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// What happens to the output of the `run` under test.
 enum Reader {
@@ -258,11 +160,7 @@ impl Host {
     /// SIGTERM, then the exit status (fails the test if there is none
     /// within [`ANSWER_WITHIN`]).
     fn terminate(mut self) -> ExitStatus {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill -TERM failed");
+        signal(self.child.id(), "TERM");
         wait_within(&mut self.child, ANSWER_WITHIN, &["run", "(SIGTERM)"])
     }
 }

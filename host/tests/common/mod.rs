@@ -123,3 +123,4 @@ pub async fn wait_for(
         .await
         .expect("the expected event never came")
 }
+pub mod cli;

@@ -264,10 +264,7 @@ async fn intensity_exceeded_escalates_and_the_root_fails() {
         restarted(&mut events, &b).await;
     }
     sup.call(&b, "panic".into()).await.unwrap_err();
-    wait_for(&mut events, |e| {
-        matches!(&e.kind, EventKind::Escalated)
-    })
-    .await;
+    wait_for(&mut events, |e| matches!(&e.kind, EventKind::Escalated)).await;
     assert!(matches!(sup.status(), SupervisorStatus::Failed(_)));
     let err = sup.call(&specs[0].agent_id, "hi".into()).await.unwrap_err();
     assert!(

@@ -4,17 +4,16 @@
 //! Some tests act as another user (uid 65534) on a thread of their own;
 //! that needs root, and they say so and pass without it.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Command, ExitStatus};
 use std::sync::mpsc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use terraphim_agent_supervisor::examples::ECHO;
-
-/// Hang guard for every wait on a child process (never a timing assertion).
-const HANG_GUARD: Duration = Duration::from_secs(120);
+use common::cli::{HANG_GUARD, RunningHost, TempDir, output, text};
 
 /// The uid the tests act as when they play another user.
 const OTHER_UID: u32 = 65534;
@@ -28,10 +27,6 @@ name = "root"
 name = "echo"
 component = "echo.wasm"
 "#;
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
 
 fn euid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -47,204 +42,38 @@ fn root_or_skip(test: &str) -> bool {
     root
 }
 
-/// A directory no other test (run) uses, with echo.wasm in it; removed on
-/// drop. It is also the `XDG_RUNTIME_DIR` of the commands run in it.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default();
-        let path = std::env::temp_dir().join(format!(
-            "agent-host-ctl-{}-{nanos}-{name}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&path).expect("temp dir created");
-        // Others (the tests' other user) may enter it, not write to it.
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
-            .expect("temp dir mode set");
-        std::fs::write(path.join("echo.wasm"), ECHO).expect("echo.wasm written");
-        Self(path)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
-    /// Write `contents` to `name` in the directory; its path.
-    fn write(&self, name: &str, contents: &str) -> String {
-        let path = self.0.join(name);
-        std::fs::write(&path, contents).expect("file written");
-        path.to_str().expect("temp path is UTF-8").to_owned()
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_agent-host"));
-        command
-            .args(args)
-            .env_remove("RUST_LOG")
-            .env("XDG_RUNTIME_DIR", &self.0);
-        command
-    }
-
-    /// Run `command` to the end (bounded by the hang guard).
-    fn output(command: &mut Command, what: &[&str]) -> Output {
-        let mut child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("agent-host runs");
-        let stdout = read_all(child.stdout.take().expect("piped stdout"));
-        let stderr = read_all(child.stderr.take().expect("piped stderr"));
-        let status = wait_bounded(&mut child, what);
-        Output {
-            status,
-            stdout: stdout.join().expect("stdout reader"),
-            stderr: stderr.join().expect("stderr reader"),
-        }
-    }
-
-    /// Run `agent-host args` to the end.
-    fn agent_host(&self, args: &[&str]) -> Output {
-        Self::output(&mut self.command(args), args)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn read_all(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
-    std::thread::spawn(move || {
-        let mut bytes = Vec::new();
-        let _ = pipe.read_to_end(&mut bytes);
-        bytes
-    })
-}
-
-fn wait_bounded(child: &mut Child, what: &[&str]) -> ExitStatus {
-    let deadline = Instant::now() + HANG_GUARD;
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("agent-host {what:?} did not exit within {HANG_GUARD:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// An `agent-host run --json` in the background, its stdout read line by
-/// line.
-struct RunningHost {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-    stderr: Option<std::thread::JoinHandle<Vec<u8>>>,
-    /// The control socket, from the `listening` line.
+/// An `agent-host run --json` in the background, once its agent runs, and
+/// its control socket.
+struct Host {
+    inner: RunningHost,
     socket: PathBuf,
 }
 
-impl RunningHost {
-    /// Start `agent-host run TREE --json` (plus `extra` arguments) and wait
-    /// until its agent runs.
+impl Host {
+    /// Start `agent-host run TREE --json` (plus `extra` arguments) in `dir`
+    /// and wait until its agent runs.
     fn start(dir: &TempDir, tree: &str, extra: &[&str]) -> Self {
         Self::start_command(dir.command(&[]), tree, extra)
     }
 
     fn start_command(mut command: Command, tree: &str, extra: &[&str]) -> Self {
-        let mut child = command
-            .args(["run", tree, "--json"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("agent-host run starts");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let stderr = read_all(child.stderr.take().expect("piped stderr"));
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut host = Self {
-            child,
-            lines,
-            seen: Vec::new(),
-            stderr: Some(stderr),
-            socket: PathBuf::new(),
-        };
-        host.wait_for("the agent to start", |seen| {
+        command.args(["run", tree, "--json"]).args(extra);
+        let mut inner = RunningHost::spawn(command);
+        inner.wait_for("the agent to start", |seen| {
             seen.iter()
                 .any(|l| l.contains(r#""ChildStarted""#) && l.contains(r#""root/echo""#))
         });
-        let listening = host
-            .seen
-            .iter()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .find(|v| v["kind"] == "listening")
-            .expect("a listening line");
-        host.socket = PathBuf::from(listening["socket"].as_str().expect("a socket path"));
-        host
-    }
-
-    /// Read lines until `done` says every expected line came.
-    fn wait_for(&mut self, what: &str, mut done: impl FnMut(&[String]) -> bool) {
-        let deadline = Instant::now() + HANG_GUARD;
-        while !done(&self.seen) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => self.seen.push(line),
-                Err(e) => {
-                    let _ = self.child.kill();
-                    let stderr = self.stderr.take().map(|h| h.join().unwrap_or_default());
-                    panic!(
-                        "waiting for {what}: {e:?}; stdout so far:\n{}\nstderr:\n{}",
-                        self.seen.join("\n"),
-                        text(&stderr.unwrap_or_default())
-                    )
-                }
-            }
-        }
+        let socket = inner.socket();
+        Self { inner, socket }
     }
 
     fn pid(&self) -> u32 {
-        self.child.id()
+        self.inner.pid()
     }
 
     /// Stop it with SIGINT; its exit status and stderr.
-    fn stop(mut self) -> (ExitStatus, String) {
-        let status = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill -INT failed");
-        let status = wait_bounded(&mut self.child, &["run"]);
-        let stderr = self.stderr.take().map(|h| h.join().expect("stderr reader"));
-        (status, text(&stderr.unwrap_or_default()))
-    }
-}
-
-impl Drop for RunningHost {
-    fn drop(&mut self) {
-        // A failed test must not leave the host running.
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+    fn stop(self) -> (ExitStatus, String) {
+        self.inner.stop()
     }
 }
 
@@ -271,7 +100,7 @@ fn the_default_socket_is_in_a_private_directory_of_the_user() {
     let tree = dir.write("tree.toml", TREE);
 
     // With XDG_RUNTIME_DIR: $XDG_RUNTIME_DIR/agent-host/.
-    let host = RunningHost::start(&dir, &tree, &[]);
+    let host = Host::start(&dir, &tree, &[]);
     let private = dir.path("agent-host");
     assert_eq!(host.socket.parent(), Some(private.as_path()));
     assert!(private.is_dir());
@@ -294,13 +123,13 @@ fn the_default_socket_is_in_a_private_directory_of_the_user() {
         command.env_remove("XDG_RUNTIME_DIR").env("TMPDIR", &tmp);
         command
     };
-    let host = RunningHost::start_command(without_xdg(&[]), &tree, &[]);
+    let host = Host::start_command(without_xdg(&[]), &tree, &[]);
     let private = tmp.join(format!("agent-host-{}", euid()));
     assert_eq!(host.socket.parent(), Some(private.as_path()));
     assert_eq!(mode(&private), 0o700, "{}", private.display());
     assert_eq!(mode(&host.socket), 0o600, "{}", host.socket.display());
     let args = ["call", &tree, "echo", "again"];
-    let call = TempDir::output(&mut without_xdg(&args), &args);
+    let call = output(&mut without_xdg(&args), &args, HANG_GUARD);
     assert_eq!(
         text(&call.stdout),
         "echo: again\n",
@@ -454,7 +283,7 @@ fn a_client_refuses_a_socket_served_by_another_user() {
     let without_xdg = |args: &[&str]| {
         let mut command = dir.command(args);
         command.env_remove("XDG_RUNTIME_DIR").env("TMPDIR", &tmp);
-        TempDir::output(&mut command, args)
+        output(&mut command, args, HANG_GUARD)
     };
     for args in [&["call", &tree, "echo", "secret"][..], &["status", &tree]] {
         let out = without_xdg(args);
@@ -507,7 +336,7 @@ fn the_host_refuses_a_client_of_another_user() {
     std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let socket = open.join("host.sock");
     let socket_arg = socket.to_str().expect("UTF-8").to_owned();
-    let host = RunningHost::start(&dir, &tree, &["--socket", &socket_arg]);
+    let host = Host::start(&dir, &tree, &["--socket", &socket_arg]);
     assert_eq!(mode(&socket), 0o600);
     // Someone loosened the socket's mode: the host itself still says no.
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).expect("chmod");
@@ -604,7 +433,7 @@ fn a_client_beyond_the_connection_limit_is_refused_with_an_answer() {
     let tree = dir.write("tree.toml", TREE);
     let socket = dir.path("host.sock");
     let socket_arg = socket.to_str().expect("UTF-8").to_owned();
-    let host = RunningHost::start(&dir, &tree, &["--socket", &socket_arg]);
+    let host = Host::start(&dir, &tree, &["--socket", &socket_arg]);
 
     // Clients that connect and say nothing hold every slot...
     let mut idle: Vec<_> = (0..MAX_CONNECTIONS).map(|_| connect(&socket)).collect();
@@ -677,7 +506,7 @@ fn out_of_file_descriptors_the_host_backs_off_and_recovers() {
         ])
         .env_remove("RUST_LOG")
         .env("XDG_RUNTIME_DIR", &dir.0);
-    let host = RunningHost::start_command(command, &tree, &["--socket", &socket_arg]);
+    let host = Host::start_command(command, &tree, &["--socket", &socket_arg]);
     let pid = host.pid();
 
     // More clients than the host has file descriptors for (fewer than
@@ -751,7 +580,7 @@ fn exchange(socket: &Path, request: &serde_json::Value) -> serde_json::Value {
 fn a_maximal_message_escaped_at_worst_round_trips() {
     let dir = TempDir::new("max-message");
     let tree = dir.write("tree.toml", TREE);
-    let host = RunningHost::start(&dir, &tree, &[]);
+    let host = Host::start(&dir, &tree, &[]);
 
     // The echo agent's reply is `echo: ` and the message: the largest
     // message whose reply is within the limit too.
@@ -812,7 +641,7 @@ fn a_maximal_message_escaped_at_worst_round_trips() {
 fn an_over_long_request_line_gets_a_policy_error_and_the_host_carries_on() {
     let dir = TempDir::new("long-request");
     let tree = dir.write("tree.toml", TREE);
-    let host = RunningHost::start(&dir, &tree, &[]);
+    let host = Host::start(&dir, &tree, &[]);
 
     let mut stream = connect(&host.socket);
     let mut writer = stream.try_clone().expect("a second handle");

@@ -1,39 +1,19 @@
 //! The `agent-host` command line, run as a process.
 
-use std::io::{BufRead, BufReader, Read};
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use common::cli::{RunningHost, TempDir, agent_host, text, unique};
 use terraphim_agent_supervisor::examples::{CRASHER, ECHO};
-
-/// Hang guard for every wait on a child process (never a timing assertion).
-const HANG_GUARD: Duration = Duration::from_secs(120);
-
-fn agent_host(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_agent-host"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("agent-host runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
 
 /// A file under the temp dir with a name no other test run uses; removed on drop.
 struct TempFile(PathBuf);
 
 impl TempFile {
     fn new(suffix: &str, contents: &[u8]) -> Self {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default();
-        let name = format!("agent-host-cli-{}-{nanos}-{suffix}", std::process::id());
-        let path = std::env::temp_dir().join(name);
+        let path = std::env::temp_dir().join(unique(suffix));
         std::fs::write(&path, contents).expect("temp file written");
         Self(path)
     }
@@ -181,105 +161,6 @@ fn usage_errors_exit_two() {
 // Tree files: validate, run, call, status
 // ---------------------------------------------------------------------------
 
-/// A directory no other test (run) uses, with the example components in it;
-/// removed on drop. It is also the `XDG_RUNTIME_DIR` of the commands run in
-/// it, so control sockets land here.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default();
-        let path = std::env::temp_dir().join(format!(
-            "agent-host-cli-{}-{nanos}-{name}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&path).expect("temp dir created");
-        std::fs::write(path.join("echo.wasm"), ECHO).expect("echo.wasm written");
-        std::fs::write(path.join("crasher.wasm"), CRASHER).expect("crasher.wasm written");
-        Self(path)
-    }
-
-    /// Write `contents` to `name` in the directory; its path.
-    fn write(&self, name: &str, contents: &str) -> String {
-        let path = self.0.join(name);
-        std::fs::write(&path, contents).expect("file written");
-        path.to_str().expect("temp path is UTF-8").to_owned()
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_agent-host"));
-        command
-            .args(args)
-            .env_remove("RUST_LOG")
-            .env("XDG_RUNTIME_DIR", &self.0);
-        command
-    }
-
-    /// Run `agent-host args` to the end (bounded by the hang guard).
-    fn agent_host(&self, args: &[&str]) -> Output {
-        let mut child = self
-            .command(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("agent-host runs");
-        let stdout = read_all(child.stdout.take().expect("piped stdout"));
-        let stderr = read_all(child.stderr.take().expect("piped stderr"));
-        let status = wait_bounded(&mut child, args);
-        Output {
-            status,
-            stdout: stdout.join().expect("stdout reader"),
-            stderr: stderr.join().expect("stderr reader"),
-        }
-    }
-
-    /// The control sockets in the directory.
-    /// The control sockets in the default socket directory
-    /// (`$XDG_RUNTIME_DIR/agent-host/`, here the temp dir).
-    fn sockets(&self) -> Vec<String> {
-        let Ok(entries) = std::fs::read_dir(self.0.join("agent-host")) else {
-            return Vec::new();
-        };
-        entries
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .filter(|name| name.ends_with(".sock"))
-            .collect()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn read_all(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
-    std::thread::spawn(move || {
-        let mut bytes = Vec::new();
-        let _ = pipe.read_to_end(&mut bytes);
-        bytes
-    })
-}
-
-fn wait_bounded(child: &mut Child, what: &[&str]) -> ExitStatus {
-    let deadline = Instant::now() + HANG_GUARD;
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("agent-host {what:?} did not exit within {HANG_GUARD:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// A tree of three agents at the root and a nested supervisor with one.
 const TREE: &str = r#"
 [supervisor]
@@ -319,90 +200,6 @@ const STARTED: [&str; 5] = [
     "root/team",
 ];
 
-/// An `agent-host run` in the background, its stdout read line by line.
-struct RunningHost {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-    stderr: Option<std::thread::JoinHandle<Vec<u8>>>,
-}
-
-impl RunningHost {
-    fn start(dir: &TempDir, args: &[&str]) -> Self {
-        let mut child = dir
-            .command(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("agent-host run starts");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let stderr = read_all(child.stderr.take().expect("piped stderr"));
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self {
-            child,
-            lines,
-            seen: Vec::new(),
-            stderr: Some(stderr),
-        }
-    }
-
-    /// Read lines until `done` says every expected line came.
-    fn wait_for(&mut self, what: &str, mut done: impl FnMut(&[String]) -> bool) {
-        let deadline = Instant::now() + HANG_GUARD;
-        while !done(&self.seen) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => self.seen.push(line),
-                Err(e) => panic!(
-                    "waiting for {what}: {e:?}; stdout so far:\n{}",
-                    self.seen.join("\n")
-                ),
-            }
-        }
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &self.child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill -{name} failed");
-    }
-
-    /// Wait for the exit; the status, every stdout line and the stderr.
-    fn finish(mut self) -> (ExitStatus, Vec<String>, String) {
-        let status = wait_bounded(&mut self.child, &["run"]);
-        while let Ok(line) = self.lines.recv_timeout(HANG_GUARD) {
-            self.seen.push(line);
-        }
-        let stderr = self.stderr.take().map(|h| h.join().expect("stderr reader"));
-        (
-            status,
-            std::mem::take(&mut self.seen),
-            text(&stderr.unwrap_or_default()),
-        )
-    }
-}
-
-impl Drop for RunningHost {
-    fn drop(&mut self) {
-        // A failed test must not leave the host running.
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 /// `(path, what)` of a text event line: `[  0.001s] root/echo   started`.
 fn event(line: &str) -> Option<(&str, &str)> {
     let rest = line.strip_prefix('[')?.split_once("s] ")?.1;
@@ -436,7 +233,7 @@ fn validate_accepts_a_valid_tree_file() {
 
 /// The tree file documented in the README, which must stay valid.
 fn readme_tree_example() -> String {
-    let readme = include_str!("../README.md");
+    let readme = include_str!("../../README.md");
     let start = readme
         .find("```toml\n")
         .expect("the README has a toml block")
