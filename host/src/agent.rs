@@ -33,7 +33,7 @@ pub trait SupervisedAgent: Send {
     /// Start the agent's work.
     async fn start(&mut self) -> SupervisionResult<()>;
 
-    /// Stop gracefully.
+    /// Stop gracefully: release what the agent holds before it is dropped.
     async fn stop(&mut self) -> SupervisionResult<()>;
 
     /// Handle one application message and reply.
@@ -169,7 +169,7 @@ impl AgentSpec {
 pub struct SupervisedAgentInfo {
     /// The child's id. A nested supervisor's [`SupervisorId`] is the same id.
     pub pid: AgentPid,
-    /// Its supervisor.
+    /// The supervisor it is a child of.
     pub supervisor_id: SupervisorId,
     /// Its name, if it has one (unique among its siblings).
     pub name: Option<String>,

@@ -26,7 +26,7 @@ pub enum SupervisionError {
     /// The supervisor's restart intensity was exceeded; it gave up.
     #[error("supervisor {0} exceeded maximum restart attempts")]
     MaxRestartsExceeded(SupervisorId),
-    /// Stopping failed.
+    /// Stopping the tree failed (a supervisor task panicked).
     #[error("supervision tree shutdown failed: {0}")]
     ShutdownFailed(String),
     /// The agent spec is invalid (unknown type, bad limits, ...).
@@ -76,7 +76,7 @@ pub enum SupervisionError {
     /// The agent could not be reached (e.g. it is restarting).
     #[error("agent communication failed: {0}")]
     CommunicationFailed(String),
-    /// Anything else.
+    /// Anything else, with its description.
     #[error("system error: {0}")]
     System(String),
 }
@@ -153,11 +153,11 @@ pub enum ErrorCategory {
     Configuration,
     /// Durable storage failed.
     Storage,
-    /// (De)serialisation failed.
+    /// (De)serialisation of JSON or TOML failed.
     Serialization,
     /// An agent could not be reached or did not answer.
     Communication,
-    /// Anything else.
+    /// Anything that fits no other category.
     System,
 }
 

@@ -13,7 +13,7 @@
 //!   [`WasmAgentFactory`] makes WASM agents, [`TestAgentFactory`] native
 //!   test agents.
 
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
 mod agent;
 mod error;

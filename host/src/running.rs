@@ -30,7 +30,7 @@ pub enum NodeKind {
     Supervisor,
 }
 
-/// A node of a running tree, found by [`RunningTree::resolve`].
+/// A node of a running tree, found by [`TreeHandle::resolve`].
 #[derive(Debug, Clone)]
 pub struct Node {
     /// Its path (`root/team/echo`).
@@ -43,14 +43,14 @@ pub struct Node {
     pub parent: SupervisorHandle,
 }
 
-/// One node of a running tree, as [`RunningTree::status`] shows it.
+/// One node of a running tree, as [`TreeHandle::status`] shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeStatus {
     /// Its path (`root/team/echo`).
     pub path: String,
     /// Its name (the last segment of its path).
     pub name: String,
-    /// Its id.
+    /// Its id (stable across its restarts).
     pub id: AgentPid,
     /// Agent or supervisor.
     pub kind: NodeKind,
@@ -80,7 +80,7 @@ pub enum ResolveError {
     /// Several nodes have this name.
     #[error("`{name}` names several nodes ({}); give its path", paths.join(", "))]
     Ambiguous {
-        /// The name.
+        /// The name asked for.
         name: String,
         /// The nodes' paths.
         paths: Vec<String>,
@@ -139,7 +139,7 @@ pub enum TreeCallError {
         path: String,
         /// Its id.
         agent: AgentPid,
-        /// The error.
+        /// The error the agent returned.
         error: String,
     },
     /// The agent did not answer within its supervisor's `agent_timeout`.
@@ -171,7 +171,7 @@ pub enum TreeCallError {
         /// The supervisor's path.
         supervisor: String,
     },
-    /// Anything else.
+    /// The supervisor's error, when no other variant fits.
     #[error("{path}: {source}")]
     Other {
         /// The agent's path.

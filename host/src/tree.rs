@@ -223,7 +223,7 @@ pub struct TreeSupervisor {
     pub name: String,
     /// Its strategy and intensity.
     pub policy: RestartPolicy,
-    /// Most children.
+    /// Most children it accepts.
     pub max_children: usize,
     /// Its restart type (when it is a child).
     pub restart: RestartType,
@@ -242,20 +242,20 @@ pub struct TreeAgent {
     pub component: PathBuf,
     /// JSON configuration handed to `init`.
     pub config: serde_json::Value,
-    /// Restart type.
+    /// When its supervisor restarts it.
     pub restart: RestartType,
-    /// Shutdown policy.
+    /// How its supervisor stops it.
     pub shutdown: ShutdownPolicy,
     /// Limits (defaults merged in).
     pub limits: AgentLimits,
-    /// WASI grants.
+    /// What it may reach through WASI.
     pub wasi: WasiGrants,
 }
 
 /// A child in a tree file.
 #[derive(Debug, Clone)]
 pub enum TreeNode {
-    /// An agent.
+    /// An agent (it has a `component`).
     Agent(TreeAgent),
     /// A nested supervisor.
     Supervisor(TreeSupervisor),
@@ -646,6 +646,11 @@ impl TreeFile {
     /// Read and check the tree file at `path` (syntax, field names, values,
     /// component files present). Components are not compiled: see
     /// [`check`](Self::check).
+    ///
+    /// # Errors
+    ///
+    /// A [`TreeError`] with every problem found, each naming the file, the
+    /// field and what to do.
     pub fn load(path: impl AsRef<Path>) -> Result<Self, TreeError> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| TreeError {

@@ -75,7 +75,7 @@ pub enum AgentStatus {
     Starting,
     /// Started and answering messages.
     Running,
-    /// Being stopped.
+    /// Being stopped by its supervisor.
     Stopping,
     /// Stopped (not running, spec kept).
     Stopped,
@@ -138,7 +138,7 @@ pub enum TerminateReason {
     Normal,
     /// Its supervisor is shutting it down.
     Shutdown,
-    /// It failed.
+    /// It failed with this error.
     Error(String),
     /// It did not answer in time.
     Timeout,
@@ -153,7 +153,7 @@ pub enum SystemMessage {
     Shutdown,
     /// The agent is about to be restarted.
     Restart,
-    /// Health-check request.
+    /// A health-check request.
     HealthCheck,
     /// The agent's status changed.
     StatusUpdate(AgentStatus),

@@ -31,7 +31,7 @@ pub enum LoadError {
     /// The file could not be read.
     #[error("cannot read {path}: {source}")]
     Io {
-        /// The file.
+        /// The file that could not be read.
         path: PathBuf,
         /// What the OS said.
         source: std::io::Error,

@@ -97,7 +97,7 @@ impl state::Host for HostState {
 /// Log records dropped over an agent's budget.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct DroppedLogs {
-    /// Records dropped.
+    /// Log records dropped.
     pub records: u64,
     /// Their bytes (after truncation to [`MAX_LOG_BYTES`]).
     pub bytes: u64,

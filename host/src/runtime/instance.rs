@@ -106,6 +106,12 @@ fn hints(store: &Store<HostState>) -> FaultHints {
 
 impl AgentInstance {
     /// Create a store for the agent and instantiate `component` in it.
+    ///
+    /// # Errors
+    ///
+    /// The [`AgentFault`] of a failed instantiation: a limit it exceeded
+    /// (`MemoryLimit`, `ResourceLimit`, `OutOfFuel`, `DeadlineExceeded`) or
+    /// `InstantiateFailed` (a full pool, a WASI grant that cannot be given).
     pub async fn instantiate(
         runtime: &Runtime,
         component: &AgentComponent,

@@ -129,6 +129,11 @@ pub struct RuntimeError(String);
 
 impl Runtime {
     /// A runtime with the default configuration.
+    ///
+    /// # Errors
+    ///
+    /// [`RuntimeError`] if wasmtime refuses the configuration (for example,
+    /// a pool that does not fit in the address space).
     pub fn new() -> Result<Self, RuntimeError> {
         Self::with_config(RuntimeConfig::default())
     }
@@ -190,11 +195,29 @@ impl Runtime {
 
     /// Compile, type-check and link a component given as bytes (binary or
     /// WAT text). `name` appears in errors.
+    ///
+    /// # Errors
+    ///
+    /// [`LoadError`]: not WebAssembly, a core module, an invalid component,
+    /// one above the per-agent ceilings, one of another world, or one that
+    /// imports what the host does not provide.
+    ///
+    /// ```
+    /// # use terraphim_agent_supervisor::{LoadError, Runtime};
+    /// let runtime = Runtime::new().unwrap();
+    /// let err = runtime.load_bytes("notes.txt", b"hello").unwrap_err();
+    /// assert!(matches!(err, LoadError::NotWasm { .. }));
+    /// ```
     pub fn load_bytes(&self, name: &str, bytes: &[u8]) -> Result<AgentComponent, LoadError> {
         component::load(&self.inner.engine, &self.inner.linker, name, bytes)
     }
 
     /// Compile, type-check and link the component in the file at `path`.
+    ///
+    /// # Errors
+    ///
+    /// [`LoadError::Io`] if the file cannot be read, otherwise as
+    /// [`load_bytes`](Self::load_bytes).
     pub fn load_file(&self, path: impl AsRef<Path>) -> Result<AgentComponent, LoadError> {
         let path = path.as_ref();
         let bytes = component::read_file(path)?;

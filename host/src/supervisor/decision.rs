@@ -44,7 +44,7 @@ pub enum RestartType {
 /// reasons into this).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ExitKind {
-    /// OTP `normal`.
+    /// OTP `normal`: the child finished its work.
     Normal,
     /// OTP `shutdown` or `{shutdown, _}`.
     Shutdown,

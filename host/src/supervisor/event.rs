@@ -22,7 +22,7 @@ pub struct SupervisorEvent {
     /// supervisor's own path for [`EventKind::Escalated`] and
     /// [`EventKind::SupervisorStopped`].
     pub path: String,
-    /// What happened.
+    /// What happened to the node.
     pub kind: EventKind,
 }
 
@@ -32,7 +32,7 @@ impl SupervisorEvent {
         &self.path
     }
 
-    /// What happened.
+    /// What happened to the node.
     pub fn kind(&self) -> &EventKind {
         &self.kind
     }
@@ -55,21 +55,21 @@ impl SupervisorEvent {
 pub enum EventKind {
     /// A child was added and started.
     ChildStarted {
-        /// The child.
+        /// The child it is about.
         agent: AgentPid,
         /// Its name, if it has one.
         name: Option<String>,
     },
     /// A child exited on its own, or was reported exited.
     ChildExited {
-        /// The child.
+        /// The child it is about.
         agent: AgentPid,
-        /// Why.
+        /// Why it exited.
         reason: ExitReason,
     },
     /// A child was restarted.
     ChildRestarted {
-        /// The child.
+        /// The child it is about.
         agent: AgentPid,
         /// Its restart count now.
         restart_count: u32,
@@ -81,7 +81,7 @@ pub enum EventKind {
     },
     /// A child was stopped by its supervisor.
     ChildStopped {
-        /// The child.
+        /// The child it is about.
         agent: AgentPid,
         /// Whether it was killed (brutal kill, or it did not stop within its
         /// shutdown timeout) rather than stopping on request.
@@ -89,7 +89,7 @@ pub enum EventKind {
     },
     /// A child's spec was removed.
     ChildRemoved {
-        /// The child.
+        /// The child it is about.
         agent: AgentPid,
     },
     /// The supervisor exceeded its restart intensity and gave up.
@@ -103,7 +103,7 @@ pub enum EventKind {
 pub struct ExitCause {
     /// The child that exited (or failed to start).
     pub agent: AgentPid,
-    /// Its path.
+    /// Its path in the tree.
     pub path: String,
     /// Why it exited.
     pub reason: ExitReason,

@@ -55,7 +55,7 @@ impl SupervisorHandle {
         &self.shared.path
     }
 
-    /// Its configuration.
+    /// The configuration it was started with.
     pub fn config(&self) -> &SupervisorConfig {
         &self.shared.config
     }
@@ -209,6 +209,14 @@ impl SupervisorHandle {
 
     /// Send a message to an agent and return its reply. The call goes
     /// straight to the agent's task, not through the supervisor task.
+    ///
+    /// # Errors
+    ///
+    /// `MessageTooLarge` / `ReplyTooLarge` over `max_message_bytes`,
+    /// `AgentCrashed` with its fault if the agent died handling it,
+    /// `AgentExecutionFailed` for its application error,
+    /// `CommunicationFailed` if it does not run now, `Timeout` after
+    /// `agent_timeout`, `AgentNotFound` for an unknown id.
     pub async fn call(&self, agent_id: &AgentPid, message: String) -> SupervisionResult<String> {
         let max = self.shared.config.max_message_bytes;
         if message.len() > max {
@@ -341,8 +349,13 @@ impl AgentSupervisor {
     }
 
     /// Start the supervisor and its initial children, one at a time in
-    /// order. If one fails to start, those already started are stopped in
-    /// reverse order and the error (`AgentStartFailed`) is returned.
+    /// order.
+    ///
+    /// # Errors
+    ///
+    /// `AgentStartFailed` (naming the child's path) if a child fails to
+    /// start: those already started are stopped in reverse order first.
+    /// `System` if it is already running.
     pub async fn start(&mut self) -> SupervisionResult<()> {
         let active = matches!(
             self.status(),
@@ -389,6 +402,11 @@ impl AgentSupervisor {
 
     /// Stop every child in reverse start order, then the supervisor; when
     /// this returns, no task of the tree runs any more.
+    ///
+    /// # Errors
+    ///
+    /// `ShutdownFailed` if the supervisor's task panicked (its tree was
+    /// killed).
     pub async fn stop(&mut self) -> SupervisionResult<()> {
         let Some(Root { stop, task, tree }) = self.root.take() else {
             return Ok(());

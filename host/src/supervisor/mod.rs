@@ -76,7 +76,7 @@ impl Default for SupervisorConfig {
 pub enum SupervisorStatus {
     /// Starting its initial children.
     Starting,
-    /// Supervising.
+    /// Supervising its children.
     Running,
     /// Stopping its children.
     Stopping,
@@ -113,7 +113,7 @@ pub struct RestartEntry {
     /// Its path in the tree.
     #[serde(default)]
     pub path: String,
-    /// When.
+    /// When the exit was handled.
     pub timestamp: DateTime<Utc>,
     /// Why it exited.
     pub reason: ExitReason,
@@ -128,7 +128,7 @@ pub struct SupervisorSpec {
     pub id: AgentPid,
     /// Name for humans.
     pub name: Option<String>,
-    /// Its configuration.
+    /// Its configuration (its id is replaced by its id as a child).
     pub config: SupervisorConfig,
     /// The factory of its agents.
     pub factory: Arc<dyn AgentFactory>,
