@@ -143,9 +143,24 @@ impl AgentFactory for WasmAgentFactory {
         self.components.keys().cloned().collect()
     }
 
-    /// The agent's durable state goes with its spec.
+    /// The agent's durable state goes with its spec. A store that blocks
+    /// (a disk sync) is cleared under `block_in_place` on a multi-threaded
+    /// runtime, so that the supervisor's worker hands its other tasks over
+    /// meanwhile; a failure leaves the state behind and is logged.
     fn release_agent(&self, spec: &AgentSpec) {
-        self.state.clear(&spec.agent_id.to_string());
+        let agent = spec.agent_id.to_string();
+        let clear = || {
+            if let Err(e) = self.state.clear(&agent) {
+                tracing::warn!(agent, "the state of a removed agent was not cleared: {e}");
+            }
+        };
+        let multi_threaded = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if self.state.blocks() && multi_threaded {
+            tokio::task::block_in_place(clear);
+        } else {
+            clear();
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::terraphim::agent::{log, state, types};
 use super::limits::{AgentLimits, Limiter};
-use crate::state::StateStore;
+use crate::state::{StateError, StateStore};
 use crate::text::truncate;
 
 /// Longest log message kept; longer ones are cut.
@@ -78,19 +78,50 @@ impl HostState {
     }
 }
 
+/// Run `op` on `store`: inline if the store never blocks, otherwise on
+/// tokio's blocking pool, so that a disk sync never holds a runtime worker.
+/// The caller's deadline (the timeout around the guest call) bounds the
+/// wait; a call cut off by it still runs to its end on the pool, so a `put`
+/// cut off may or may not have been committed (never half of it).
+async fn off_worker<T: Send + 'static>(
+    store: &Arc<dyn StateStore>,
+    op: impl FnOnce(&dyn StateStore) -> Result<T, StateError> + Send + 'static,
+) -> Result<T, StateError> {
+    if !store.blocks() {
+        return op(&**store);
+    }
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || op(&*store))
+        .await
+        .map_err(|e| StateError::Backend(format!("the state store's call did not finish: {e}")))?
+}
+
+/// A store error on `get` or `delete`, whose WIT signatures carry none: it
+/// traps the guest, which fails as `AgentFault::Host`.
+fn trap(agent: &str, what: &str, error: StateError) -> wasmtime::Error {
+    wasmtime::Error::msg(format!("state {what} for agent {agent}: {error}"))
+}
+
 impl state::Host for HostState {
-    fn get(&mut self, key: String) -> Option<Vec<u8>> {
-        self.state.get(&self.agent_id, &key)
+    async fn get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {
+        let agent = self.agent_id.clone();
+        off_worker(&self.state, move |s| s.get(&agent, &key))
+            .await
+            .map_err(|e| trap(&self.agent_id, "get", e))
     }
 
-    fn put(&mut self, key: String, value: Vec<u8>) -> Result<(), String> {
-        self.state
-            .put(&self.agent_id, &key, value, self.state_budget)
-            .map_err(|e| e.to_string())
+    async fn put(&mut self, key: String, value: Vec<u8>) -> wasmtime::Result<Result<(), String>> {
+        let agent = self.agent_id.clone();
+        let budget = self.state_budget;
+        let result = off_worker(&self.state, move |s| s.put(&agent, &key, value, budget)).await;
+        Ok(result.map_err(|e| e.to_string()))
     }
 
-    fn delete(&mut self, key: String) -> bool {
-        self.state.delete(&self.agent_id, &key)
+    async fn delete(&mut self, key: String) -> wasmtime::Result<bool> {
+        let agent = self.agent_id.clone();
+        off_worker(&self.state, move |s| s.delete(&agent, &key))
+            .await
+            .map_err(|e| trap(&self.agent_id, "delete", e))
     }
 }
 
