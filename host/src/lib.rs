@@ -41,7 +41,10 @@ pub use runtime::{
     AgentComponent, AgentFault, AgentInstance, AgentLimits, CallError, DroppedLogs,
     InstanceOptions, LoadError, MAX_GUEST_TEXT, Preopen, Runtime, RuntimeConfig, WasiGrants,
 };
-pub use state::{MemoryStateStore, StateError, StateQuota, StateStore, entry_cost};
+pub use state::{
+    MemoryStateStore, OpenStateError, RedbStateStore, StateError, StateQuota, StateStore,
+    entry_cost,
+};
 pub use supervisor::{
     AgentSupervisor, ChildCount, ChildSpec, EventKind, ExitCause, RestartAction, RestartEntry,
     RestartIntensity, RestartPolicy, RestartStrategy, RestartType, SupervisorConfig,

@@ -21,9 +21,12 @@
 //! has a host-wide cap ([`StateQuota::max_total_bytes`]). Every store
 //! applies them the same way, with the same errors.
 
+mod redb_store;
+
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+pub use redb_store::{OpenStateError, RedbStateStore};
 
 /// What one stored entry costs beyond its key and value bytes: the
 /// bookkeeping of a map entry, so that a million empty values are not free.
