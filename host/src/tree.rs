@@ -43,11 +43,14 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::runtime::{AgentComponent, AgentLimits, Preopen, Runtime, WasiGrants};
+use crate::state::{MemoryStateStore, StateStore};
 use crate::supervisor::{
     AgentSupervisor, ChildSpec, RestartIntensity, RestartPolicy, RestartStrategy, RestartType,
     SupervisorConfig, SupervisorSpec,
 };
-use crate::{AgentFactory, AgentSpec, NodeKind, RunningTree, ShutdownPolicy, WasmAgentFactory};
+use crate::{
+    AgentFactory, AgentPid, AgentSpec, NodeKind, RunningTree, ShutdownPolicy, WasmAgentFactory,
+};
 
 /// A problem with a tree file: where, and what to do about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -775,16 +778,37 @@ impl TreeFile {
         }
     }
 
-    /// Build the root supervisor (not started) over `runtime`: every
-    /// component compiled, every node named as in the file, so that paths
-    /// are those of the file (`root/pipeline/stage-1`).
+    /// Build the root supervisor (not started) over `runtime`, with the
+    /// agents' state in memory (see [`build_with_state`](Self::build_with_state)):
+    /// every component compiled, every node named as in the file, so that
+    /// paths are those of the file (`root/pipeline/stage-1`).
     ///
     /// # Errors
     ///
     /// Every component that cannot be loaded, as a [`TreeError`].
     pub fn build(&self, runtime: &Runtime) -> Result<AgentSupervisor, TreeError> {
+        self.build_with_state(runtime, Arc::new(MemoryStateStore::default()))
+    }
+
+    /// Like [`build`](Self::build), with the agents' state in `state` (a
+    /// [`RedbStateStore`](crate::RedbStateStore) to keep it across restarts
+    /// of the host).
+    ///
+    /// Each node's id is derived from its path in the tree
+    /// ([`AgentPid::named`]), so every build of the same tree gives its
+    /// agents the same ids, and with them the state they stored: two trees
+    /// that share a store share the state of agents with the same path.
+    ///
+    /// # Errors
+    ///
+    /// Every component that cannot be loaded, as a [`TreeError`].
+    pub fn build_with_state(
+        &self,
+        runtime: &Runtime,
+        state: Arc<dyn StateStore>,
+    ) -> Result<AgentSupervisor, TreeError> {
         let components = self.check(runtime)?;
-        let mut factory = WasmAgentFactory::new(runtime.clone());
+        let mut factory = WasmAgentFactory::new(runtime.clone()).with_state_store(state);
         for (path, component) in components {
             factory = factory.with_component(path.display().to_string(), component);
         }
@@ -792,7 +816,7 @@ impl TreeFile {
         let config = supervisor_config(&self.root);
         let mut sup = AgentSupervisor::new(config, factory.clone()).with_name(&self.root.name);
         for child in &self.root.children {
-            sup = sup.with_child(child_spec(child, &factory));
+            sup = sup.with_child(child_spec(child, &self.root.name, &factory));
         }
         Ok(sup)
     }
@@ -829,10 +853,13 @@ fn supervisor_config(s: &TreeSupervisor) -> SupervisorConfig {
     }
 }
 
-fn child_spec(node: &TreeNode, factory: &Arc<dyn AgentFactory>) -> ChildSpec {
+/// The spec of `node`, a child of the supervisor at `parent`.
+fn child_spec(node: &TreeNode, parent: &str, factory: &Arc<dyn AgentFactory>) -> ChildSpec {
+    let path = format!("{parent}/{}", node.name());
     match node {
         TreeNode::Agent(a) => {
             let spec = AgentSpec::new(a.component.display().to_string(), a.config.clone())
+                .with_id(AgentPid::named(&path))
                 .with_name(a.name.clone())
                 .with_restart_type(a.restart)
                 .with_shutdown(a.shutdown)
@@ -842,11 +869,12 @@ fn child_spec(node: &TreeNode, factory: &Arc<dyn AgentFactory>) -> ChildSpec {
         }
         TreeNode::Supervisor(s) => {
             let mut spec = SupervisorSpec::new(supervisor_config(s), factory.clone())
+                .with_id(AgentPid::named(&path))
                 .with_name(s.name.clone())
                 .with_restart_type(s.restart)
                 .with_shutdown(s.shutdown);
             for child in &s.children {
-                spec = spec.with_child(child_spec(child, factory));
+                spec = spec.with_child(child_spec(child, &path, factory));
             }
             ChildSpec::Supervisor(spec)
         }

@@ -22,6 +22,16 @@ impl AgentPid {
         Self(Uuid::new_v4())
     }
 
+    /// The id named `name`: the same for the same name on every run (a
+    /// UUID v5), so that an agent that keeps its name keeps its durable
+    /// state across restarts of the host. Tree files name each agent by its
+    /// path (`root/team/echo`).
+    pub fn named(name: &str) -> Self {
+        /// The namespace of these ids (a fixed, random UUID).
+        const NAMESPACE: Uuid = Uuid::from_u128(0xc494_26ac_fe37_4e01_bb39_8eb7_a687_53e1);
+        Self(Uuid::new_v5(&NAMESPACE, name.as_bytes()))
+    }
+
     /// The id as text.
     pub fn as_str(&self) -> String {
         self.0.to_string()
@@ -170,4 +180,20 @@ pub struct InitArgs {
     pub supervisor_id: SupervisorId,
     /// The agent's configuration from its spec.
     pub config: serde_json::Value,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_named_id_is_the_same_on_every_run() {
+        // Pinned: changing the namespace or the scheme would orphan every
+        // agent's durable state.
+        assert_eq!(
+            AgentPid::named("root/echo").to_string(),
+            "9faa254f-3a89-50e1-9998-df16ee016fdc"
+        );
+        assert_ne!(AgentPid::named("root/echo"), AgentPid::named("root/echo2"));
+    }
 }

@@ -173,6 +173,12 @@ impl SupervisorSpec {
         self
     }
 
+    /// Set its id (as a child; also its `SupervisorId`).
+    pub fn with_id(mut self, id: AgentPid) -> Self {
+        self.id = id;
+        self
+    }
+
     /// Add an initial child.
     pub fn with_child(mut self, child: impl Into<ChildSpec>) -> Self {
         self.children.push(child.into());
