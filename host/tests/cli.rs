@@ -503,7 +503,8 @@ fn call_without_a_running_host_runs_the_tree_for_that_call() {
     assert_eq!(text(&out.stdout), "1\n");
     assert!(
         stderr.contains(&format!(
-            "no running host for {tree}: started it for this call; state is not kept"
+            "no running host for {tree}: started it for this call; state is kept in {}",
+            dir.0.join("tree.state.redb").display()
         )),
         "stderr:\n{stderr}"
     );

@@ -13,6 +13,7 @@ use crate::control::{self, Failure, Request};
 use crate::events::status_text;
 use crate::output::{Out, stderr_line};
 use crate::problems::{self, NotStarted};
+use crate::state_arg::{self, StateArg};
 use crate::{CliResult, EXIT_FAILURE};
 
 pub const CALL_LONG_ABOUT: &str = "\
@@ -29,8 +30,10 @@ is sent. The reply is printed on stdout. A failed call (the agent crashed, retur
 or is unknown) prints `error: ...` on stderr.
 
 If no host is running the tree, the tree is started for this one call and
-stopped after it (a note on stderr says so): its agents start afresh and
-what they keep is lost at the end.
+stopped after it (a note on stderr says so). Its agents find the state
+that `agent-host run` keeps for the tree, in the same file (by default
+beside the tree file; --state PATH or --state memory as for `run`), and
+what they store is kept there.
 
 Exit status:
   0  the agent replied
@@ -71,6 +74,9 @@ pub struct CallArgs {
     /// The host's control socket (default: derived from the tree's path).
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
+    /// Only when no host runs the tree and `call` runs it for the call.
+    #[arg(long, value_name = "PATH|memory", help = state_arg::HELP)]
+    state: Option<StateArg>,
 }
 
 #[derive(Debug, Args)]
@@ -111,19 +117,26 @@ pub async fn call(args: CallArgs) -> CliResult {
 
 /// No host runs the tree: start it, call, stop it.
 async fn one_shot(args: &CallArgs) -> CliResult {
-    let started = match problems::load(&args.tree) {
-        Ok(file) => problems::start(&file, &Runtime::new()?).await,
-        Err(e) => Err(e),
+    let Ok(file) = problems::load(&args.tree) else {
+        return Ok(ExitCode::from(EXIT_FAILURE));
     };
-    let mut tree = match started {
+    let (state, state_file) = state_arg::open(&args.tree, args.state.as_ref()).await?;
+    let mut tree = match problems::start(&file, &Runtime::new()?, state).await {
         Ok(tree) => tree,
         Err(NotStarted::Reported) => return Ok(ExitCode::from(EXIT_FAILURE)),
         Err(NotStarted::Failed(why)) => return Err(why.into()),
     };
-    stderr_line!(
-        "no running host for {}: started it for this call; state is not kept",
-        args.tree.display()
-    );
+    match state_file {
+        Some(path) => stderr_line!(
+            "no running host for {}: started it for this call; state is kept in {}",
+            args.tree.display(),
+            path.display()
+        ),
+        None => stderr_line!(
+            "no running host for {}: started it for this call; state is not kept",
+            args.tree.display()
+        ),
+    }
     let result = tree.call(&args.agent, args.message.clone()).await;
     if let Err(e) = tree.stop().await {
         tracing::warn!("stopping the tree: {e}");

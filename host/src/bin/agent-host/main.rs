@@ -16,6 +16,7 @@ mod events;
 mod output;
 mod problems;
 mod run;
+mod state_arg;
 mod validate;
 
 use std::io::IsTerminal;

@@ -3,9 +3,10 @@
 //! when the parser knows it; and their trees started.
 
 use std::path::Path;
+use std::sync::Arc;
 
-use terraphim_agent_supervisor::tree::{StartError, TreeError, TreeFile, TreeProblem};
-use terraphim_agent_supervisor::{RunningTree, Runtime};
+use terraphim_agent_supervisor::tree::{TreeError, TreeFile, TreeProblem};
+use terraphim_agent_supervisor::{RunningTree, Runtime, StateStore};
 
 use crate::output::stderr_line;
 
@@ -25,15 +26,20 @@ pub fn load(path: &Path) -> Result<TreeFile, NotStarted> {
     })
 }
 
-/// Compile and start the tree of `file`, printing the file's problems.
-pub async fn start(file: &TreeFile, runtime: &Runtime) -> Result<RunningTree, NotStarted> {
-    file.start(runtime).await.map_err(|e| match e {
-        StartError::File(e) => {
-            report(&e);
-            NotStarted::Reported
-        }
-        e @ StartError::Start(_) => NotStarted::Failed(e.to_string()),
-    })
+/// Compile and start the tree of `file` with its agents' state in `state`,
+/// printing the file's problems.
+pub async fn start(
+    file: &TreeFile,
+    runtime: &Runtime,
+    state: Arc<dyn StateStore>,
+) -> Result<RunningTree, NotStarted> {
+    let root = file.build_with_state(runtime, state).map_err(|e| {
+        report(&e);
+        NotStarted::Reported
+    })?;
+    RunningTree::start(root)
+        .await
+        .map_err(|e| NotStarted::Failed(format!("the tree did not start: {e}")))
 }
 
 /// Print every problem of a tree file.

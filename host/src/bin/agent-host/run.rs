@@ -16,6 +16,7 @@ use tokio::sync::oneshot;
 use crate::events::{Printer, Shared};
 use crate::output::{Out, stderr_line};
 use crate::problems;
+use crate::state_arg::{self, StateArg};
 use crate::{CliResult, EXIT_FAILURE, control};
 
 pub const LONG_ABOUT: &str = "\
@@ -44,6 +45,12 @@ only with an error (call and status likewise refuse a socket served by
 another user). A second `run` of the same tree is refused while the first
 runs.
 
+The agents' state (what they store through the WIT `state` interface) is
+kept in a file beside the tree file, <tree file name without .toml>.state.redb,
+and survives restarts of the host, a crash or SIGKILL included: every write
+is on disk when the agent's `put` returns. --state PATH chooses the file;
+--state memory keeps the state in memory only.
+
 Ctrl-C (SIGINT) or SIGTERM stops the tree: every supervisor stops its
 children in reverse start order, each within its shutdown policy. A second
 Ctrl-C exits at once without waiting.
@@ -51,7 +58,8 @@ Ctrl-C exits at once without waiting.
 Exit status:
   0  stopped by Ctrl-C or SIGTERM
   1  the tree file has problems, the tree did not start, another host runs
-     it, its root supervisor gave up (restart intensity exceeded), or a
+     it, its state file cannot be opened, its root supervisor gave up
+     (restart intensity exceeded), or a
      second Ctrl-C cut the stop short
   2  usage error";
 
@@ -66,6 +74,8 @@ pub struct RunArgs {
     /// The control socket to listen on (default: derived from the tree's path).
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
+    #[arg(long, value_name = "PATH|memory", help = state_arg::HELP)]
+    state: Option<StateArg>,
 }
 
 #[derive(Serialize)]
@@ -99,7 +109,11 @@ pub async fn run(args: RunArgs) -> CliResult {
     };
     let socket = control::socket_for(&args.tree, args.socket.as_deref())?;
     let runtime = Runtime::new()?;
-    let root = match file.build(&runtime) {
+    // The socket first: a second host of the tree is refused by it before
+    // it reaches the state file's lock.
+    let mut listener = control::listen(&socket, args.socket.is_none()).await?;
+    let (state, _) = state_arg::open(&args.tree, args.state.as_ref()).await?;
+    let root = match file.build_with_state(&runtime, state) {
         Ok(root) => root,
         Err(e) => {
             problems::report(&e);
@@ -108,7 +122,6 @@ pub async fn run(args: RunArgs) -> CliResult {
     };
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
-    let mut listener = control::listen(&socket, args.socket.is_none()).await?;
 
     let out = Arc::new(Out::new(args.json));
     let nodes = file.nodes();
