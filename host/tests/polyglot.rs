@@ -136,7 +136,8 @@ fn build(lang: Lang) -> Built {
                 Some(3) => {
                     let why = stderr
                         .lines()
-                        .rfind(|l| l.starts_with("build-polyglot: "))
+                        .rev()
+                        .find_map(|l| l.strip_prefix("build-polyglot: "))
                         .unwrap_or("a tool is missing");
                     return Built::Unavailable(why.to_owned());
                 }
@@ -187,7 +188,9 @@ fn component_or_skip(lang: Lang, test: &str) -> Option<(PathBuf, AgentComponent)
                     lang.name()
                 );
             }
-            eprintln!("SKIPPED: {test}: {why}");
+            // Straight to stderr, past the test harness's capture: a skip
+            // shows in a plain `cargo test` run.
+            let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {why}");
             None
         }
     }
