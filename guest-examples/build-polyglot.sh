@@ -20,7 +20,7 @@
 #
 # Exit status: 0 built or up to date; 1 a build failed; 2 usage;
 # 3 a tool is missing or cannot be installed (the message says which and how
-# to get it). The tests (tests/polyglot.rs) skip a language on 3.
+# to get it). The tests (host/tests/polyglot.rs) skip a language on 3.
 set -euo pipefail
 
 COMPONENTIZE_PY_VERSION=0.25.1
