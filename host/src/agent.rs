@@ -9,7 +9,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::runtime::{AgentLimits, WasiGrants};
-use crate::supervisor::RestartType;
+use crate::supervisor::{
+    Backoff, BreakerPolicy, CircuitStatus, HealthPolicy, HealthStatus, RestartType,
+};
 use crate::{
     AgentPid, AgentStatus, ExitReason, InitArgs, SupervisionError, SupervisionResult, SupervisorId,
     SystemMessage, TerminateReason,
@@ -109,6 +111,16 @@ pub struct AgentSpec {
     /// WASI capabilities of a WASM agent (ignored by native agents).
     #[serde(default)]
     pub wasi: WasiGrants,
+    /// How its health is checked; `None`: as its supervisor's
+    /// configuration says.
+    #[serde(default)]
+    pub health: Option<HealthPolicy>,
+    /// How long its supervisor waits before restarting it.
+    #[serde(default)]
+    pub backoff: Backoff,
+    /// Its circuit breaker, if it has one.
+    #[serde(default)]
+    pub breaker: Option<BreakerPolicy>,
 }
 
 impl AgentSpec {
@@ -123,7 +135,28 @@ impl AgentSpec {
             shutdown: ShutdownPolicy::default(),
             limits: None,
             wasi: WasiGrants::default(),
+            health: None,
+            backoff: Backoff::Immediate,
+            breaker: None,
         }
+    }
+
+    /// Set how its health is checked.
+    pub fn with_health(mut self, health: HealthPolicy) -> Self {
+        self.health = Some(health);
+        self
+    }
+
+    /// Set how long its supervisor waits before restarting it.
+    pub fn with_backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// Give it a circuit breaker.
+    pub fn with_breaker(mut self, breaker: BreakerPolicy) -> Self {
+        self.breaker = Some(breaker);
+        self
     }
 
     /// Set the name.
@@ -190,6 +223,10 @@ pub struct SupervisedAgentInfo {
     pub last_health_check: Option<DateTime<Utc>>,
     /// Why it last exited, if it ever did.
     pub last_exit: Option<ExitReason>,
+    /// Its last health check, if it had one.
+    pub health: Option<HealthStatus>,
+    /// Its circuit breaker, if it has one.
+    pub circuit: Option<CircuitStatus>,
 }
 
 impl SupervisedAgentInfo {
@@ -213,6 +250,8 @@ impl SupervisedAgentInfo {
             last_restart: None,
             last_health_check: None,
             last_exit: None,
+            health: None,
+            circuit: None,
         }
     }
 

@@ -70,6 +70,15 @@ pub enum SupervisionError {
         /// The limit.
         max: usize,
     },
+    /// The agent's circuit breaker is open: it is parked until its trial
+    /// start at `until`, and calls to it fail at once.
+    #[error("agent {agent}'s circuit is open: it is parked until its trial start at {until}")]
+    CircuitOpen {
+        /// The agent.
+        agent: AgentPid,
+        /// When the trial start is due.
+        until: chrono::DateTime<chrono::Utc>,
+    },
     /// The agent did not answer in time.
     #[error("timeout waiting for agent response")]
     Timeout,
@@ -90,6 +99,7 @@ impl SupervisionError {
             | E::AgentCrashed(..)
             | E::AgentStartFailed(..)
             | E::AgentRestarting(..)
+            | E::CircuitOpen { .. }
             | E::CommunicationFailed(_)
             | E::Timeout => true,
             E::AgentNotFound(_)
@@ -120,7 +130,7 @@ impl SupervisionError {
             | E::MaxChildrenReached(_)
             | E::MessageTooLarge { .. }
             | E::ReplyTooLarge { .. } => ErrorCategory::Policy,
-            E::AgentRestarting(_) => ErrorCategory::Recovery,
+            E::AgentRestarting(_) | E::CircuitOpen { .. } => ErrorCategory::Recovery,
             E::ShutdownFailed(_) => ErrorCategory::Shutdown,
             E::InvalidAgentSpec(_)
             | E::DuplicateAgent(_)

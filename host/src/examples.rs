@@ -40,9 +40,13 @@ pub const SANDBOX_PROBE: &[u8] = include_bytes!(concat!(
 pub const HOSTILE: &[u8] =
     include_bytes!(concat!(env!("TERRAPHIM_GUEST_DIR"), "/hostile_agent.wasm"));
 
+/// The moody agent: turns unhealthy on command (`sick`, `faint`), and can
+/// break itself (`break`) so that it cannot start while its state says so.
+pub const MOODY: &[u8] = include_bytes!(concat!(env!("TERRAPHIM_GUEST_DIR"), "/moody_agent.wasm"));
+
 /// All examples by agent-type name ("echo", "crasher", "fuel-burner",
 /// "memory-hog", "sleeper", "failing-init", "exit", "sandbox-probe",
-/// "hostile").
+/// "hostile", "moody").
 pub const ALL: &[(&str, &[u8])] = &[
     ("echo", ECHO),
     ("crasher", CRASHER),
@@ -53,4 +57,5 @@ pub const ALL: &[(&str, &[u8])] = &[
     ("exit", EXIT),
     ("sandbox-probe", SANDBOX_PROBE),
     ("hostile", HOSTILE),
+    ("moody", MOODY),
 ];

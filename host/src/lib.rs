@@ -46,9 +46,10 @@ pub use state::{
     entry_cost,
 };
 pub use supervisor::{
-    AgentSupervisor, ChildCount, ChildSpec, EventKind, ExitCause, RestartAction, RestartEntry,
-    RestartIntensity, RestartPolicy, RestartStrategy, RestartType, SupervisorConfig,
-    SupervisorEvent, SupervisorHandle, SupervisorSpec, SupervisorStatus,
+    AgentSupervisor, Backoff, BreakerPolicy, ChildCount, ChildSpec, CircuitStatus, EventKind,
+    ExitCause, HealthPolicy, HealthStatus, RestartAction, RestartEntry, RestartIntensity,
+    RestartPolicy, RestartStrategy, RestartType, SupervisorConfig, SupervisorEvent,
+    SupervisorHandle, SupervisorSpec, SupervisorStatus,
 };
 pub use types::{
     AgentPid, AgentStatus, ExitReason, InitArgs, SupervisorId, SystemMessage, TerminateReason,

@@ -14,7 +14,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use crate::supervisor::{ChildSpec, SupervisorEvent, SupervisorHandle, SupervisorStatus};
+use crate::supervisor::{
+    ChildSpec, CircuitStatus, HealthStatus, SupervisorEvent, SupervisorHandle, SupervisorStatus,
+};
 use crate::{
     AgentFault, AgentPid, AgentStatus, AgentSupervisor, ErrorCategory, ExitReason,
     SupervisionError, SupervisionResult,
@@ -64,6 +66,10 @@ pub struct NodeStatus {
     pub start_time: DateTime<Utc>,
     /// When it was last restarted.
     pub last_restart: Option<DateTime<Utc>>,
+    /// Its last health check, if it had one.
+    pub health: Option<HealthStatus>,
+    /// Its circuit breaker, if it has one.
+    pub circuit: Option<CircuitStatus>,
 }
 
 /// A path or name that does not lead to a node.
@@ -162,6 +168,14 @@ pub enum TreeCallError {
         /// Whether it was the reply (else the message).
         reply: bool,
     },
+    /// The agent's circuit is open: it is parked until its trial start.
+    #[error("{path}'s circuit is open: it is parked until its trial start at {until}")]
+    CircuitOpen {
+        /// The agent's path.
+        path: String,
+        /// When the trial start is due.
+        until: DateTime<Utc>,
+    },
     /// The agent's supervisor gave up (its restart intensity was
     /// exceeded), so the agent is gone.
     #[error("{supervisor} gave up (restart intensity exceeded); {path} is gone with it")]
@@ -208,6 +222,7 @@ impl TreeCallError {
                 reply: true,
             },
             SupervisionError::CommunicationFailed(_) => Self::NotRunning { path },
+            SupervisionError::CircuitOpen { until, .. } => Self::CircuitOpen { path, until },
             source => Self::Other { path, source },
         }
     }
@@ -219,6 +234,7 @@ impl TreeCallError {
             Self::NotFound(_) => ErrorCategory::NotFound,
             Self::NotAnAgent { .. } => ErrorCategory::Configuration,
             Self::NotRunning { .. } | Self::Timeout { .. } => ErrorCategory::Communication,
+            Self::CircuitOpen { .. } => ErrorCategory::Recovery,
             Self::Crashed { .. } | Self::Application { .. } => ErrorCategory::Runtime,
             Self::TooLarge { .. } | Self::SupervisorGaveUp { .. } => ErrorCategory::Policy,
             Self::Other { source, .. } => source.category(),
@@ -251,6 +267,7 @@ impl From<TreeCallError> for SupervisionError {
             e @ TreeCallError::NotAnAgent { .. } => Self::InvalidAgentSpec(e.to_string()),
             e @ TreeCallError::NotRunning { .. } => Self::CommunicationFailed(e.to_string()),
             e @ TreeCallError::SupervisorGaveUp { .. } => Self::CommunicationFailed(e.to_string()),
+            e @ TreeCallError::CircuitOpen { .. } => Self::CommunicationFailed(e.to_string()),
         }
     }
 }
@@ -653,6 +670,8 @@ fn collect(supervisor: &SupervisorHandle, rows: &mut Vec<NodeStatus>) {
             last_exit: child.last_exit,
             start_time: child.start_time,
             last_restart: child.last_restart,
+            health: child.health,
+            circuit: child.circuit,
         });
         if let Some(nested) = nested {
             collect(&nested, rows);

@@ -45,8 +45,8 @@ use serde::Deserialize;
 use crate::runtime::{AgentComponent, AgentLimits, Preopen, Runtime, WasiGrants};
 use crate::state::{MemoryStateStore, StateStore};
 use crate::supervisor::{
-    AgentSupervisor, ChildSpec, RestartIntensity, RestartPolicy, RestartStrategy, RestartType,
-    SupervisorConfig, SupervisorSpec,
+    AgentSupervisor, Backoff, BreakerPolicy, ChildSpec, HealthPolicy, RestartIntensity,
+    RestartPolicy, RestartStrategy, RestartType, SupervisorConfig, SupervisorSpec,
 };
 use crate::{
     AgentFactory, AgentPid, AgentSpec, NodeKind, RunningTree, ShutdownPolicy, WasmAgentFactory,
@@ -124,6 +124,43 @@ struct RawDefaults {
     #[serde(default)]
     limits: RawLimits,
     shutdown: Option<String>,
+    health: Option<RawHealth>,
+    backoff: Option<RawBackoff>,
+    breaker: Option<RawBreaker>,
+}
+
+/// `health = { interval_ms = 10_000, timeout_ms = 1_000, threshold = 3 }`;
+/// every field optional (the rest from the defaults).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    interval_ms: Option<i64>,
+    timeout_ms: Option<i64>,
+    threshold: Option<i64>,
+}
+
+/// `backoff = "immediate"` or `backoff = { base_ms = 100, cap_ms = 10_000 }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum RawBackoff {
+    Word(String),
+    Exponential {
+        base_ms: i64,
+        cap_ms: i64,
+        #[serde(default)]
+        jitter: Option<bool>,
+    },
+}
+
+/// `breaker = { failures = 5, window_ms = 60_000, cooldown_ms = 5_000,
+/// max_cooldown_ms = 60_000 }`; every field optional.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBreaker {
+    failures: Option<i64>,
+    window_ms: Option<i64>,
+    cooldown_ms: Option<i64>,
+    max_cooldown_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -159,9 +196,13 @@ struct RawNode {
     time_window_ms: Option<i64>,
     max_children: Option<i64>,
     children: Option<Vec<RawNode>>,
+    // agent only
+    health: Option<RawHealth>,
     // both
     restart: Option<RawRestart>,
     shutdown: Option<String>,
+    backoff: Option<RawBackoff>,
+    breaker: Option<RawBreaker>,
 }
 
 /// Limits as written: signed, so that a negative value gets a clear message
@@ -232,6 +273,10 @@ pub struct TreeSupervisor {
     pub restart: RestartType,
     /// Its shutdown policy (when it is a child).
     pub shutdown: ShutdownPolicy,
+    /// How long its parent waits before restarting it (when it is a child).
+    pub backoff: Backoff,
+    /// Its circuit breaker in its parent, if any (when it is a child).
+    pub breaker: Option<BreakerPolicy>,
     /// Its children, in start order.
     pub children: Vec<TreeNode>,
 }
@@ -253,13 +298,19 @@ pub struct TreeAgent {
     pub limits: AgentLimits,
     /// What it may reach through WASI.
     pub wasi: WasiGrants,
+    /// How its health is checked (defaults merged in).
+    pub health: HealthPolicy,
+    /// How long its supervisor waits before restarting it.
+    pub backoff: Backoff,
+    /// Its circuit breaker, if any.
+    pub breaker: Option<BreakerPolicy>,
 }
 
 /// A child in a tree file.
 #[derive(Debug, Clone)]
 pub enum TreeNode {
     /// An agent (it has a `component`).
-    Agent(TreeAgent),
+    Agent(Box<TreeAgent>),
     /// A nested supervisor.
     Supervisor(TreeSupervisor),
 }
@@ -386,6 +437,7 @@ impl Checker<'_> {
                 ("config", raw.config.is_some()),
                 ("limits", raw.limits.is_some()),
                 ("wasi", raw.wasi.is_some()),
+                ("health", raw.health.is_some()),
             ] {
                 if set {
                     self.problem(
@@ -396,7 +448,7 @@ impl Checker<'_> {
             }
             Some(TreeNode::Supervisor(self.supervisor(field, raw, defaults)))
         } else {
-            self.agent(field, raw, defaults).map(TreeNode::Agent)
+            self.agent(field, raw, defaults).map(|a| TreeNode::Agent(Box::new(a)))
         }
     }
 
@@ -464,6 +516,8 @@ impl Checker<'_> {
             );
         }
         TreeSupervisor {
+            backoff: self.backoff(&format!("{field}.backoff"), defaults.backoff, raw.backoff),
+            breaker: self.breaker(&format!("{field}.breaker"), defaults.breaker, raw.breaker),
             name: raw.name,
             policy: RestartPolicy::new(strategy, intensity),
             max_children,
@@ -538,7 +592,106 @@ impl Checker<'_> {
             ),
             limits,
             wasi,
+            health: self.health(&format!("{field}.health"), defaults.health, raw.health),
+            backoff: self.backoff(&format!("{field}.backoff"), defaults.backoff, raw.backoff),
+            breaker: self.breaker(&format!("{field}.breaker"), defaults.breaker, raw.breaker),
         })
+    }
+
+    /// A duration in milliseconds that may be zero.
+    fn millis(&mut self, field: &str, value: Option<i64>) -> Option<Duration> {
+        match value {
+            Some(v) if v >= 0 => Some(Duration::from_millis(v as u64)),
+            Some(v) => {
+                self.problem(
+                    field,
+                    format!("must be 0 or more milliseconds, got {v}; remove it for the default"),
+                );
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn health(&mut self, field: &str, base: HealthPolicy, raw: Option<RawHealth>) -> HealthPolicy {
+        let Some(raw) = raw else { return base };
+        let f = |name: &str| format!("{field}.{name}");
+        let mut h = base;
+        if let Some(d) = self.millis(&f("interval_ms"), raw.interval_ms) {
+            h.interval = d;
+        }
+        if let Some(ms) = self.positive(&f("timeout_ms"), raw.timeout_ms, "number of milliseconds")
+        {
+            h.timeout = Duration::from_millis(ms);
+        }
+        if let Some(n) = self.positive(&f("threshold"), raw.threshold, "count") {
+            h.threshold = u32::try_from(n).unwrap_or(u32::MAX);
+        }
+        h
+    }
+
+    fn backoff(&mut self, field: &str, base: Backoff, raw: Option<RawBackoff>) -> Backoff {
+        match raw {
+            None => base,
+            Some(RawBackoff::Word(word)) if word == "immediate" => Backoff::Immediate,
+            Some(RawBackoff::Word(word)) => {
+                self.problem(
+                    field,
+                    format!(
+                        "`{word}` is not a backoff; write \"immediate\" or {{ base_ms = 100, cap_ms = 10_000 }}"
+                    ),
+                );
+                base
+            }
+            Some(RawBackoff::Exponential {
+                base_ms,
+                cap_ms,
+                jitter,
+            }) => {
+                let f = |name: &str| format!("{field}.{name}");
+                let b = self.positive(&f("base_ms"), Some(base_ms), "number of milliseconds");
+                let c = self.positive(&f("cap_ms"), Some(cap_ms), "number of milliseconds");
+                let (Some(b), Some(c)) = (b, c) else {
+                    return base;
+                };
+                let backoff = Backoff::Exponential {
+                    base: Duration::from_millis(b),
+                    cap: Duration::from_millis(c),
+                    jitter: jitter.unwrap_or(true),
+                };
+                if let Err(why) = backoff.validate() {
+                    self.problem(field, why);
+                }
+                backoff
+            }
+        }
+    }
+
+    fn breaker(
+        &mut self,
+        field: &str,
+        base: Option<BreakerPolicy>,
+        raw: Option<RawBreaker>,
+    ) -> Option<BreakerPolicy> {
+        let Some(raw) = raw else { return base };
+        let f = |name: &str| format!("{field}.{name}");
+        let mut b = base.unwrap_or(DEFAULT_BREAKER);
+        if let Some(n) = self.positive(&f("failures"), raw.failures, "count") {
+            b.failures = u32::try_from(n).unwrap_or(u32::MAX);
+        }
+        for (name, value, slot) in [
+            ("window_ms", raw.window_ms, &mut b.window),
+            ("cooldown_ms", raw.cooldown_ms, &mut b.cooldown),
+            ("max_cooldown_ms", raw.max_cooldown_ms, &mut b.max_cooldown),
+        ] {
+            if let Some(ms) = self.positive(&f(name), value, "number of milliseconds") {
+                *slot = Duration::from_millis(ms);
+            }
+        }
+        if let Err(why) = b.validate() {
+            self.problem(field, why);
+        }
+        Some(b)
     }
 
     fn wasi(&mut self, raw: RawWasi) -> WasiGrants {
@@ -564,7 +717,18 @@ impl Checker<'_> {
 struct Defaults {
     limits: AgentLimits,
     shutdown: ShutdownPolicy,
+    health: HealthPolicy,
+    backoff: Backoff,
+    breaker: Option<BreakerPolicy>,
 }
+
+/// The fields of a `breaker` table that are not given.
+const DEFAULT_BREAKER: BreakerPolicy = BreakerPolicy {
+    failures: 5,
+    window: Duration::from_secs(60),
+    cooldown: Duration::from_secs(5),
+    max_cooldown: Duration::from_secs(60),
+};
 
 fn restart_type(raw: Option<RawRestart>) -> RestartType {
     match raw {
@@ -694,6 +858,13 @@ impl TreeFile {
                 raw.defaults.shutdown.as_deref(),
                 ShutdownPolicy::default(),
             ),
+            health: checker.health(
+                "defaults.health",
+                SupervisorConfig::default().health_policy(),
+                raw.defaults.health,
+            ),
+            backoff: checker.backoff("defaults.backoff", Backoff::Immediate, raw.defaults.backoff),
+            breaker: checker.breaker("defaults.breaker", None, raw.defaults.breaker),
         };
         if raw.supervisor.component.is_some() {
             checker.problem(
@@ -858,13 +1029,16 @@ fn child_spec(node: &TreeNode, parent: &str, factory: &Arc<dyn AgentFactory>) ->
     let path = format!("{parent}/{}", node.name());
     match node {
         TreeNode::Agent(a) => {
-            let spec = AgentSpec::new(a.component.display().to_string(), a.config.clone())
+            let mut spec = AgentSpec::new(a.component.display().to_string(), a.config.clone())
                 .with_id(AgentPid::named(&path))
                 .with_name(a.name.clone())
                 .with_restart_type(a.restart)
                 .with_shutdown(a.shutdown)
                 .with_limits(a.limits.clone())
-                .with_wasi(a.wasi.clone());
+                .with_wasi(a.wasi.clone())
+                .with_health(a.health)
+                .with_backoff(a.backoff);
+            spec.breaker = a.breaker;
             ChildSpec::Agent(spec)
         }
         TreeNode::Supervisor(s) => {
@@ -872,7 +1046,9 @@ fn child_spec(node: &TreeNode, parent: &str, factory: &Arc<dyn AgentFactory>) ->
                 .with_id(AgentPid::named(&path))
                 .with_name(s.name.clone())
                 .with_restart_type(s.restart)
-                .with_shutdown(s.shutdown);
+                .with_shutdown(s.shutdown)
+                .with_backoff(s.backoff);
+            spec.breaker = s.breaker;
             for child in &s.children {
                 spec = spec.with_child(child_spec(child, &path, factory));
             }
@@ -984,8 +1160,15 @@ mod tests {
             component = "missing.wasm"
             shutdown = "soon"
             limits = { deadline_ms = 0, fuel_per_call = 1, state_bytes = -1, log_records_per_second = 0 }
+            health = { interval_ms = -1, threshold = 0 }
+            backoff = "soon"
+            breaker = { failures = 0, cooldown_ms = 10_000, max_cooldown_ms = 1_000 }
             [[supervisor.children]]
             name = "a"
+            [[supervisor.children]]
+            name = "s"
+            children = []
+            backoff = { base_ms = 500, cap_ms = 100 }
             "#,
         );
         let all = p.join("\n");
@@ -997,6 +1180,12 @@ mod tests {
             "`supervisor.children[0].limits.deadline_ms`: must be a positive number of milliseconds, got 0",
             "`supervisor.children[0].limits.state_bytes`: must be a positive number of bytes, got -1",
             "`supervisor.children[0].limits.log_records_per_second`: must be a positive count, got 0",
+            "`supervisor.children[0].health.interval_ms`: must be 0 or more milliseconds, got -1",
+            "`supervisor.children[0].health.threshold`: must be a positive count, got 0",
+            "`supervisor.children[0].backoff`: `soon` is not a backoff",
+            "`supervisor.children[0].breaker.failures`: must be a positive count, got 0",
+            "`supervisor.children[0].breaker`: a circuit breaker's max_cooldown (1s) must be at least its cooldown (10s)",
+            "`supervisor.children[2].backoff`: an exponential backoff needs 0 < base <= cap",
             "`supervisor.children[1].name`: `a` is already the name of children[0]",
             "`supervisor.children[1]`: `a` has no `component`",
         ] {
@@ -1012,6 +1201,10 @@ mod tests {
         let text = r#"
             [defaults.limits]
             fuel_per_call = 1000
+            [defaults.health]
+            interval_ms = 2000
+            [defaults.breaker]
+            failures = 2
             [supervisor]
             name = "root"
             strategy = "one_for_all"
@@ -1019,6 +1212,7 @@ mod tests {
             [[supervisor.children]]
             name = "inner"
             strategy = "rest_for_one"
+            backoff = "immediate"
             [[supervisor.children.children]]
             name = "a"
             component = "a.wasm"
@@ -1027,6 +1221,8 @@ mod tests {
             config = { k = [1, 2] }
             limits = { memory_bytes = 2_000_000, state_bytes = 4096, log_bytes_per_second = 100 }
             wasi = { env = { K = "v" } }
+            health = { threshold = 7 }
+            backoff = { base_ms = 10, cap_ms = 1000, jitter = false }
         "#;
         let tree = TreeFile::parse(&dir.join("tree.toml"), text).unwrap();
         assert_eq!(tree.root.policy.strategy, RestartStrategy::OneForAll);
@@ -1046,6 +1242,31 @@ mod tests {
         assert_eq!(a.limits.memory_bytes, 2_000_000);
         assert_eq!(a.limits.state_bytes, Some(4096));
         assert_eq!(a.limits.log_bytes_per_second, 100);
+        assert_eq!(
+            a.health,
+            HealthPolicy {
+                interval: Duration::from_secs(2),
+                timeout: Duration::from_secs(5),
+                threshold: 7
+            },
+            "defaults and the agent's own fields merged"
+        );
+        assert_eq!(
+            a.backoff,
+            Backoff::Exponential {
+                base: Duration::from_millis(10),
+                cap: Duration::from_secs(1),
+                jitter: false
+            }
+        );
+        assert_eq!(
+            a.breaker,
+            Some(BreakerPolicy {
+                failures: 2,
+                ..DEFAULT_BREAKER
+            })
+        );
+        assert_eq!(inner.backoff, Backoff::Immediate);
         assert_eq!(a.wasi.env, vec![("K".to_owned(), "v".to_owned())]);
         assert_eq!(tree.agents().len(), 1);
         std::fs::remove_dir_all(&dir).unwrap();

@@ -114,6 +114,9 @@ pub enum ExitReason {
     /// A WASM agent's instance died: trap, limit, failed instantiation or a
     /// non-zero WASI exit.
     Fault(AgentFault),
+    /// The agent failed its health checks (too many in a row, or one that
+    /// trapped or did not answer in time); the reason says which.
+    Unhealthy(String),
 }
 
 impl ExitReason {
@@ -137,6 +140,7 @@ impl fmt::Display for ExitReason {
             ExitReason::Timeout => f.write_str("timeout"),
             ExitReason::SupervisorShutdown => f.write_str("supervisor shutdown"),
             ExitReason::Fault(fault) => fmt::Display::fmt(fault, f),
+            ExitReason::Unhealthy(why) => write!(f, "unhealthy: {why}"),
         }
     }
 }

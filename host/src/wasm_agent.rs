@@ -223,10 +223,11 @@ impl SupervisedAgent for WasmAgent {
         result.map_err(|e| self.fail(e, false))
     }
 
+    /// `Ok(true)` when the guest answers `ok`; its `err` is an
+    /// `AgentExecutionFailed` with the guest's reason (the agent lives).
     async fn health_check(&mut self) -> SupervisionResult<bool> {
         match self.instance.health_check().await {
             Ok(()) => Ok(true),
-            Err(CallError::Application(_)) => Ok(false),
             Err(e) => Err(self.fail(e, false)),
         }
     }

@@ -14,31 +14,36 @@
 //!   fails is not retried in place: the retry is queued behind the requests
 //!   already waiting (OTP's `try_again_restart`), so that they, and a stop,
 //!   are served between attempts.
+//! - Nothing waits inside the task: a restart delayed by a child's backoff,
+//!   the trial start of a child whose circuit is open and the end of its
+//!   probation are timers in the task's own queue, served like requests.
 //! - The supervisor owns its children's tasks: dropping it aborts them, and
 //!   every task of its subtree holds a token of its [`TaskTracker`], so that
 //!   killing it can be awaited until nothing of the subtree runs. A child is
 //!   restarted only after its previous incarnation (and its whole subtree)
 //!   has ended: never are two incarnations of one child alive.
 
-use std::collections::VecDeque;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::timeout;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
-use super::child::{self, ChildExit, Lineage, Started};
+use super::backoff::{self, Backoff};
+use super::breaker::{Breaker, Circuit, Verdict};
+use super::child::{self, ChildExit, HealthReport, Lineage, Started};
 use super::decision::{
     ChildRef, Decision, ExitKind, RestartWindow, decide, decide_failed_start, shutdown_order,
 };
 use super::view::{ChildView, Route, Shared};
 use super::{
-    ChildCount, ChildSpec, EventKind, ExitCause, RestartAction, RestartEntry, SupervisorConfig,
-    SupervisorEvent, SupervisorHandle, SupervisorStatus,
+    ChildCount, ChildSpec, CircuitStatus, EventKind, ExitCause, HealthStatus, RestartAction,
+    RestartEntry, SupervisorConfig, SupervisorEvent, SupervisorHandle, SupervisorStatus,
 };
 use crate::runtime::MAX_GUEST_TEXT;
 use crate::text::bound;
@@ -101,6 +106,13 @@ struct Child {
     /// `{restarting, _}`): it is not running, and the next attempt will
     /// start it unless it is terminated meanwhile.
     restarting: bool,
+    /// Parked by its open circuit until its trial start at this time.
+    parked: Option<Instant>,
+    breaker: Option<Breaker>,
+    /// Restarts in a row that its backoff counts.
+    streak: u32,
+    /// When its current (or last) incarnation started.
+    started_at: Option<Instant>,
     info: SupervisedAgentInfo,
     route: Route,
 }
@@ -118,13 +130,22 @@ impl Child {
     }
 }
 
-/// A restart to attempt again, queued behind the requests already waiting
-/// (OTP's `try_again_restart`).
+/// A restart to carry out later: after a child's backoff, or after the
+/// requests already waiting when an attempt failed (OTP's
+/// `try_again_restart`).
 struct Retry {
     cause: ExitCause,
-    stop: Vec<AgentPid>,
-    remove: Vec<AgentPid>,
     start: Vec<AgentPid>,
+}
+
+/// Something the supervisor task does at a given time.
+enum Timer {
+    /// Start these children (their bystanders were stopped already).
+    Restart(Retry),
+    /// The trial start of a child whose circuit is open.
+    Trial(AgentPid),
+    /// The end of the probation of a child's trial incarnation.
+    Probation(AgentPid, u64),
 }
 
 /// How a child came to be no longer running.
@@ -146,7 +167,12 @@ pub(crate) struct Actor {
     exits_tx: mpsc::UnboundedSender<ChildExit>,
     exits_rx: mpsc::UnboundedReceiver<ChildExit>,
     commands: mpsc::Receiver<Command>,
-    retries: VecDeque<Retry>,
+    health_tx: mpsc::UnboundedSender<HealthReport>,
+    health_rx: mpsc::UnboundedReceiver<HealthReport>,
+    /// Due time (and a sequence number, so that equal times keep their
+    /// order) to what to do then.
+    timers: BTreeMap<(Instant, u64), Timer>,
+    next_timer: u64,
     next_incarnation: u64,
     /// Every task started for a child holds a token of this tracker
     /// (through its [`Lineage`]), and so does every task below it.
@@ -187,6 +213,7 @@ pub(crate) fn new_supervisor(
     let shared = Arc::new(Shared::new(id, path, config, events));
     let (commands_tx, commands) = mpsc::channel(64);
     let (exits_tx, exits_rx) = mpsc::unbounded_channel();
+    let (health_tx, health_rx) = mpsc::unbounded_channel();
     let handle = SupervisorHandle {
         shared: shared.clone(),
         commands: commands_tx,
@@ -200,7 +227,10 @@ pub(crate) fn new_supervisor(
         exits_tx,
         exits_rx,
         commands,
-        retries: VecDeque::new(),
+        health_tx,
+        health_rx,
+        timers: BTreeMap::new(),
+        next_timer: 0,
         next_incarnation: 0,
         tracker,
         lineage,
@@ -212,8 +242,23 @@ enum Wake {
     /// `true`: a graceful stop was asked; `false`: the owner is gone.
     Stop(bool),
     Exit(ChildExit),
+    Health(HealthReport),
     Command(Option<Command>),
-    Retry,
+    Timer,
+}
+
+/// The wall-clock time of `at`.
+fn wall(at: Instant) -> chrono::DateTime<Utc> {
+    let ahead = at.saturating_duration_since(Instant::now());
+    Utc::now() + chrono::Duration::from_std(ahead).unwrap_or(chrono::TimeDelta::MAX)
+}
+
+/// Sleep until `due`; never without one.
+async fn sleep_until(due: Option<Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 fn exit_kind(reason: &ExitReason) -> ExitKind {
@@ -299,12 +344,14 @@ impl Actor {
             return None;
         }
         loop {
+            let due = self.timers.keys().next().map(|(at, _)| *at);
             let wake = tokio::select! {
                 biased;
                 asked = &mut stop => Wake::Stop(asked.is_ok()),
                 Some(exit) = self.exits_rx.recv() => Wake::Exit(exit),
+                Some(report) = self.health_rx.recv() => Wake::Health(report),
                 command = self.commands.recv() => Wake::Command(command),
-                () = std::future::ready(()), if !self.retries.is_empty() => Wake::Retry,
+                () = sleep_until(due) => Wake::Timer,
             };
             let outcome = match wake {
                 Wake::Stop(true) | Wake::Command(None) => break,
@@ -312,9 +359,13 @@ impl Actor {
                 // children; whoever waits for this subtree waits for them.
                 Wake::Stop(false) => return None,
                 Wake::Exit(exit) => self.on_exit(exit).await,
+                Wake::Health(report) => {
+                    self.on_health(report);
+                    Ok(())
+                }
                 Wake::Command(Some(command)) => self.serve(command).await,
-                Wake::Retry => match self.retries.pop_front() {
-                    Some(retry) => self.retry(retry).await,
+                Wake::Timer => match self.timers.pop_first() {
+                    Some((_, timer)) => self.on_timer(timer).await,
                     None => Ok(()),
                 },
             };
@@ -475,12 +526,25 @@ impl Actor {
             }
             ChildSpec::Supervisor(_) => None,
         };
-        let info =
+        if let Err(why) = spec
+            .backoff()
+            .validate()
+            .and_then(|()| spec.breaker().map_or(Ok(()), |breaker| breaker.validate()))
+        {
+            return Err(SupervisionError::InvalidAgentSpec(format!("{path}: {why}")));
+        }
+        let mut info =
             SupervisedAgentInfo::new(pid.clone(), self.shared.id.clone(), name, path, agent_spec);
+        let breaker = spec.breaker().map(Breaker::new);
+        info.circuit = breaker.as_ref().map(|_| CircuitStatus::Closed);
         self.children.push(Child {
             spec,
             running: None,
             restarting: false,
+            parked: None,
+            breaker,
+            streak: 0,
+            started_at: None,
             info,
             route: Route::Down,
         });
@@ -527,13 +591,17 @@ impl Actor {
                     supervisor_id: self.shared.id.clone(),
                     config: spec.config.clone(),
                 };
-                let limits = child::WorkerLimits {
-                    max_reply_bytes: self.shared.config.max_message_bytes,
+                let config = &self.shared.config;
+                let setup = child::WorkerSetup {
+                    incarnation,
+                    max_reply_bytes: config.max_message_bytes,
+                    health: spec.health.unwrap_or_else(|| config.health_policy()),
+                    reports: self.health_tx.clone(),
                 };
                 let (task, started) =
                     child::spawn(pid.clone(), incarnation, exits, lineage, None, move |s| {
                         let create = async move { factory.create_agent(&spec).await };
-                        child::run_worker(create, args, limits, s, rx, stop_rx)
+                        child::run_worker(create, args, setup, s, rx, stop_rx)
                     });
                 let bound = Some(self.shared.config.agent_timeout);
                 (task, started, Route::Worker(tx), bound, None)
@@ -596,10 +664,12 @@ impl Actor {
                     subtree,
                 });
                 child.restarting = false;
+                child.started_at = Some(Instant::now());
                 child.route = route;
                 self.update(idx, |info| {
                     info.status = AgentStatus::Running;
                     info.start_time = Utc::now();
+                    info.health = None;
                 });
                 return Ok(());
             }
@@ -617,6 +687,17 @@ impl Actor {
     /// wait until it and its whole subtree have ended.
     async fn stop_child(&mut self, idx: usize) {
         let was_restarting = std::mem::take(&mut self.children[idx].restarting);
+        if self.children[idx].parked.take().is_some() {
+            // Stopped by hand: its circuit starts over, closed.
+            let child = &mut self.children[idx];
+            child.breaker = child.spec.breaker().map(Breaker::new);
+            child.route = Route::Down;
+            self.update(idx, |info| {
+                info.status = AgentStatus::Stopped;
+                info.circuit = Some(CircuitStatus::Closed);
+            });
+            return;
+        }
         let Some(running) = self.children[idx].running.take() else {
             if was_restarting {
                 // Its queued restart will find it no longer restarting.
@@ -725,9 +806,15 @@ impl Actor {
         self.handle_exit(idx, exit.reason).await
     }
 
-    /// The child at `idx` (no longer running) exited with `reason`: decide
-    /// and act.
+    /// The child at `idx` (no longer running) exited with `reason`: its
+    /// circuit breaker first (an open circuit parks it, outside the
+    /// strategy and the intensity), then decide and act.
     async fn handle_exit(&mut self, idx: usize, reason: ExitReason) -> Result<(), Escalated> {
+        let failure = exit_kind(&reason) == ExitKind::Abnormal;
+        if failure && let Some(until) = self.breaker_verdict(idx) {
+            self.park(idx, reason, until, Ending::Exit);
+            return Ok(());
+        }
         match self.decide_exit(idx, reason, Ending::Exit) {
             (
                 cause,
@@ -736,9 +823,84 @@ impl Actor {
                     remove,
                     start,
                 },
-            ) => self.restart(cause, stop, remove, start).await,
+            ) => {
+                self.stop_and_remove(&stop, &remove).await;
+                let delay = self.backoff_delay(&cause.agent);
+                self.start_after(cause, start, delay).await
+            }
             (_, other) => self.conclude(idx, other).await,
         }
+    }
+
+    /// What the child's circuit breaker says about a failure now: `Some`
+    /// time of its trial if the circuit (re)opened.
+    fn breaker_verdict(&mut self, idx: usize) -> Option<Instant> {
+        let child = &mut self.children[idx];
+        if child.spec.restart_type() == super::RestartType::Temporary {
+            return None; // never restarted anyway
+        }
+        match child.breaker.as_mut()?.on_failure(Instant::now()) {
+            Verdict::Pass => None,
+            Verdict::Park { until } => Some(until),
+        }
+    }
+
+    /// Park the child at `idx` until `until`: shown and recorded, not
+    /// restarted, not counted against the intensity; its trial start is a
+    /// timer.
+    fn park(&mut self, idx: usize, reason: ExitReason, until: Instant, ending: Ending) {
+        let reason = bounded_reason(reason);
+        let agent = self.children[idx].id().clone();
+        let at = wall(until);
+        let child = &mut self.children[idx];
+        child.parked = Some(until);
+        child.restarting = false;
+        child.route = Route::Parked { until: at };
+        self.update(idx, |info| {
+            info.last_exit = Some(reason.clone());
+            info.status = AgentStatus::Restarting;
+            info.circuit = Some(CircuitStatus::Open { until: at });
+        });
+        if ending == Ending::Exit {
+            self.emit_child(
+                idx,
+                EventKind::ChildExited {
+                    agent: agent.clone(),
+                    reason: reason.clone(),
+                },
+            );
+        }
+        self.record(idx, reason, RestartAction::CircuitOpened { until: at });
+        self.emit_child(
+            idx,
+            EventKind::CircuitOpened {
+                agent: agent.clone(),
+                until: at,
+            },
+        );
+        self.schedule(until, Timer::Trial(agent));
+    }
+
+    /// The delay before restarting `pid`, by its backoff: its streak grows
+    /// with each restart and starts over after a long run. (An index would
+    /// not do: removing a temporary bystander shifts them.)
+    fn backoff_delay(&mut self, pid: &AgentPid) -> Duration {
+        let Some(idx) = self.index(pid) else {
+            return Duration::ZERO;
+        };
+        let child = &mut self.children[idx];
+        let backoff: Backoff = child.spec.backoff();
+        let ran = child.started_at.map_or(Duration::ZERO, |at| at.elapsed());
+        if backoff.resets_after(ran) {
+            child.streak = 0;
+        }
+        child.streak = child.streak.saturating_add(1);
+        backoff.delay(child.streak, backoff::jitter())
+    }
+
+    fn schedule(&mut self, at: Instant, timer: Timer) {
+        self.next_timer += 1;
+        self.timers.insert((at, self.next_timer), timer);
     }
 
     /// The one place where an exit or a failed start is shown, decided and
@@ -822,56 +984,56 @@ impl Actor {
         }
     }
 
-    /// Carry out a restart caused by `cause`: stop the bystanders, remove
-    /// the temporary ones, start the others in order. A child that fails to
-    /// start is decided on as a new abnormal exit, which may escalate; its
-    /// next attempt is queued, not made here.
-    async fn restart(
+    /// The first half of a restart: stop the bystanders (reverse start
+    /// order) and remove the temporary ones.
+    async fn stop_and_remove(&mut self, stop: &[AgentPid], remove: &[AgentPid]) {
+        self.stop_ids(stop).await;
+        for id in remove {
+            if let Some(idx) = self.index(id) {
+                self.record(idx, ExitReason::Shutdown, RestartAction::Removed);
+                self.remove(idx);
+            }
+        }
+    }
+
+    /// The second half of a restart: mark `start` restarting, and start
+    /// them in order now, or after `delay` (a timer).
+    async fn start_after(
         &mut self,
         cause: ExitCause,
-        stop: Vec<AgentPid>,
-        remove: Vec<AgentPid>,
         start: Vec<AgentPid>,
+        delay: Duration,
     ) -> Result<(), Escalated> {
-        self.stop_ids(&stop).await;
         for id in &start {
             if let Some(idx) = self.index(id) {
                 self.children[idx].restarting = true;
                 self.update(idx, |info| info.status = AgentStatus::Restarting);
             }
         }
-        for id in &remove {
-            if let Some(idx) = self.index(id) {
-                self.record(idx, ExitReason::Shutdown, RestartAction::Removed);
-                self.remove(idx);
-            }
+        if delay.is_zero() {
+            return self.start_group(cause, &start).await;
         }
-        for id in &start {
+        self.schedule(
+            Instant::now() + delay,
+            Timer::Restart(Retry { cause, start }),
+        );
+        Ok(())
+    }
+
+    /// Start `start` in order (those still waiting for it). A child that
+    /// fails to start is, in turn, a failure for its breaker or a new
+    /// abnormal exit, which may escalate; its next attempt is a timer, not
+    /// made here.
+    async fn start_group(&mut self, cause: ExitCause, start: &[AgentPid]) -> Result<(), Escalated> {
+        for id in start {
             let Some(idx) = self.index(id) else { continue };
-            if self.children[idx].running.is_some() {
+            let child = &self.children[idx];
+            if child.running.is_some() || !child.restarting {
                 continue;
             }
             if let Err(error) = self.start_child(idx).await {
                 let reason = ExitReason::Fault(AgentFault::InitFailed(error.to_string()));
-                return match self.decide_exit(idx, reason, Ending::FailedStart) {
-                    (
-                        cause,
-                        Decision::Restart {
-                            stop,
-                            remove,
-                            start,
-                        },
-                    ) => {
-                        self.retries.push_back(Retry {
-                            cause,
-                            stop,
-                            remove,
-                            start,
-                        });
-                        Ok(())
-                    }
-                    (_, other) => self.conclude(idx, other).await,
-                };
+                return self.start_failed(idx, reason).await;
             }
             let bystander = *id != cause.agent;
             if bystander {
@@ -885,6 +1047,40 @@ impl Actor {
             self.restarted(idx, cause.clone(), bystander);
         }
         Ok(())
+    }
+
+    /// A restart attempt failed to start the child at `idx`.
+    async fn start_failed(&mut self, idx: usize, reason: ExitReason) -> Result<(), Escalated> {
+        if let Some(until) = self.breaker_verdict(idx) {
+            self.park(idx, reason, until, Ending::FailedStart);
+            return Ok(());
+        }
+        match self.decide_exit(idx, reason, Ending::FailedStart) {
+            (
+                cause,
+                Decision::Restart {
+                    stop,
+                    remove,
+                    start,
+                },
+            ) => {
+                self.stop_and_remove(&stop, &remove).await;
+                let delay = self.backoff_delay(&cause.agent);
+                for id in &start {
+                    if let Some(i) = self.index(id) {
+                        self.children[i].restarting = true;
+                        self.update(i, |info| info.status = AgentStatus::Restarting);
+                    }
+                }
+                // Even without a delay, behind the requests waiting now.
+                self.schedule(
+                    Instant::now() + delay,
+                    Timer::Restart(Retry { cause, start }),
+                );
+                Ok(())
+            }
+            (_, other) => self.conclude(idx, other).await,
+        }
     }
 
     /// The child at `idx` was started again: count it and say so.
@@ -907,20 +1103,98 @@ impl Actor {
         );
     }
 
-    /// A queued restart attempt: the children still waiting for it (those
-    /// not terminated meanwhile) are started.
-    async fn retry(&mut self, retry: Retry) -> Result<(), Escalated> {
-        let Retry {
-            cause,
-            stop,
-            remove,
-            start,
-        } = retry;
-        let start = start
-            .into_iter()
-            .filter(|id| self.index(id).is_some_and(|i| self.children[i].restarting))
-            .collect();
-        self.restart(cause, stop, remove, start).await
+    /// A timer is due.
+    async fn on_timer(&mut self, timer: Timer) -> Result<(), Escalated> {
+        match timer {
+            Timer::Restart(Retry { cause, start }) => self.start_group(cause, &start).await,
+            Timer::Trial(pid) => self.trial(&pid).await,
+            Timer::Probation(pid, incarnation) => {
+                self.probation_passed(&pid, incarnation);
+                Ok(())
+            }
+        }
+    }
+
+    /// The trial start of a parked child: half-open, then started; a start
+    /// that fails re-opens its circuit.
+    async fn trial(&mut self, pid: &AgentPid) -> Result<(), Escalated> {
+        let Some(idx) = self.index(pid) else {
+            return Ok(());
+        };
+        let child = &mut self.children[idx];
+        let due = child.parked.is_some()
+            && child
+                .breaker
+                .as_mut()
+                .is_some_and(|b| b.trial_due(Instant::now()));
+        if !due {
+            return Ok(()); // terminated meanwhile
+        }
+        child.parked = None;
+        child.route = Route::Down;
+        self.update(idx, |info| info.circuit = Some(CircuitStatus::HalfOpen));
+        self.record(idx, ExitReason::Shutdown, RestartAction::CircuitHalfOpen);
+        self.emit_child(idx, EventKind::CircuitHalfOpen { agent: pid.clone() });
+        if let Err(error) = self.start_child(idx).await {
+            let reason = ExitReason::Fault(AgentFault::InitFailed(error.to_string()));
+            return self.start_failed(idx, reason).await;
+        }
+        let cause = ExitCause {
+            agent: pid.clone(),
+            path: self.children[idx].info.path.clone(),
+            reason: self.children[idx]
+                .info
+                .last_exit
+                .clone()
+                .unwrap_or(ExitReason::Shutdown),
+        };
+        self.restarted(idx, cause, false);
+        let child = &self.children[idx];
+        if let (Some(running), Some(breaker)) = (&child.running, &child.breaker) {
+            let at = Instant::now() + breaker.probation();
+            let timer = Timer::Probation(pid.clone(), running.incarnation);
+            self.schedule(at, timer);
+        }
+        Ok(())
+    }
+
+    /// The trial incarnation `incarnation` of `pid` ran through its
+    /// probation: its circuit closes (if that incarnation still runs).
+    fn probation_passed(&mut self, pid: &AgentPid, incarnation: u64) {
+        let Some(idx) = self.index(pid) else { return };
+        let child = &mut self.children[idx];
+        let current = child.running.as_ref().map(|r| r.incarnation) == Some(incarnation);
+        let Some(breaker) = child.breaker.as_mut() else {
+            return;
+        };
+        if !current || breaker.circuit() != Circuit::HalfOpen {
+            return;
+        }
+        breaker.on_probation_passed();
+        self.update(idx, |info| info.circuit = Some(CircuitStatus::Closed));
+        self.record(idx, ExitReason::Normal, RestartAction::CircuitClosed);
+        self.emit_child(idx, EventKind::CircuitClosed { agent: pid.clone() });
+    }
+
+    /// A health check's outcome, shown if it is about the running
+    /// incarnation.
+    fn on_health(&mut self, report: HealthReport) {
+        let Some(idx) = self.index(&report.pid) else {
+            return;
+        };
+        let current = self.children[idx].running.as_ref().map(|r| r.incarnation);
+        if current != Some(report.incarnation) {
+            return;
+        }
+        let failure = report.failure.map(|why| bound(why, MAX_GUEST_TEXT));
+        self.update(idx, |info| {
+            info.last_health_check = Some(report.at);
+            info.health = Some(HealthStatus {
+                at: report.at,
+                failure,
+                streak: report.streak,
+            });
+        });
     }
 
     // --- requests ---------------------------------------------------------
@@ -985,7 +1259,9 @@ impl Actor {
                     Ok(idx) if self.children[idx].running.is_some() => {
                         Err(SupervisionError::AgentRunning(pid))
                     }
-                    Ok(idx) if self.children[idx].restarting => {
+                    Ok(idx)
+                        if self.children[idx].restarting || self.children[idx].parked.is_some() =>
+                    {
                         Err(SupervisionError::AgentRestarting(pid))
                     }
                     Ok(idx) => match self.start_child(idx).await {
@@ -1015,7 +1291,9 @@ impl Actor {
                     Ok(idx) if self.children[idx].running.is_some() => {
                         Err(SupervisionError::AgentRunning(pid))
                     }
-                    Ok(idx) if self.children[idx].restarting => {
+                    Ok(idx)
+                        if self.children[idx].restarting || self.children[idx].parked.is_some() =>
+                    {
                         Err(SupervisionError::AgentRestarting(pid))
                     }
                     Ok(idx) => {

@@ -22,12 +22,15 @@ use std::panic::AssertUnwindSafe;
 
 use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
 use futures_util::FutureExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+use tokio::time::{Interval, MissedTickBehavior, timeout};
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
+use super::HealthPolicy;
 use crate::{
     AgentPid, ExitReason, InitArgs, SupervisedAgent, SupervisionError, SupervisionResult,
     SystemMessage, TerminateReason,
@@ -75,11 +78,29 @@ impl Lineage {
     }
 }
 
-/// Bounds a worker applies to what its agent hands back.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct WorkerLimits {
+/// How a worker runs its agent.
+#[derive(Debug, Clone)]
+pub(crate) struct WorkerSetup {
+    /// Its incarnation, for its reports.
+    pub incarnation: u64,
     /// Largest reply passed on to a caller, in bytes.
     pub max_reply_bytes: usize,
+    /// How its health is checked.
+    pub health: HealthPolicy,
+    /// Where the outcome of each health check goes.
+    pub reports: mpsc::UnboundedSender<HealthReport>,
+}
+
+/// The outcome of one health check of a worker's agent.
+#[derive(Debug)]
+pub(crate) struct HealthReport {
+    pub pid: AgentPid,
+    pub incarnation: u64,
+    pub at: DateTime<Utc>,
+    /// `None` when healthy.
+    pub failure: Option<String>,
+    /// Failed checks in a row, this one included.
+    pub streak: u32,
 }
 
 fn panic_message(panic: Box<dyn Any + Send>) -> String {
@@ -138,7 +159,7 @@ where
 pub(crate) async fn run_worker(
     create: impl Future<Output = SupervisionResult<Box<dyn SupervisedAgent>>>,
     args: InitArgs,
-    limits: WorkerLimits,
+    setup: WorkerSetup,
     started: Started,
     mut commands: mpsc::Receiver<WorkerCommand>,
     mut stop: oneshot::Receiver<()>,
@@ -156,6 +177,8 @@ pub(crate) async fn run_worker(
         let _ = agent.terminate(TerminateReason::Timeout).await;
         return None;
     }
+    let mut checks = health_checks(&setup.health);
+    let mut streak = 0;
     loop {
         let command = tokio::select! {
             biased;
@@ -165,6 +188,12 @@ pub(crate) async fn run_worker(
                 Err(_) => return None,
             },
             command = commands.recv() => command,
+            () = tick(&mut checks) => {
+                match check_health(&mut *agent, &pid, &setup, &mut streak).await {
+                    Some(reason) => return Some(reason),
+                    None => continue,
+                }
+            }
         };
         let Some(command) = command else {
             let _ = agent.stop().await;
@@ -176,7 +205,7 @@ pub(crate) async fn run_worker(
                 let result = agent
                     .handle_message(message)
                     .await
-                    .and_then(|reply| bounded_reply(reply, limits.max_reply_bytes));
+                    .and_then(|reply| bounded_reply(reply, setup.max_reply_bytes));
                 answer(&*agent, &pid, result, reply)
             }
             WorkerCommand::System(message, reply) => {
@@ -191,6 +220,75 @@ pub(crate) async fn run_worker(
         if exited.is_some() {
             return exited;
         }
+    }
+}
+
+/// The ticks of an agent's health checks, if it has them (the first one an
+/// interval after the start).
+fn health_checks(policy: &HealthPolicy) -> Option<Interval> {
+    policy.is_on().then(|| {
+        let start = tokio::time::Instant::now() + policy.interval;
+        let mut checks = tokio::time::interval_at(start, policy.interval);
+        checks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        checks
+    })
+}
+
+/// The next tick of `checks`; never, without checks.
+async fn tick(checks: &mut Option<Interval>) {
+    match checks {
+        Some(checks) => {
+            checks.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Check the agent's health once and report it; the exit reason if this
+/// ends the agent: the `threshold`-th failure in a row, or a check that
+/// killed the agent or did not answer in time.
+async fn check_health(
+    agent: &mut dyn SupervisedAgent,
+    pid: &AgentPid,
+    setup: &WorkerSetup,
+    streak: &mut u32,
+) -> Option<ExitReason> {
+    let policy = &setup.health;
+    let (failure, fatal) = match timeout(policy.timeout, agent.health_check()).await {
+        Ok(Ok(true)) => (None, false),
+        Ok(Ok(false)) => (Some("it reported itself unhealthy".to_owned()), false),
+        Ok(Err(e)) => match agent.exit_reason() {
+            Some(reason) => (Some(format!("its health check ended it: {reason}")), true),
+            None => (
+                Some(match e {
+                    SupervisionError::AgentExecutionFailed(_, why) => why,
+                    other => other.to_string(),
+                }),
+                false,
+            ),
+        },
+        Err(_) => (
+            Some(format!(
+                "its health check did not answer within {:?}",
+                policy.timeout
+            )),
+            true,
+        ),
+    };
+    *streak = if failure.is_some() { *streak + 1 } else { 0 };
+    let _ = setup.reports.send(HealthReport {
+        pid: pid.clone(),
+        incarnation: setup.incarnation,
+        at: Utc::now(),
+        failure: failure.clone(),
+        streak: *streak,
+    });
+    match failure {
+        Some(why) if fatal => Some(ExitReason::Unhealthy(why)),
+        Some(why) if *streak >= policy.threshold => Some(ExitReason::Unhealthy(format!(
+            "{streak} health checks failed in a row; the last: {why}"
+        ))),
+        _ => None,
     }
 }
 

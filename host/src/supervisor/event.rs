@@ -44,7 +44,10 @@ impl SupervisorEvent {
             | EventKind::ChildExited { agent, .. }
             | EventKind::ChildRestarted { agent, .. }
             | EventKind::ChildStopped { agent, .. }
-            | EventKind::ChildRemoved { agent } => Some(agent),
+            | EventKind::ChildRemoved { agent }
+            | EventKind::CircuitOpened { agent, .. }
+            | EventKind::CircuitHalfOpen { agent }
+            | EventKind::CircuitClosed { agent } => Some(agent),
             EventKind::Escalated | EventKind::SupervisorStopped => None,
         }
     }
@@ -89,6 +92,24 @@ pub enum EventKind {
     },
     /// A child's spec was removed.
     ChildRemoved {
+        /// The child it is about.
+        agent: AgentPid,
+    },
+    /// The child's circuit breaker opened: it is parked, not restarted,
+    /// until its trial start at `until`.
+    CircuitOpened {
+        /// The child it is about.
+        agent: AgentPid,
+        /// When the trial start is due.
+        until: DateTime<Utc>,
+    },
+    /// The child's circuit breaker is half-open: its trial start began.
+    CircuitHalfOpen {
+        /// The child it is about.
+        agent: AgentPid,
+    },
+    /// The child's trial ran through its probation: its circuit closed.
+    CircuitClosed {
         /// The child it is about.
         agent: AgentPid,
     },

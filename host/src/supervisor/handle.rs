@@ -157,9 +157,9 @@ impl SupervisorHandle {
     pub fn child_supervisor(&self, agent_id: &AgentPid) -> SupervisionResult<SupervisorHandle> {
         match self.shared.route(agent_id) {
             Some(Route::Supervisor(handle)) => Ok(handle),
-            Some(Route::Down) => Err(SupervisionError::CommunicationFailed(format!(
-                "supervisor {agent_id} is not running"
-            ))),
+            Some(Route::Down | Route::Parked { .. }) => Err(SupervisionError::CommunicationFailed(
+                format!("supervisor {agent_id} is not running"),
+            )),
             Some(Route::Worker(_)) => Err(SupervisionError::InvalidAgentSpec(format!(
                 "child {agent_id} is an agent, not a supervisor"
             ))),
@@ -176,6 +176,10 @@ impl SupervisorHandle {
             Some(Route::Down) => Err(SupervisionError::CommunicationFailed(format!(
                 "agent {agent_id} is not running (restarting or stopped)"
             ))),
+            Some(Route::Parked { until }) => Err(SupervisionError::CircuitOpen {
+                agent: agent_id.clone(),
+                until,
+            }),
             Some(Route::Supervisor(_)) => Err(SupervisionError::InvalidAgentSpec(format!(
                 "child {agent_id} is a supervisor, not an agent"
             ))),

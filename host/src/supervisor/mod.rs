@@ -7,10 +7,13 @@
 //! - [`AgentSupervisor`] / [`SupervisorHandle`]: the handles users hold.
 
 mod actor;
+pub mod backoff;
+pub mod breaker;
 mod child;
 pub mod decision;
 mod event;
 mod handle;
+pub mod health;
 mod policy;
 mod view;
 
@@ -20,9 +23,12 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+pub use backoff::Backoff;
+pub use breaker::BreakerPolicy;
 pub use decision::{RestartStrategy, RestartType};
 pub use event::{EventKind, ExitCause, SupervisorEvent};
 pub use handle::{AgentSupervisor, DEFAULT_ROOT_NAME, SupervisorHandle};
+pub use health::{HealthPolicy, HealthStatus};
 pub use policy::{RestartIntensity, RestartPolicy};
 
 use crate::{AgentFactory, AgentPid, AgentSpec, ExitReason, ShutdownPolicy, SupervisorId};
@@ -37,8 +43,20 @@ pub struct SupervisorConfig {
     /// Bound on starting a child (create + init + start) and on a call's
     /// reply.
     pub agent_timeout: Duration,
-    /// Interval of health checks (reserved: health checks are not run yet).
+    /// Time between two health checks of an agent whose spec sets no
+    /// [`HealthPolicy`] of its own; zero turns them off.
     pub health_check_interval: Duration,
+    /// How long a health check may take (agents without a policy of their
+    /// own).
+    #[serde(
+        default = "default_health_check_timeout",
+        with = "crate::runtime::duration_ms"
+    )]
+    pub health_check_timeout: Duration,
+    /// Failed health checks in a row that end an agent (agents without a
+    /// policy of their own).
+    #[serde(default = "default_health_threshold")]
+    pub health_threshold: u32,
     /// Most children this supervisor accepts.
     pub max_children: usize,
     /// Largest message [`AgentSupervisor::call`] accepts, and largest reply
@@ -56,6 +74,25 @@ fn default_max_history_bytes() -> usize {
     1 << 20
 }
 
+fn default_health_check_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_health_threshold() -> u32 {
+    3
+}
+
+impl SupervisorConfig {
+    /// The health policy of agents whose spec sets none.
+    pub fn health_policy(&self) -> HealthPolicy {
+        HealthPolicy {
+            interval: self.health_check_interval,
+            timeout: self.health_check_timeout,
+            threshold: self.health_threshold,
+        }
+    }
+}
+
 impl Default for SupervisorConfig {
     fn default() -> Self {
         Self {
@@ -63,6 +100,8 @@ impl Default for SupervisorConfig {
             restart_policy: RestartPolicy::default(),
             agent_timeout: Duration::from_secs(30),
             health_check_interval: Duration::from_secs(60),
+            health_check_timeout: default_health_check_timeout(),
+            health_threshold: default_health_threshold(),
             max_children: 100,
             max_message_bytes: 1 << 20,
             max_history: 10_000,
@@ -103,6 +142,31 @@ pub enum RestartAction {
     StartFailed,
     /// The restart intensity was exceeded: the supervisor gave up.
     Escalated,
+    /// The child's circuit breaker opened: it is parked, not restarted,
+    /// until its trial start at `until`.
+    CircuitOpened {
+        /// When the trial start is due.
+        until: DateTime<Utc>,
+    },
+    /// The child's circuit breaker is half-open: its trial start began.
+    CircuitHalfOpen,
+    /// The child's trial ran through its probation: its circuit closed.
+    CircuitClosed,
+}
+
+/// Where a child's circuit breaker is, as its status shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CircuitStatus {
+    /// Failures are counted; the child is restarted as usual.
+    Closed,
+    /// The child is parked until its trial start at `until`; calls to it
+    /// fail at once with `CircuitOpen`.
+    Open {
+        /// When the trial start is due.
+        until: DateTime<Utc>,
+    },
+    /// A trial start is under way or on probation.
+    HalfOpen,
 }
 
 /// One entry of the restart history.
@@ -138,6 +202,10 @@ pub struct SupervisorSpec {
     pub restart_type: RestartType,
     /// How its parent stops it (OTP's default for supervisors: infinity).
     pub shutdown: ShutdownPolicy,
+    /// How long its parent waits before restarting it.
+    pub backoff: Backoff,
+    /// Its circuit breaker in its parent, if it has one.
+    pub breaker: Option<BreakerPolicy>,
 }
 
 impl std::fmt::Debug for SupervisorSpec {
@@ -164,7 +232,21 @@ impl SupervisorSpec {
             children: Vec::new(),
             restart_type: RestartType::Permanent,
             shutdown: ShutdownPolicy::Infinity,
+            backoff: Backoff::Immediate,
+            breaker: None,
         }
+    }
+
+    /// Set how long its parent waits before restarting it.
+    pub fn with_backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// Give it a circuit breaker in its parent.
+    pub fn with_breaker(mut self, breaker: BreakerPolicy) -> Self {
+        self.breaker = Some(breaker);
+        self
     }
 
     /// Set its name.
@@ -249,6 +331,22 @@ impl ChildSpec {
         match self {
             ChildSpec::Agent(a) => a.shutdown,
             ChildSpec::Supervisor(s) => s.shutdown,
+        }
+    }
+
+    /// How long the child waits before each restart.
+    pub fn backoff(&self) -> Backoff {
+        match self {
+            ChildSpec::Agent(a) => a.backoff,
+            ChildSpec::Supervisor(s) => s.backoff,
+        }
+    }
+
+    /// The child's circuit breaker, if it has one.
+    pub fn breaker(&self) -> Option<BreakerPolicy> {
+        match self {
+            ChildSpec::Agent(a) => a.breaker,
+            ChildSpec::Supervisor(s) => s.breaker,
         }
     }
 }

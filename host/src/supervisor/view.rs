@@ -24,6 +24,11 @@ pub(crate) enum Route {
     Supervisor(SupervisorHandle),
     /// A known child that does not run now.
     Down,
+    /// A child parked by its open circuit until its trial start.
+    Parked {
+        /// When the trial start is due.
+        until: chrono::DateTime<chrono::Utc>,
+    },
 }
 
 /// One child as handles see it.

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Args;
 use terraphim_agent_supervisor::Runtime;
 
-use terraphim_agent_supervisor::{NodeKind, NodeStatus};
+use terraphim_agent_supervisor::{CircuitStatus, NodeKind, NodeStatus};
 
 use crate::control::{self, Failure, Request};
 use crate::events::status_text;
@@ -46,7 +46,8 @@ Print the status of every node of a running tree.
 
 One row per node, depth first in start order (a nested supervisor's
 children follow it): its path, whether it is an agent or a supervisor, its
-status (running, restarting, stopped, failed, ...), how many times it was
+status (running, restarting, parked by its circuit breaker, stopped,
+failed, ...), how many times it was
 restarted, and why it last exited. With --json each row is a JSON object
 on its own line:
 {\"path\":...,\"status\":\"Running\",\"restart_count\":0,\"last_exit\":null,\"supervisor\":false}
@@ -191,7 +192,10 @@ pub async fn status(args: StatusArgs) -> CliResult {
                 NodeKind::Supervisor => "supervisor",
                 NodeKind::Agent => "agent",
             },
-            status_text(&row.status),
+            match row.circuit {
+                Some(CircuitStatus::Open { .. }) => "parked",
+                _ => status_text(&row.status),
+            },
             row.restart_count,
         ));
     }

@@ -243,6 +243,22 @@ impl Printer {
                 self.flush(true);
                 self.print(&path, "removed");
             }
+            EventKind::CircuitOpened { until, .. } => {
+                self.flush(true);
+                let until = until.format("%H:%M:%S%.3f");
+                self.print(
+                    &path,
+                    &format!("circuit open: parked until its trial at {until}"),
+                );
+            }
+            EventKind::CircuitHalfOpen { .. } => {
+                self.flush(true);
+                self.print(&path, "circuit half-open: trial start");
+            }
+            EventKind::CircuitClosed { .. } => {
+                self.flush(true);
+                self.print(&path, "circuit closed: the trial ran through its probation");
+            }
             EventKind::Escalated => {
                 self.flush(true);
                 let text = if path.contains('/') {
