@@ -22,6 +22,7 @@ const GUESTS: &[&str] = &[
     "exit_agent",
     "sandbox_probe_agent",
     "hostile_agent",
+    "moody_agent",
 ];
 
 /// Variables that would leak the outer build's settings into the nested one.
