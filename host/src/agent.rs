@@ -2,13 +2,14 @@
 //! implements (natively or through a WASM component), the [`AgentFactory`]
 //! that creates them, and the [`AgentSpec`] that describes one child.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::runtime::{AgentLimits, WasiGrants};
+use crate::runtime::{AgentLimits, CrashReport, WasiGrants};
 use crate::supervisor::{
     Backoff, BreakerPolicy, CircuitStatus, HealthPolicy, HealthStatus, RestartType,
 };
@@ -69,6 +70,14 @@ pub trait SupervisedAgent: Send {
     fn exit_reason(&self) -> Option<ExitReason> {
         None
     }
+
+    /// What the agent can tell about its crash once it has exited
+    /// abnormally (a WASM agent: its backtrace, its last output, fuel and
+    /// memory). The supervisor adds the message it was handling. The default
+    /// tells nothing more than the exit reason.
+    fn crash_report(&self) -> Option<CrashReport> {
+        None
+    }
 }
 
 /// How a child is stopped (OTP's `shutdown`).
@@ -121,6 +130,19 @@ pub struct AgentSpec {
     /// Its circuit breaker, if it has one.
     #[serde(default)]
     pub breaker: Option<BreakerPolicy>,
+    /// Crashes in a row on the same message after which that message is
+    /// quarantined (never delivered again, kept as a dead letter); 0 turns
+    /// the quarantine off.
+    #[serde(default = "default_poison_threshold")]
+    pub poison_threshold: u32,
+}
+
+/// The default [`AgentSpec::poison_threshold`]: a message that crashed its
+/// agent three times in a row is all but surely what kills it.
+pub const DEFAULT_POISON_THRESHOLD: u32 = 3;
+
+fn default_poison_threshold() -> u32 {
+    DEFAULT_POISON_THRESHOLD
 }
 
 impl AgentSpec {
@@ -138,7 +160,15 @@ impl AgentSpec {
             health: None,
             backoff: Backoff::Immediate,
             breaker: None,
+            poison_threshold: DEFAULT_POISON_THRESHOLD,
         }
+    }
+
+    /// Set after how many crashes in a row on one message that message is
+    /// quarantined (0: never).
+    pub fn with_poison_threshold(mut self, threshold: u32) -> Self {
+        self.poison_threshold = threshold;
+        self
     }
 
     /// Set how its health is checked.
@@ -227,6 +257,8 @@ pub struct SupervisedAgentInfo {
     pub health: Option<HealthStatus>,
     /// Its circuit breaker, if it has one.
     pub circuit: Option<CircuitStatus>,
+    /// The report of its last crash, if it crashed.
+    pub last_crash: Option<Box<CrashReport>>,
 }
 
 impl SupervisedAgentInfo {
@@ -252,6 +284,7 @@ impl SupervisedAgentInfo {
             last_exit: None,
             health: None,
             circuit: None,
+            last_crash: None,
         }
     }
 
@@ -287,6 +320,13 @@ pub trait AgentFactory: Send + Sync {
 
     /// The agent types this factory creates.
     fn supported_types(&self) -> Vec<String>;
+
+    /// Where this factory's agents keep their state, if anywhere: their
+    /// supervisor keeps their dead letters there too (durable when the state
+    /// is). The default: none (dead letters are kept in memory).
+    fn state_store(&self) -> Option<Arc<dyn crate::StateStore>> {
+        None
+    }
 
     /// The child described by `spec` left its supervision tree for good (a
     /// temporary child that exited, `delete_child`): release what the

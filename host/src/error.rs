@@ -79,6 +79,17 @@ pub enum SupervisionError {
         /// When the trial start is due.
         until: chrono::DateTime<chrono::Utc>,
     },
+    /// The message crashed its agent `poison_threshold` times in a row: it
+    /// is quarantined (a dead letter) and not delivered.
+    #[error(
+        "the message (hash {hash}) is quarantined: it crashed agent {agent} too often; replay or discard it from its dead letters"
+    )]
+    Quarantined {
+        /// The agent.
+        agent: AgentPid,
+        /// The message's content hash (FNV-1a, hex).
+        hash: String,
+    },
     /// The agent did not answer in time.
     #[error("timeout waiting for agent response")]
     Timeout,
@@ -115,6 +126,7 @@ impl SupervisionError {
             | E::Serialization(_)
             | E::MessageTooLarge { .. }
             | E::ReplyTooLarge { .. }
+            | E::Quarantined { .. }
             | E::System(_) => false,
         }
     }
@@ -129,7 +141,8 @@ impl SupervisionError {
             E::MaxRestartsExceeded(_)
             | E::MaxChildrenReached(_)
             | E::MessageTooLarge { .. }
-            | E::ReplyTooLarge { .. } => ErrorCategory::Policy,
+            | E::ReplyTooLarge { .. }
+            | E::Quarantined { .. } => ErrorCategory::Policy,
             E::AgentRestarting(_) | E::CircuitOpen { .. } => ErrorCategory::Recovery,
             E::ShutdownFailed(_) => ErrorCategory::Shutdown,
             E::InvalidAgentSpec(_)

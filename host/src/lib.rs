@@ -16,12 +16,13 @@
 #![deny(missing_docs)]
 
 mod agent;
+pub mod dead_letters;
 mod error;
 mod running;
 pub mod runtime;
 pub mod state;
 pub mod supervisor;
-mod text;
+pub mod text;
 pub mod tree;
 mod types;
 mod wasm_agent;
@@ -30,16 +31,18 @@ mod wasm_agent;
 pub mod examples;
 
 pub use agent::{
-    AgentFactory, AgentSpec, ShutdownPolicy, SupervisedAgent, SupervisedAgentInfo, TestAgent,
-    TestAgentFactory,
+    AgentFactory, AgentSpec, DEFAULT_POISON_THRESHOLD, ShutdownPolicy, SupervisedAgent,
+    SupervisedAgentInfo, TestAgent, TestAgentFactory,
 };
+pub use dead_letters::{DeadLetter, DeadLetters};
 pub use error::{ErrorCategory, SupervisionError, SupervisionResult};
 pub use running::{
     Node, NodeError, NodeKind, NodeStatus, ResolveError, RunningTree, TreeCallError, TreeHandle,
 };
 pub use runtime::{
-    AgentComponent, AgentFault, AgentInstance, AgentLimits, CallError, DroppedLogs,
-    InstanceOptions, LoadError, MAX_GUEST_TEXT, Preopen, Runtime, RuntimeConfig, WasiGrants,
+    AgentComponent, AgentFault, AgentInstance, AgentLimits, CallError, CrashReport, DroppedLogs,
+    InstanceOptions, LoadError, MAX_GUEST_TEXT, MAX_REPORT_MESSAGE, Preopen, Runtime,
+    RuntimeConfig, WasiGrants,
 };
 pub use state::{
     MemoryStateStore, OpenStateError, RedbStateStore, StateError, StateQuota, StateStore,

@@ -14,8 +14,10 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
+use crate::dead_letters::DeadLetter;
 use crate::supervisor::{
-    ChildSpec, CircuitStatus, HealthStatus, SupervisorEvent, SupervisorHandle, SupervisorStatus,
+    ChildSpec, CircuitStatus, HealthStatus, RestartEntry, SupervisorEvent, SupervisorHandle,
+    SupervisorStatus,
 };
 use crate::{
     AgentFault, AgentPid, AgentStatus, AgentSupervisor, ErrorCategory, ExitReason,
@@ -176,6 +178,16 @@ pub enum TreeCallError {
         /// When the trial start is due.
         until: DateTime<Utc>,
     },
+    /// The message is quarantined for this agent (it crashed it too often).
+    #[error(
+        "{path}: the message (hash {hash}) is quarantined: it crashed the agent too often; replay or discard it from its dead letters"
+    )]
+    Quarantined {
+        /// The agent's path.
+        path: String,
+        /// The message's content hash (FNV-1a, hex).
+        hash: String,
+    },
     /// The agent's supervisor gave up (its restart intensity was
     /// exceeded), so the agent is gone.
     #[error("{supervisor} gave up (restart intensity exceeded); {path} is gone with it")]
@@ -223,6 +235,7 @@ impl TreeCallError {
             },
             SupervisionError::CommunicationFailed(_) => Self::NotRunning { path },
             SupervisionError::CircuitOpen { until, .. } => Self::CircuitOpen { path, until },
+            SupervisionError::Quarantined { hash, .. } => Self::Quarantined { path, hash },
             source => Self::Other { path, source },
         }
     }
@@ -236,7 +249,9 @@ impl TreeCallError {
             Self::NotRunning { .. } | Self::Timeout { .. } => ErrorCategory::Communication,
             Self::CircuitOpen { .. } => ErrorCategory::Recovery,
             Self::Crashed { .. } | Self::Application { .. } => ErrorCategory::Runtime,
-            Self::TooLarge { .. } | Self::SupervisorGaveUp { .. } => ErrorCategory::Policy,
+            Self::TooLarge { .. } | Self::SupervisorGaveUp { .. } | Self::Quarantined { .. } => {
+                ErrorCategory::Policy
+            }
             Self::Other { source, .. } => source.category(),
         }
     }
@@ -268,6 +283,7 @@ impl From<TreeCallError> for SupervisionError {
             e @ TreeCallError::NotRunning { .. } => Self::CommunicationFailed(e.to_string()),
             e @ TreeCallError::SupervisorGaveUp { .. } => Self::CommunicationFailed(e.to_string()),
             e @ TreeCallError::CircuitOpen { .. } => Self::CommunicationFailed(e.to_string()),
+            e @ TreeCallError::Quarantined { .. } => Self::System(e.to_string()),
         }
     }
 }
@@ -553,6 +569,67 @@ impl TreeHandle {
             Ok(reply) => Ok(reply),
             Err(e) => Err(TreeCallError::from_supervision(node, e)),
         }
+    }
+
+    /// The restart-history entries of the node at `target` that carry a
+    /// crash report, oldest first (bounded by its supervisor's history).
+    ///
+    /// # Errors
+    ///
+    /// [`ResolveError`] if there is no such node.
+    pub fn crashes(&self, target: &str) -> Result<Vec<RestartEntry>, ResolveError> {
+        let node = self.resolve(target)?;
+        Ok(node
+            .parent
+            .restart_history()
+            .into_iter()
+            .filter(|e| e.agent_id == node.id && e.crash.is_some())
+            .collect())
+    }
+
+    /// The dead letters (quarantined messages) of the agent at `target`.
+    ///
+    /// # Errors
+    ///
+    /// [`NodeError`]: no such node, or the store that keeps them failed.
+    pub async fn dead_letters(&self, target: &str) -> Result<Vec<DeadLetter>, NodeError> {
+        let node = self.resolve(target)?;
+        node.parent
+            .dead_letters(&node.id)
+            .await
+            .map_err(|source| NodeError::Refused {
+                path: node.path,
+                source,
+            })
+    }
+
+    /// Take the dead letter `hash` of the agent at `target` out of
+    /// quarantine and deliver it once more; the agent's reply.
+    ///
+    /// # Errors
+    ///
+    /// [`TreeCallError`]: no such node or dead letter, or the call failed.
+    pub async fn replay_dead_letter(
+        &self,
+        target: &str,
+        hash: &str,
+    ) -> Result<String, TreeCallError> {
+        let node = self.resolve(target)?;
+        match node.parent.replay_dead_letter(&node.id, hash).await {
+            Ok(reply) => Ok(reply),
+            Err(e) => Err(TreeCallError::from_supervision(node, e)),
+        }
+    }
+
+    /// Take the dead letter `hash` of the agent at `target` out of
+    /// quarantine and drop it.
+    ///
+    /// # Errors
+    ///
+    /// [`NodeError`]: no such node or dead letter.
+    pub async fn discard_dead_letter(&self, target: &str, hash: &str) -> Result<(), NodeError> {
+        let node = self.resolve(target)?;
+        refused(&node, node.parent.discard_dead_letter(&node.id, hash).await)
     }
 
     /// Report that the node at `target` exited with `reason` (OTP's

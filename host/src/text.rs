@@ -1,5 +1,5 @@
-//! Bounding text that comes from outside the host (guests, agents), at the
-//! boundary where it enters.
+//! Text helpers: bounding text that comes from outside the host (guests,
+//! agents) at the boundary where it enters, and a stable content hash.
 
 /// `s` cut to at most `max` bytes on a character boundary.
 pub(crate) fn truncate(s: &str, max: usize) -> &str {
@@ -27,8 +27,26 @@ pub(crate) fn bound(text: String, max: usize) -> String {
     kept
 }
 
+/// 64-bit FNV-1a: small, and stable across builds, Rust versions and hosts
+/// (what it names is kept on disk and shown to users).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    bytes
+        .iter()
+        .fold(OFFSET, |hash, &b| (hash ^ u64::from(b)).wrapping_mul(PRIME))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn fnv1a_is_the_reference_function() {
+        // Test vectors of the FNV reference implementation.
+        assert_eq!(super::fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(super::fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(super::fnv1a(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+
     use super::*;
 
     #[test]

@@ -127,6 +127,7 @@ struct RawDefaults {
     health: Option<RawHealth>,
     backoff: Option<RawBackoff>,
     breaker: Option<RawBreaker>,
+    poison_threshold: Option<i64>,
 }
 
 /// `health = { interval_ms = 10_000, timeout_ms = 1_000, threshold = 3 }`;
@@ -198,6 +199,7 @@ struct RawNode {
     children: Option<Vec<RawNode>>,
     // agent only
     health: Option<RawHealth>,
+    poison_threshold: Option<i64>,
     // both
     restart: Option<RawRestart>,
     shutdown: Option<String>,
@@ -216,6 +218,7 @@ struct RawLimits {
     table_elements: Option<i64>,
     instances: Option<i64>,
     state_bytes: Option<i64>,
+    crash_output_bytes: Option<i64>,
     log_records_per_second: Option<i64>,
     log_bytes_per_second: Option<i64>,
     deadline_ms: Option<i64>,
@@ -304,6 +307,8 @@ pub struct TreeAgent {
     pub backoff: Backoff,
     /// Its circuit breaker, if any.
     pub breaker: Option<BreakerPolicy>,
+    /// Crashes in a row on one message that quarantine it (0: never).
+    pub poison_threshold: u32,
 }
 
 /// A child in a tree file.
@@ -385,6 +390,13 @@ impl Checker<'_> {
             l.state_bytes = Some(usize::try_from(v).unwrap_or(usize::MAX));
         }
         if let Some(v) = self.positive(
+            &f("crash_output_bytes"),
+            raw.crash_output_bytes,
+            "number of bytes",
+        ) {
+            l.crash_output_bytes = usize::try_from(v).unwrap_or(usize::MAX);
+        }
+        if let Some(v) = self.positive(
             &f("log_records_per_second"),
             raw.log_records_per_second,
             "count",
@@ -438,6 +450,7 @@ impl Checker<'_> {
                 ("limits", raw.limits.is_some()),
                 ("wasi", raw.wasi.is_some()),
                 ("health", raw.health.is_some()),
+                ("poison_threshold", raw.poison_threshold.is_some()),
             ] {
                 if set {
                     self.problem(
@@ -448,7 +461,8 @@ impl Checker<'_> {
             }
             Some(TreeNode::Supervisor(self.supervisor(field, raw, defaults)))
         } else {
-            self.agent(field, raw, defaults).map(|a| TreeNode::Agent(Box::new(a)))
+            self.agent(field, raw, defaults)
+                .map(|a| TreeNode::Agent(Box::new(a)))
         }
     }
 
@@ -595,7 +609,22 @@ impl Checker<'_> {
             health: self.health(&format!("{field}.health"), defaults.health, raw.health),
             backoff: self.backoff(&format!("{field}.backoff"), defaults.backoff, raw.backoff),
             breaker: self.breaker(&format!("{field}.breaker"), defaults.breaker, raw.breaker),
+            poison_threshold: self
+                .count(&format!("{field}.poison_threshold"), raw.poison_threshold)
+                .unwrap_or(defaults.poison_threshold),
         })
+    }
+
+    /// A count that may be zero.
+    fn count(&mut self, field: &str, value: Option<i64>) -> Option<u32> {
+        match value {
+            Some(v) if v >= 0 => Some(u32::try_from(v).unwrap_or(u32::MAX)),
+            Some(v) => {
+                self.problem(field, format!("must be 0 or more, got {v}"));
+                None
+            }
+            None => None,
+        }
     }
 
     /// A duration in milliseconds that may be zero.
@@ -720,6 +749,7 @@ struct Defaults {
     health: HealthPolicy,
     backoff: Backoff,
     breaker: Option<BreakerPolicy>,
+    poison_threshold: u32,
 }
 
 /// The fields of a `breaker` table that are not given.
@@ -865,6 +895,9 @@ impl TreeFile {
             ),
             backoff: checker.backoff("defaults.backoff", Backoff::Immediate, raw.defaults.backoff),
             breaker: checker.breaker("defaults.breaker", None, raw.defaults.breaker),
+            poison_threshold: checker
+                .count("defaults.poison_threshold", raw.defaults.poison_threshold)
+                .unwrap_or(crate::agent::DEFAULT_POISON_THRESHOLD),
         };
         if raw.supervisor.component.is_some() {
             checker.problem(
@@ -1037,7 +1070,8 @@ fn child_spec(node: &TreeNode, parent: &str, factory: &Arc<dyn AgentFactory>) ->
                 .with_limits(a.limits.clone())
                 .with_wasi(a.wasi.clone())
                 .with_health(a.health)
-                .with_backoff(a.backoff);
+                .with_backoff(a.backoff)
+                .with_poison_threshold(a.poison_threshold);
             spec.breaker = a.breaker;
             ChildSpec::Agent(spec)
         }

@@ -143,6 +143,10 @@ impl AgentFactory for WasmAgentFactory {
         self.components.keys().cloned().collect()
     }
 
+    fn state_store(&self) -> Option<Arc<dyn StateStore>> {
+        Some(self.state.clone())
+    }
+
     /// The agent's durable state goes with its spec. A store that blocks
     /// (a disk sync) is cleared under `block_in_place` on a multi-threaded
     /// runtime, so that the supervisor's worker hands its other tasks over
@@ -239,6 +243,10 @@ impl SupervisedAgent for WasmAgent {
 
     fn exit_reason(&self) -> Option<ExitReason> {
         self.exit.clone()
+    }
+
+    fn crash_report(&self) -> Option<crate::runtime::CrashReport> {
+        self.instance.crash_report()
     }
 }
 

@@ -410,6 +410,56 @@ async fn fits_its_limits(lang: Lang, test: &str) {
     );
 }
 
+/// An uncaught exception's text (and its traceback, for Python) reaches
+/// the crash report: the guest printed it to its stderr, which the host
+/// keeps for the report although it is not granted to the terminal.
+async fn exception_reaches_the_crash_report(lang: Lang, test: &str, needles: &[&str]) {
+    let Some((_, component)) = component_or_skip(lang, test) else {
+        return;
+    };
+    let (mut sup, pid, mut events) = supervised(lang, component).await;
+    sup.call(&pid, "raise".to_owned()).await.unwrap_err();
+    restarted(&mut events, &pid).await;
+    let history = sup.get_restart_history().await;
+    let report = history[0].crash.as_deref().expect("a crash report");
+    let output = report.output.join("\n");
+    for needle in needles {
+        assert!(
+            output.contains(needle),
+            "no {needle:?} in the report's output:\n{output}"
+        );
+    }
+    assert_eq!(report.message.as_deref(), Some("raise"));
+    sup.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn python_agent_exception_reaches_the_crash_report() {
+    let needles = [
+        "Traceback (most recent call last)",
+        "ValueError: asked to raise",
+    ];
+    exception_reaches_the_crash_report(
+        Lang::Python,
+        "python_agent_exception_reaches_the_crash_report",
+        &needles,
+    )
+    .await;
+}
+
+/// componentize-js 0.23 turns a thrown `Error` into an abort while it tries
+/// to encode it as the `err` string; what it prints is its complaint and
+/// the JavaScript stack, which the report keeps.
+#[tokio::test]
+async fn js_agent_exception_reaches_the_crash_report() {
+    exception_reaches_the_crash_report(
+        Lang::Js,
+        "js_agent_exception_reaches_the_crash_report",
+        &["Stack:", "handleMessage"],
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn python_agent_keeps_state_across_a_crash() {
     keeps_state_across_a_crash(Lang::Python, "python_agent_keeps_state_across_a_crash").await;

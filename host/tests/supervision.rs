@@ -303,10 +303,10 @@ async fn restarts_spaced_wider_than_the_window_never_trip_it() {
         std::slice::from_ref(&crasher),
     )
     .await;
-    for _ in 0..4 {
-        sup.call(&crasher.agent_id, "panic".into())
-            .await
-            .unwrap_err();
+    // Four different crashes: the same message four times in a row would be
+    // quarantined as poison after the third.
+    for crash in ["panic", "unreachable", "oob", "stack"] {
+        sup.call(&crasher.agent_id, crash.into()).await.unwrap_err();
         restarted(&mut events, &crasher.agent_id).await;
         // Let the previous restart leave the window.
         tokio::time::sleep(Duration::from_millis(250)).await;

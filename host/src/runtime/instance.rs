@@ -20,6 +20,7 @@ use wasmtime::{Store, UpdateDeadline};
 
 use super::bindings::SupervisedAgent;
 use super::bindings::terraphim::agent::types as wit;
+use super::crash::{self, CrashReport, OutputRing};
 use super::fault::{FaultHints, classify};
 use super::host::{DroppedLogs, HostState, LogMeter};
 use super::limits::Limiter;
@@ -48,6 +49,10 @@ pub struct AgentInstance {
     store: Store<HostState>,
     guest: SupervisedAgent,
     limits: AgentLimits,
+    /// What the guest wrote to its stdout and stderr, lately.
+    output: OutputRing,
+    /// The fault that killed it and the WASM backtrace at it, once dead.
+    crash: Option<(String, Vec<String>)>,
     /// What remains of the lifetime fuel budget, if there is one.
     fuel_left: Option<u64>,
     fuel_used: u64,
@@ -123,7 +128,10 @@ impl AgentInstance {
             grants,
             state,
         } = options;
-        let wasi = grants.build().map_err(AgentFault::InstantiateFailed)?;
+        let output = OutputRing::new(limits.crash_output_bytes);
+        let wasi = grants
+            .build(&output)
+            .map_err(AgentFault::InstantiateFailed)?;
         let mut store = Store::new(
             runtime.engine(),
             HostState {
@@ -170,6 +178,8 @@ impl AgentInstance {
         Ok(Self {
             store,
             guest,
+            output,
+            crash: None,
             fuel_left: limits.fuel_per_lifetime.map(|l| l.saturating_sub(used)),
             limits,
             fuel_used: used,
@@ -195,6 +205,22 @@ impl AgentInstance {
     /// Bytes of linear memory the instance holds, summed over its memories.
     pub fn memory_bytes(&self) -> usize {
         self.store.data().limiter.memory_used()
+    }
+
+    /// What is known about the crash that killed the instance: the fault,
+    /// the WASM backtrace, its last output lines, fuel used and memory held.
+    /// `None` while it lives. The message it handled is the caller's to add.
+    pub fn crash_report(&self) -> Option<CrashReport> {
+        let (fault, backtrace) = self.crash.clone()?;
+        Some(CrashReport {
+            at: chrono::Utc::now(),
+            fault,
+            backtrace,
+            output: self.output.lines(),
+            fuel_used: self.fuel_used,
+            memory_bytes: self.memory_bytes(),
+            ..CrashReport::default()
+        })
     }
 
     /// Log records the instance emitted over its budget, which were dropped.
@@ -235,12 +261,17 @@ impl AgentInstance {
         if let Some(left) = &mut self.fuel_left {
             *left = left.saturating_sub(used);
         }
-        let err = match outcome {
+        let (err, backtrace) = match outcome {
             Ok(Ok(value)) => return Ok(value),
-            Ok(Err(e)) => classify(&e, hints(&self.store)),
-            Err(_) => CallError::Fault(AgentFault::DeadlineExceeded),
+            Ok(Err(e)) => (classify(&e, hints(&self.store)), crash::backtrace(&e)),
+            Err(_) => (CallError::Fault(AgentFault::DeadlineExceeded), Vec::new()),
         };
         self.dead = true;
+        let fault = match &err {
+            CallError::Fault(fault) => fault.to_string(),
+            other => other.to_string(),
+        };
+        self.crash = Some((fault, backtrace));
         Err(err)
     }
 

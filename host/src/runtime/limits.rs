@@ -45,6 +45,9 @@ pub struct AgentLimits {
     /// Log bytes the agent may emit per second (and per call); the excess is
     /// dropped and counted.
     pub log_bytes_per_second: usize,
+    /// The last bytes of the agent's stdout and stderr kept for its crash
+    /// reports (whether or not those streams are granted).
+    pub crash_output_bytes: usize,
     /// Wall-clock deadline of each call into the agent, instantiation
     /// included.
     #[serde(with = "crate::runtime::duration_ms")]
@@ -62,6 +65,7 @@ impl Default for AgentLimits {
             state_bytes: None,
             log_records_per_second: 200,
             log_bytes_per_second: 256 << 10,
+            crash_output_bytes: 4096,
             deadline: Duration::from_secs(5),
         }
     }

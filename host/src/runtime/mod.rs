@@ -12,6 +12,7 @@
 
 mod bindings;
 mod component;
+mod crash;
 mod fault;
 mod host;
 mod instance;
@@ -27,6 +28,7 @@ use wasmtime::component::{HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 pub use component::{AGENT_FUNCTIONS, AGENT_INTERFACE, AgentComponent, LoadError};
+pub use crash::{CrashReport, MAX_REPORT_MESSAGE};
 pub use fault::{AgentFault, CallError};
 pub use host::{DroppedLogs, MAX_LOG_BYTES};
 pub use instance::{AgentInstance, InstanceOptions};

@@ -1,5 +1,6 @@
-//! Guest stdout and stderr passed through to the host's, without ever
-//! blocking the guest's call.
+//! Guest stdout and stderr: always captured into the instance's bounded
+//! [`OutputRing`] (for crash reports), and, when granted, passed through to
+//! the host's without ever blocking the guest's call.
 //!
 //! wasmtime-wasi's inherited stdio writes to the host's stream inside the
 //! guest's call: a stalled reader (a paused terminal, `| less`) would block
@@ -19,6 +20,8 @@ use bytes::Bytes;
 use tokio::io::AsyncWrite;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
+
+use super::crash::OutputRing;
 
 /// Largest write a guest makes at once (the permit of `check-write`).
 const MAX_WRITE: usize = 8 << 10;
@@ -92,9 +95,22 @@ pub(crate) fn host_stderr() -> Arc<Forwarder> {
         .clone()
 }
 
-/// A guest's stdout or stderr stream, as WASI sees it.
+/// A guest's stdout or stderr stream, as WASI sees it: kept in its ring,
+/// and forwarded to the host's stream if granted.
 #[derive(Debug, Clone)]
-pub(crate) struct GuestOutput(pub Arc<Forwarder>);
+pub(crate) struct GuestOutput {
+    pub ring: OutputRing,
+    pub forward: Option<Arc<Forwarder>>,
+}
+
+impl GuestOutput {
+    fn take(&self, bytes: Bytes) {
+        self.ring.push(&bytes);
+        if let Some(forward) = &self.forward {
+            forward.send(bytes);
+        }
+    }
+}
 
 impl IsTerminal for GuestOutput {
     fn is_terminal(&self) -> bool {
@@ -119,7 +135,7 @@ impl Pollable for GuestOutput {
 
 impl OutputStream for GuestOutput {
     fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
-        self.0.send(bytes);
+        self.take(bytes);
         Ok(())
     }
 
@@ -139,7 +155,7 @@ impl AsyncWrite for GuestOutput {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let len = buf.len().min(MAX_WRITE);
-        self.0.send(Bytes::copy_from_slice(&buf[..len]));
+        self.take(Bytes::copy_from_slice(&buf[..len]));
         Poll::Ready(Ok(len))
     }
 
@@ -178,7 +194,11 @@ mod tests {
     fn a_stalled_host_stream_never_blocks_the_guest_and_the_excess_is_counted() {
         let (release, stalled) = std::sync::mpsc::channel();
         let forwarder = Arc::new(Forwarder::spawn("test", Stalled(Mutex::new(stalled))));
-        let mut output = GuestOutput(forwarder.clone());
+        let ring = OutputRing::new(64);
+        let mut output = GuestOutput {
+            ring: ring.clone(),
+            forward: Some(forwarder.clone()),
+        };
         let chunk = Bytes::from(vec![b'x'; MAX_WRITE]);
         // The writer thread takes one write and blocks in it; the queue
         // takes QUEUE more; the rest is dropped, never waited for.
@@ -188,6 +208,7 @@ mod tests {
             output.flush().unwrap();
         }
         assert!(forwarder.dropped() >= 99 * MAX_WRITE as u64);
+        assert_eq!(ring.lines(), [format!("…{}", "x".repeat(64))], "kept too");
         drop(release);
     }
 }

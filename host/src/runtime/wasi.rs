@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder};
 
+use super::crash::OutputRing;
 use super::stdio::{self, GuestOutput};
 
 /// What an agent may reach through WASI. The default grants nothing: no
@@ -48,17 +49,20 @@ fn yes() -> bool {
 }
 
 impl WasiGrants {
-    /// Build the WASI context for one instance.
-    pub(crate) fn build(&self) -> Result<WasiCtx, String> {
+    /// Build the WASI context for one instance; whatever it writes to its
+    /// stdout and stderr is kept in `output`, granted or not.
+    pub(crate) fn build(&self, output: &OutputRing) -> Result<WasiCtx, String> {
         let mut b = WasiCtxBuilder::new();
         // Not `inherit_stdout`/`inherit_stderr`: those write inside the
         // guest's call and a stalled reader would block a runtime worker.
-        if self.inherit_stdout {
-            b.stdout(GuestOutput(stdio::host_stdout()));
-        }
-        if self.inherit_stderr {
-            b.stderr(GuestOutput(stdio::host_stderr()));
-        }
+        b.stdout(GuestOutput {
+            ring: output.clone(),
+            forward: self.inherit_stdout.then(stdio::host_stdout),
+        });
+        b.stderr(GuestOutput {
+            ring: output.clone(),
+            forward: self.inherit_stderr.then(stdio::host_stderr),
+        });
         for (k, v) in &self.env {
             b.env(k, v);
         }

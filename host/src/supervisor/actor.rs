@@ -23,7 +23,7 @@
 //!   restarted only after its previous incarnation (and its whole subtree)
 //!   has ended: never are two incarnations of one child alive.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -36,7 +36,7 @@ use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
 use super::backoff::{self, Backoff};
 use super::breaker::{Breaker, Circuit, Verdict};
-use super::child::{self, ChildExit, HealthReport, Lineage, Started};
+use super::child::{self, ChildExit, Ending as ChildEnding, HealthReport, Lineage, Started};
 use super::decision::{
     ChildRef, Decision, ExitKind, RestartWindow, decide, decide_failed_start, shutdown_order,
 };
@@ -45,8 +45,9 @@ use super::{
     ChildCount, ChildSpec, CircuitStatus, EventKind, ExitCause, HealthStatus, RestartAction,
     RestartEntry, SupervisorConfig, SupervisorEvent, SupervisorHandle, SupervisorStatus,
 };
-use crate::runtime::MAX_GUEST_TEXT;
-use crate::text::bound;
+use crate::dead_letters::{DeadLetter, DeadLetters};
+use crate::runtime::{CrashReport, MAX_GUEST_TEXT};
+use crate::text::{bound, fnv1a};
 use crate::{
     AgentFactory, AgentFault, AgentPid, AgentStatus, ExitReason, InitArgs, ShutdownPolicy,
     SupervisedAgentInfo, SupervisionError, SupervisionResult, SupervisorId,
@@ -60,6 +61,8 @@ pub(crate) enum Command {
     Terminate(AgentPid, Reply<()>),
     Restart(AgentPid, Reply<()>),
     Delete(AgentPid, Reply<()>),
+    /// Take a quarantined message out of quarantine; the message.
+    Release(AgentPid, String, Reply<String>),
 }
 
 pub(crate) type Reply<T> = oneshot::Sender<SupervisionResult<T>>;
@@ -113,8 +116,19 @@ struct Child {
     streak: u32,
     /// When its current (or last) incarnation started.
     started_at: Option<Instant>,
+    poison: Poison,
     info: SupervisedAgentInfo,
     route: Route,
+}
+
+/// A child's crashes on one message in a row, and its quarantine.
+#[derive(Default)]
+struct Poison {
+    /// The content hash of the message of the last crash, and the reports
+    /// of the crashes on it in a row.
+    last: Option<(u64, Vec<CrashReport>)>,
+    /// Hashes of its quarantined messages (shown to handles).
+    quarantine: Arc<HashSet<u64>>,
 }
 
 impl Child {
@@ -126,7 +140,15 @@ impl Child {
         Arc::new(ChildView {
             info: self.info.clone(),
             route: self.route.clone(),
+            quarantine: self.poison.quarantine.clone(),
         })
+    }
+
+    fn poison_threshold(&self) -> u32 {
+        match &self.spec {
+            ChildSpec::Agent(agent) => agent.poison_threshold,
+            ChildSpec::Supervisor(_) => 0,
+        }
     }
 }
 
@@ -210,7 +232,11 @@ pub(crate) fn new_supervisor(
         tracker,
         lineage,
     } = placement;
-    let shared = Arc::new(Shared::new(id, path, config, events));
+    let store = factory
+        .state_store()
+        .unwrap_or_else(|| Arc::new(crate::MemoryStateStore::default()));
+    let dead_letters = DeadLetters::new(store);
+    let shared = Arc::new(Shared::new(id, path, config, events, dead_letters));
     let (commands_tx, commands) = mpsc::channel(64);
     let (exits_tx, exits_rx) = mpsc::unbounded_channel();
     let (health_tx, health_rx) = mpsc::unbounded_channel();
@@ -290,7 +316,10 @@ fn bounded_reason(reason: ExitReason) -> ExitReason {
 /// What one history entry weighs against `max_history_bytes`: its own size
 /// and the text it holds.
 fn entry_weight(entry: &RestartEntry) -> usize {
-    std::mem::size_of::<RestartEntry>() + entry.path.len() + reason_text_len(&entry.reason)
+    std::mem::size_of::<RestartEntry>()
+        + entry.path.len()
+        + reason_text_len(&entry.reason)
+        + entry.crash.as_ref().map_or(0, |c| c.weight())
 }
 
 fn reason_text_len(reason: &ExitReason) -> usize {
@@ -384,8 +413,8 @@ impl Actor {
         initial: Vec<ChildSpec>,
         started: Started,
         stop: oneshot::Receiver<()>,
-    ) -> Pin<Box<dyn Future<Output = Option<ExitReason>> + Send>> {
-        Box::pin(self.run(initial, started, stop))
+    ) -> Pin<Box<dyn Future<Output = Option<ChildEnding>> + Send>> {
+        Box::pin(async move { self.run(initial, started, stop).await.map(Into::into) })
     }
 
     // --- the snapshot handles read ------------------------------------
@@ -430,6 +459,17 @@ impl Actor {
     /// Add a history entry, dropping the oldest ones beyond the entry and
     /// byte bounds (the newest entry is always kept).
     fn record(&mut self, idx: usize, reason: ExitReason, action: RestartAction) {
+        self.record_crash(idx, reason, action, None);
+    }
+
+    /// [`record`](Self::record) with the crash's report.
+    fn record_crash(
+        &mut self,
+        idx: usize,
+        reason: ExitReason,
+        action: RestartAction,
+        crash: Option<Box<CrashReport>>,
+    ) {
         let child = &self.children[idx];
         let entry = RestartEntry {
             agent_id: child.id().clone(),
@@ -437,6 +477,7 @@ impl Actor {
             timestamp: Utc::now(),
             reason: bounded_reason(reason),
             action,
+            crash,
         };
         let config = &self.shared.config;
         let (max_entries, max_bytes) = (config.max_history.max(1), config.max_history_bytes);
@@ -545,11 +586,19 @@ impl Actor {
             breaker,
             streak: 0,
             started_at: None,
+            poison: Poison::default(),
             info,
             route: Route::Down,
         });
-        self.publish_children();
         let idx = self.children.len() - 1;
+        if self.children[idx].poison_threshold() > 0 {
+            // Quarantined before a restart of the host (a durable store).
+            match self.shared.dead_letters.hashes(&pid).await {
+                Ok(hashes) => self.children[idx].poison.quarantine = Arc::new(hashes),
+                Err(e) => tracing::warn!("{}: dead letters unreadable: {e}", self.shared.path),
+            }
+        }
+        self.publish_children();
         match self.start_child(idx).await {
             Ok(()) => {
                 let name = self.children[idx].info.name.clone();
@@ -757,6 +806,14 @@ impl Actor {
     fn remove(&mut self, idx: usize) {
         let child = self.children.remove(idx);
         release(&*self.factory, &child.spec);
+        if !child.poison.quarantine.is_empty() {
+            let (letters, pid) = (self.shared.dead_letters.clone(), child.id().clone());
+            tokio::spawn(async move {
+                if let Err(e) = letters.clear(&pid).await {
+                    tracing::warn!("dead letters of {pid} not cleared: {e}");
+                }
+            });
+        }
         self.publish_children();
         self.emit(
             &child.info.path,
@@ -803,19 +860,84 @@ impl Actor {
             let _ = ended.task.await;
         }
         self.set_route(idx, Route::Down);
-        self.handle_exit(idx, exit.reason).await
+        let ChildEnding {
+            reason,
+            crash,
+            message,
+        } = exit.ending;
+        if let (Some(crash), Some(message)) = (&crash, message) {
+            self.track_poison(idx, crash, message).await;
+        }
+        self.handle_exit(idx, reason, crash).await
+    }
+
+    /// The child at `idx` crashed on `message`: count it against that
+    /// message, and quarantine the message once it crashed the child
+    /// `poison_threshold` times in a row.
+    async fn track_poison(&mut self, idx: usize, crash: &CrashReport, message: String) {
+        let threshold = self.children[idx].poison_threshold();
+        if threshold == 0 {
+            return;
+        }
+        let hash = fnv1a(message.as_bytes());
+        let poison = &mut self.children[idx].poison;
+        let reports = match &mut poison.last {
+            Some((last, reports)) if *last == hash => reports,
+            last => &mut last.insert((hash, Vec::new())).1,
+        };
+        reports.push(crash.clone());
+        if reports.len() < threshold as usize {
+            return;
+        }
+        let crashes = std::mem::take(reports);
+        poison.last = None;
+        let mut quarantine = (*poison.quarantine).clone();
+        quarantine.insert(hash);
+        poison.quarantine = Arc::new(quarantine);
+        let agent = self.children[idx].id().clone();
+        let hex = format!("{hash:016x}");
+        let letter = DeadLetter {
+            hash: hex.clone(),
+            agent: agent.clone(),
+            at: Utc::now(),
+            message,
+            crashes,
+        };
+        if let Err(e) = self.shared.dead_letters.put(letter).await {
+            // Still quarantined in memory; only the dead letter is lost.
+            tracing::warn!(
+                "{}: dead letter {hex} not kept: {e}",
+                self.children[idx].info.path
+            );
+        }
+        self.publish(idx);
+        self.record(
+            idx,
+            ExitReason::Shutdown,
+            RestartAction::Quarantined { hash: hex.clone() },
+        );
+        self.emit_child(idx, EventKind::MessageQuarantined { agent, hash: hex });
     }
 
     /// The child at `idx` (no longer running) exited with `reason`: its
     /// circuit breaker first (an open circuit parks it, outside the
     /// strategy and the intensity), then decide and act.
-    async fn handle_exit(&mut self, idx: usize, reason: ExitReason) -> Result<(), Escalated> {
+    async fn handle_exit(
+        &mut self,
+        idx: usize,
+        reason: ExitReason,
+        crash: Option<Box<CrashReport>>,
+    ) -> Result<(), Escalated> {
+        if crash.is_some() {
+            let crash = crash.clone();
+            self.update(idx, |info| info.last_crash = crash);
+        }
         let failure = exit_kind(&reason) == ExitKind::Abnormal;
         if failure && let Some(until) = self.breaker_verdict(idx) {
-            self.park(idx, reason, until, Ending::Exit);
+            self.park(idx, reason, until, Ending::Exit, crash);
             return Ok(());
         }
-        match self.decide_exit(idx, reason, Ending::Exit) {
+        match self.decide_exit(idx, reason, Ending::Exit, crash) {
             (
                 cause,
                 Decision::Restart {
@@ -848,7 +970,14 @@ impl Actor {
     /// Park the child at `idx` until `until`: shown and recorded, not
     /// restarted, not counted against the intensity; its trial start is a
     /// timer.
-    fn park(&mut self, idx: usize, reason: ExitReason, until: Instant, ending: Ending) {
+    fn park(
+        &mut self,
+        idx: usize,
+        reason: ExitReason,
+        until: Instant,
+        ending: Ending,
+        crash: Option<Box<CrashReport>>,
+    ) {
         let reason = bounded_reason(reason);
         let agent = self.children[idx].id().clone();
         let at = wall(until);
@@ -867,10 +996,16 @@ impl Actor {
                 EventKind::ChildExited {
                     agent: agent.clone(),
                     reason: reason.clone(),
+                    crash: crash.clone(),
                 },
             );
         }
-        self.record(idx, reason, RestartAction::CircuitOpened { until: at });
+        self.record_crash(
+            idx,
+            reason,
+            RestartAction::CircuitOpened { until: at },
+            crash,
+        );
         self.emit_child(
             idx,
             EventKind::CircuitOpened {
@@ -911,6 +1046,7 @@ impl Actor {
         idx: usize,
         reason: ExitReason,
         ending: Ending,
+        crash: Option<Box<CrashReport>>,
     ) -> (ExitCause, Decision<AgentPid>) {
         let reason = bounded_reason(reason);
         let pid = self.children[idx].id().clone();
@@ -931,6 +1067,7 @@ impl Actor {
                     EventKind::ChildExited {
                         agent: pid.clone(),
                         reason: reason.clone(),
+                        crash: crash.clone(),
                     },
                 );
                 decide(
@@ -955,7 +1092,7 @@ impl Actor {
             (Decision::NoRestart { .. }, Ending::Exit) => RestartAction::NotRestarted,
             (Decision::Restart { .. }, Ending::Exit) => RestartAction::Restarted,
         };
-        self.record(idx, reason.clone(), action);
+        self.record_crash(idx, reason.clone(), action, crash);
         let cause = ExitCause {
             agent: pid,
             path: self.children[idx].info.path.clone(),
@@ -1052,10 +1189,10 @@ impl Actor {
     /// A restart attempt failed to start the child at `idx`.
     async fn start_failed(&mut self, idx: usize, reason: ExitReason) -> Result<(), Escalated> {
         if let Some(until) = self.breaker_verdict(idx) {
-            self.park(idx, reason, until, Ending::FailedStart);
+            self.park(idx, reason, until, Ending::FailedStart, None);
             return Ok(());
         }
-        match self.decide_exit(idx, reason, Ending::FailedStart) {
+        match self.decide_exit(idx, reason, Ending::FailedStart, None) {
             (
                 cause,
                 Decision::Restart {
@@ -1197,6 +1334,30 @@ impl Actor {
         });
     }
 
+    /// Take the message `hash` of `pid` out of quarantine and out of its
+    /// dead letters; the message.
+    async fn release_letter(&mut self, pid: &AgentPid, hash: &str) -> SupervisionResult<String> {
+        let idx = self.known(pid)?;
+        let not_found =
+            || SupervisionError::NodeNotFound(format!("no dead letter {hash} of agent {pid}"));
+        let value = u64::from_str_radix(hash, 16).map_err(|_| not_found())?;
+        let letter = self
+            .shared
+            .dead_letters
+            .take(pid, hash)
+            .await
+            .map_err(|e| SupervisionError::System(format!("dead letters: {e}")))?;
+        let poison = &mut self.children[idx].poison;
+        let was_quarantined = poison.quarantine.contains(&value);
+        if was_quarantined {
+            let mut quarantine = (*poison.quarantine).clone();
+            quarantine.remove(&value);
+            poison.quarantine = Arc::new(quarantine);
+            self.publish(idx);
+        }
+        letter.map(|l| l.message).ok_or_else(not_found)
+    }
+
     // --- requests ---------------------------------------------------------
 
     async fn serve(&mut self, command: Command) -> Result<(), Escalated> {
@@ -1220,7 +1381,7 @@ impl Actor {
                 // The reporter says it is dead: make it so, without a stop.
                 self.set_route(idx, Route::Down);
                 running.kill().await;
-                let outcome = self.handle_exit(idx, reason).await;
+                let outcome = self.handle_exit(idx, reason, None).await;
                 let _ = reply.send(match outcome {
                     Ok(()) => Ok(()),
                     Err(Escalated) => Err(SupervisionError::MaxRestartsExceeded(
@@ -1284,6 +1445,10 @@ impl Actor {
                     },
                     Err(e) => Err(e),
                 };
+                let _ = reply.send(result);
+            }
+            Command::Release(pid, hash, reply) => {
+                let result = self.release_letter(&pid, &hash).await;
                 let _ = reply.send(result);
             }
             Command::Delete(pid, reply) => {

@@ -31,6 +31,8 @@ use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use super::HealthPolicy;
+use crate::runtime::{CrashReport, MAX_REPORT_MESSAGE};
+use crate::text::{bound, fnv1a};
 use crate::{
     AgentPid, ExitReason, InitArgs, SupervisedAgent, SupervisionError, SupervisionResult,
     SystemMessage, TerminateReason,
@@ -51,7 +53,28 @@ pub(crate) enum WorkerCommand {
 pub(crate) struct ChildExit {
     pub pid: AgentPid,
     pub incarnation: u64,
+    pub ending: Ending,
+}
+
+/// Why a child's task ended, and what is known about it.
+#[derive(Debug)]
+pub(crate) struct Ending {
     pub reason: ExitReason,
+    /// For an abnormal exit of an agent: what it was doing and what it left.
+    pub crash: Option<Box<CrashReport>>,
+    /// The whole message it crashed on, if it crashed on one (for the
+    /// poison-message quarantine).
+    pub message: Option<String>,
+}
+
+impl From<ExitReason> for Ending {
+    fn from(reason: ExitReason) -> Self {
+        Self {
+            reason,
+            crash: None,
+            message: None,
+        }
+    }
 }
 
 /// Start-up outcome of a child task.
@@ -125,7 +148,7 @@ pub(crate) fn spawn<F>(
     body: impl FnOnce(Started) -> F + Send + 'static,
 ) -> (JoinHandle<()>, oneshot::Receiver<SupervisionResult<()>>)
 where
-    F: Future<Output = Option<ExitReason>> + Send + 'static,
+    F: Future<Output = Option<Ending>> + Send + 'static,
 {
     let (started_tx, started_rx) = oneshot::channel();
     let task = tokio::spawn(async move {
@@ -137,17 +160,17 @@ where
             subtree.close();
             subtree.wait().await;
         }
-        let reason = match outcome {
-            Ok(Some(reason)) => reason,
+        let ending = match outcome {
+            Ok(Some(ending)) => ending,
             // The child never started (its start-up answer said why), or its
             // supervisor is gone.
             Ok(None) => return,
-            Err(panic) => ExitReason::Error(panic_message(panic)),
+            Err(panic) => ExitReason::Error(panic_message(panic)).into(),
         };
         let _ = exits.send(ChildExit {
             pid,
             incarnation,
-            reason,
+            ending,
         });
     });
     (task, started_rx)
@@ -163,7 +186,7 @@ pub(crate) async fn run_worker(
     started: Started,
     mut commands: mpsc::Receiver<WorkerCommand>,
     mut stop: oneshot::Receiver<()>,
-) -> Option<ExitReason> {
+) -> Option<Ending> {
     let pid = args.agent_id.clone();
     let mut agent = match start_agent(create, args).await {
         Ok(agent) => agent,
@@ -179,6 +202,8 @@ pub(crate) async fn run_worker(
     }
     let mut checks = health_checks(&setup.health);
     let mut streak = 0;
+    // Messages handled by this incarnation, for crash reports.
+    let mut sequence = 0;
     loop {
         let command = tokio::select! {
             biased;
@@ -190,7 +215,7 @@ pub(crate) async fn run_worker(
             command = commands.recv() => command,
             () = tick(&mut checks) => {
                 match check_health(&mut *agent, &pid, &setup, &mut streak).await {
-                    Some(reason) => return Some(reason),
+                    Some(reason) => return Some(crashed(&*agent, reason, None)),
                     None => continue,
                 }
             }
@@ -198,28 +223,62 @@ pub(crate) async fn run_worker(
         let Some(command) = command else {
             let _ = agent.stop().await;
             let _ = agent.terminate(TerminateReason::Shutdown).await;
-            return Some(ExitReason::Shutdown);
+            return Some(ExitReason::Shutdown.into());
         };
-        let exited = match command {
+        let ending = match command {
             WorkerCommand::Call(message, reply) => {
+                sequence += 1;
+                // Kept for its crash report and the quarantine: a crash
+                // consumes what the agent was given.
+                let kept = message.clone();
                 let result = agent
                     .handle_message(message)
                     .await
                     .and_then(|reply| bounded_reply(reply, setup.max_reply_bytes));
                 answer(&*agent, &pid, result, reply)
+                    .map(|reason| crashed(&*agent, reason, Some((kept, sequence))))
             }
             WorkerCommand::System(message, reply) => {
                 let result = agent.handle_system_message(message).await;
-                answer(&*agent, &pid, result, reply)
+                answer(&*agent, &pid, result, reply).map(|reason| crashed(&*agent, reason, None))
             }
             WorkerCommand::Health(reply) => {
                 let result = agent.health_check().await;
-                answer(&*agent, &pid, result, reply)
+                answer(&*agent, &pid, result, reply).map(|reason| crashed(&*agent, reason, None))
             }
         };
-        if exited.is_some() {
-            return exited;
+        if ending.is_some() {
+            return ending;
         }
+    }
+}
+
+/// How an agent ended with `reason`, with a crash report if the exit is
+/// abnormal: the agent's own (a WASM agent's backtrace, output, fuel and
+/// memory) and the message it was handling with its sequence number.
+fn crashed(
+    agent: &dyn SupervisedAgent,
+    reason: ExitReason,
+    handling: Option<(String, u64)>,
+) -> Ending {
+    if !reason.is_abnormal() {
+        return reason.into();
+    }
+    let mut report = agent.crash_report().unwrap_or_else(|| CrashReport {
+        at: Utc::now(),
+        fault: reason.to_string(),
+        ..CrashReport::default()
+    });
+    let message = handling.map(|(message, sequence)| {
+        report.message = Some(bound(message.clone(), MAX_REPORT_MESSAGE));
+        report.sequence = Some(sequence);
+        report.message_hash = Some(format!("{:016x}", fnv1a(message.as_bytes())));
+        message
+    });
+    Ending {
+        reason,
+        crash: Some(Box::new(report)),
+        message,
     }
 }
 

@@ -9,6 +9,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::runtime::CrashReport;
 use crate::{AgentPid, ExitReason, SupervisorId};
 
 /// One lifecycle event of a supervision tree.
@@ -47,7 +48,8 @@ impl SupervisorEvent {
             | EventKind::ChildRemoved { agent }
             | EventKind::CircuitOpened { agent, .. }
             | EventKind::CircuitHalfOpen { agent }
-            | EventKind::CircuitClosed { agent } => Some(agent),
+            | EventKind::CircuitClosed { agent }
+            | EventKind::MessageQuarantined { agent, .. } => Some(agent),
             EventKind::Escalated | EventKind::SupervisorStopped => None,
         }
     }
@@ -69,6 +71,8 @@ pub enum EventKind {
         agent: AgentPid,
         /// Why it exited.
         reason: ExitReason,
+        /// What is known about the crash, for an abnormal exit of an agent.
+        crash: Option<Box<CrashReport>>,
     },
     /// A child was restarted.
     ChildRestarted {
@@ -112,6 +116,14 @@ pub enum EventKind {
     CircuitClosed {
         /// The child it is about.
         agent: AgentPid,
+    },
+    /// A message crashed the child `poison_threshold` times in a row: it
+    /// is quarantined (a dead letter).
+    MessageQuarantined {
+        /// The child it is about.
+        agent: AgentPid,
+        /// The message's content hash (FNV-1a, hex).
+        hash: String,
     },
     /// The supervisor exceeded its restart intensity and gave up.
     Escalated,

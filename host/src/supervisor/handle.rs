@@ -15,6 +15,8 @@ use super::{
     ChildCount, ChildSpec, RestartEntry, SupervisorConfig, SupervisorEvent, SupervisorSpec,
     SupervisorStatus,
 };
+use crate::dead_letters::DeadLetter;
+use crate::text::fnv1a;
 use crate::{
     AgentFactory, AgentPid, AgentSpec, ExitReason, SupervisedAgentInfo, SupervisionError,
     SupervisionResult, SupervisorId, SystemMessage,
@@ -168,10 +170,32 @@ impl SupervisorHandle {
     }
 
     fn worker(&self, agent_id: &AgentPid) -> SupervisionResult<mpsc::Sender<WorkerCommand>> {
+        self.worker_for(agent_id, None)
+    }
+
+    /// The worker of `agent_id`; with `message`, refused if that message is
+    /// quarantined for it.
+    fn worker_for(
+        &self,
+        agent_id: &AgentPid,
+        message: Option<&str>,
+    ) -> SupervisionResult<mpsc::Sender<WorkerCommand>> {
         if let SupervisorStatus::Failed(_) = self.status() {
             return Err(self.gone());
         }
-        match self.shared.route(agent_id) {
+        let found = self.shared.route_and_quarantine(agent_id);
+        if let (Some((_, quarantine)), Some(message)) = (&found, message)
+            && !quarantine.is_empty()
+        {
+            let hash = fnv1a(message.as_bytes());
+            if quarantine.contains(&hash) {
+                return Err(SupervisionError::Quarantined {
+                    agent: agent_id.clone(),
+                    hash: format!("{hash:016x}"),
+                });
+            }
+        }
+        match found.map(|(route, _)| route) {
             Some(Route::Worker(tx)) => Ok(tx),
             Some(Route::Down) => Err(SupervisionError::CommunicationFailed(format!(
                 "agent {agent_id} is not running (restarting or stopped)"
@@ -195,6 +219,17 @@ impl SupervisorHandle {
         command: impl FnOnce(oneshot::Sender<SupervisionResult<T>>) -> WorkerCommand,
     ) -> SupervisionResult<T> {
         let worker = self.worker(agent_id)?;
+        self.exchange(agent_id, worker, command).await
+    }
+
+    /// Send `command` to `worker` and wait for its answer, bounded by the
+    /// supervisor's `agent_timeout`.
+    async fn exchange<T>(
+        &self,
+        agent_id: &AgentPid,
+        worker: mpsc::Sender<WorkerCommand>,
+        command: impl FnOnce(oneshot::Sender<SupervisionResult<T>>) -> WorkerCommand,
+    ) -> SupervisionResult<T> {
         let (tx, rx) = oneshot::channel();
         let exchange = async {
             worker.send(command(tx)).await.map_err(|_| {
@@ -229,8 +264,57 @@ impl SupervisorHandle {
                 max,
             });
         }
-        self.ask(agent_id, |r| WorkerCommand::Call(message, r))
+        let worker = self.worker_for(agent_id, Some(&message))?;
+        self.exchange(agent_id, worker, |r| WorkerCommand::Call(message, r))
             .await
+    }
+
+    /// The dead letters of the agent `agent_id` (its quarantined messages,
+    /// with the reports of the crashes that got them there), oldest first.
+    ///
+    /// # Errors
+    ///
+    /// `System` if the store that keeps them fails.
+    pub async fn dead_letters(&self, agent_id: &AgentPid) -> SupervisionResult<Vec<DeadLetter>> {
+        self.shared
+            .dead_letters
+            .list(agent_id)
+            .await
+            .map_err(|e| SupervisionError::System(format!("dead letters: {e}")))
+    }
+
+    /// Take the dead letter `hash` of `agent_id` out of quarantine and
+    /// deliver it once more; the agent's reply. If it crashes the agent
+    /// again, it counts from zero towards a new quarantine.
+    ///
+    /// # Errors
+    ///
+    /// `NodeNotFound` for an unknown dead letter; otherwise as
+    /// [`call`](Self::call).
+    pub async fn replay_dead_letter(
+        &self,
+        agent_id: &AgentPid,
+        hash: &str,
+    ) -> SupervisionResult<String> {
+        let (pid, hash) = (agent_id.clone(), hash.to_owned());
+        let message = self.request(|r| Command::Release(pid, hash, r)).await??;
+        self.call(agent_id, message).await
+    }
+
+    /// Take the dead letter `hash` of `agent_id` out of quarantine and drop
+    /// it.
+    ///
+    /// # Errors
+    ///
+    /// `NodeNotFound` for an unknown dead letter.
+    pub async fn discard_dead_letter(
+        &self,
+        agent_id: &AgentPid,
+        hash: &str,
+    ) -> SupervisionResult<()> {
+        let (pid, hash) = (agent_id.clone(), hash.to_owned());
+        self.request(|r| Command::Release(pid, hash, r)).await??;
+        Ok(())
     }
 
     /// Deliver a system message to an agent.

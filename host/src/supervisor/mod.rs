@@ -31,6 +31,7 @@ pub use handle::{AgentSupervisor, DEFAULT_ROOT_NAME, SupervisorHandle};
 pub use health::{HealthPolicy, HealthStatus};
 pub use policy::{RestartIntensity, RestartPolicy};
 
+use crate::runtime::CrashReport;
 use crate::{AgentFactory, AgentPid, AgentSpec, ExitReason, ShutdownPolicy, SupervisorId};
 
 /// Configuration of one supervisor.
@@ -152,6 +153,12 @@ pub enum RestartAction {
     CircuitHalfOpen,
     /// The child's trial ran through its probation: its circuit closed.
     CircuitClosed,
+    /// A message crashed the child `poison_threshold` times in a row: it is
+    /// quarantined (a dead letter) and never delivered again.
+    Quarantined {
+        /// The message's content hash (FNV-1a, hex).
+        hash: String,
+    },
 }
 
 /// Where a child's circuit breaker is, as its status shows it.
@@ -183,6 +190,9 @@ pub struct RestartEntry {
     pub reason: ExitReason,
     /// What the supervisor did.
     pub action: RestartAction,
+    /// What is known about the crash, for an abnormal exit of an agent.
+    #[serde(default)]
+    pub crash: Option<Box<CrashReport>>,
 }
 
 /// A nested supervisor, as a child of another supervisor.

@@ -6,13 +6,14 @@
 //! asking the task and without waiting for it. The snapshot is derived from
 //! the task's own list of children; nothing else holds a child's state.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
 use tokio::sync::{broadcast, mpsc, watch};
 
 use super::child::WorkerCommand;
 use super::{RestartEntry, SupervisorConfig, SupervisorEvent, SupervisorHandle, SupervisorStatus};
+use crate::dead_letters::DeadLetters;
 use crate::{AgentPid, SupervisedAgentInfo, SupervisorId};
 
 /// How to reach a child, for calls that bypass the supervisor task.
@@ -36,6 +37,8 @@ pub(crate) enum Route {
 pub(crate) struct ChildView {
     pub info: SupervisedAgentInfo,
     pub route: Route,
+    /// Content hashes of its quarantined messages.
+    pub quarantine: Arc<HashSet<u64>>,
 }
 
 /// A supervisor as handles see it.
@@ -63,6 +66,8 @@ pub(crate) struct Shared {
     pub view: watch::Sender<View>,
     /// The tree's events (one channel for every supervisor of a tree).
     pub events: broadcast::Sender<SupervisorEvent>,
+    /// Where its children's quarantined messages are kept.
+    pub dead_letters: DeadLetters,
 }
 
 impl Shared {
@@ -71,6 +76,7 @@ impl Shared {
         path: String,
         config: SupervisorConfig,
         events: broadcast::Sender<SupervisorEvent>,
+        dead_letters: DeadLetters,
     ) -> Self {
         let view = View {
             status: SupervisorStatus::Starting,
@@ -83,6 +89,7 @@ impl Shared {
             config,
             view: watch::Sender::new(view),
             events,
+            dead_letters,
         }
     }
 
@@ -92,6 +99,14 @@ impl Shared {
 
     pub fn route(&self, pid: &AgentPid) -> Option<Route> {
         self.view.borrow().child(pid).map(|c| c.route.clone())
+    }
+
+    /// The route to `pid` and its quarantined hashes, in one read.
+    pub fn route_and_quarantine(&self, pid: &AgentPid) -> Option<(Route, Arc<HashSet<u64>>)> {
+        self.view
+            .borrow()
+            .child(pid)
+            .map(|c| (c.route.clone(), c.quarantine.clone()))
     }
 
     pub fn children(&self) -> Vec<SupervisedAgentInfo> {

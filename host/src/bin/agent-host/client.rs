@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Args;
 use terraphim_agent_supervisor::Runtime;
 
-use terraphim_agent_supervisor::{CircuitStatus, NodeKind, NodeStatus};
+use terraphim_agent_supervisor::{CircuitStatus, NodeKind, NodeStatus, RestartEntry};
 
 use crate::control::{self, Failure, Request};
 use crate::events::status_text;
@@ -47,10 +47,15 @@ Print the status of every node of a running tree.
 One row per node, depth first in start order (a nested supervisor's
 children follow it): its path, whether it is an agent or a supervisor, its
 status (running, restarting, parked by its circuit breaker, stopped,
-failed, ...), how many times it was
-restarted, and why it last exited. With --json each row is a JSON object
-on its own line:
-{\"path\":...,\"status\":\"Running\",\"restart_count\":0,\"last_exit\":null,\"supervisor\":false}
+failed, ...), how many times it was restarted, and why it last exited.
+With --json each row is a JSON object on its own line:
+{\"path\":...,\"kind\":\"agent\",\"status\":\"Running\",\"restart_count\":0,\"last_exit\":null,...}
+
+With --crashes PATH it prints instead the crash reports kept for that node:
+the fault, the message it was handling (cut) and its sequence number, fuel
+and memory, the WASM backtrace with function names, and the last lines the
+agent wrote to its stdout and stderr (a Python traceback, a Rust panic
+message). --json prints them as JSON lines.
 
 The tree must be running (`agent-host run TREE`) as the same user; status
 does not start it, and refuses a socket served by another user.
@@ -88,10 +93,57 @@ pub struct StatusArgs {
     /// Print one JSON object per node instead of a table.
     #[arg(long)]
     json: bool,
+    /// Print the crash reports kept for this node instead (its path or
+    /// unique name).
+    #[arg(long, value_name = "PATH")]
+    crashes: Option<String>,
     /// The host's control socket (default: derived from the tree's path).
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
 }
+
+#[derive(Debug, Args)]
+pub struct DeadLettersArgs {
+    /// The tree file (TOML) of the running host.
+    #[arg(value_name = "TREE.toml")]
+    tree: PathBuf,
+    /// Only this agent's (its path or unique name).
+    #[arg(value_name = "PATH")]
+    agent: Option<String>,
+    /// Take this dead letter (by hash) out of quarantine and deliver it
+    /// again; prints the reply.
+    #[arg(
+        long,
+        value_name = "HASH",
+        requires = "agent",
+        conflicts_with = "discard"
+    )]
+    replay: Option<String>,
+    /// Take this dead letter (by hash) out of quarantine and drop it.
+    #[arg(long, value_name = "HASH", requires = "agent")]
+    discard: Option<String>,
+    /// Print JSON lines instead of text.
+    #[arg(long)]
+    json: bool,
+    /// The host's control socket (default: derived from the tree's path).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+}
+
+pub const DEAD_LETTERS_LONG_ABOUT: &str = "\
+List the dead letters of a running tree: messages quarantined because they
+crashed their agent `poison_threshold` times in a row (3 by default). A
+quarantined message is not delivered again (its callers get a Quarantined
+error at once); each dead letter keeps the message and the reports of the
+crashes it caused.
+
+With PATH, only that agent's. --replay HASH takes one out of quarantine and
+delivers it once more (printing the reply); --discard HASH drops it.
+
+Exit status:
+  0  listed, replayed or discarded
+  1  no host runs the tree, no such agent or dead letter, or the replay failed
+  2  usage error";
 
 fn failed(failure: &Failure) -> ExitCode {
     stderr_line!("error: {}", failure.error);
@@ -159,6 +211,15 @@ pub async fn status(args: StatusArgs) -> CliResult {
     let Some(stream) = control::connect(&socket).await? else {
         return Err(not_running(&args.tree, &socket).into());
     };
+    if let Some(agent) = args.crashes {
+        let request = Request::Crashes { agent };
+        let entries = match control::request::<Vec<RestartEntry>>(stream, &request).await? {
+            Ok(entries) => entries,
+            Err(failure) => return Ok(failed(&failure)),
+        };
+        print_crashes(&Out::blocking(args.json), &entries);
+        return Ok(ExitCode::SUCCESS);
+    }
     let rows = match control::request::<Vec<NodeStatus>>(stream, &Request::Status).await? {
         Ok(rows) => rows,
         Err(failure) => return Ok(failed(&failure)),
@@ -198,6 +259,91 @@ pub async fn status(args: StatusArgs) -> CliResult {
             },
             row.restart_count,
         ));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Crash reports, one block each (or one JSON line each).
+fn print_crashes(out: &Out, entries: &[RestartEntry]) {
+    if entries.is_empty() && !out.json() {
+        out.line("no crash reports kept for it");
+    }
+    for entry in entries {
+        if out.json() {
+            out.json_line(entry);
+            continue;
+        }
+        let Some(crash) = &entry.crash else { continue };
+        out.line(&format!("crash at {}: {}", entry.timestamp, crash.fault));
+        if let (Some(message), Some(sequence)) = (&crash.message, crash.sequence) {
+            let hash = crash.message_hash.as_deref().unwrap_or("-");
+            out.line(&format!("  message #{sequence} (hash {hash}): {message:?}"));
+        }
+        out.line(&format!(
+            "  fuel used {}, memory {} bytes",
+            crash.fuel_used, crash.memory_bytes
+        ));
+        if !crash.backtrace.is_empty() {
+            out.line("  backtrace:");
+            for frame in &crash.backtrace {
+                out.line(&format!("    {frame}"));
+            }
+        }
+        if !crash.output.is_empty() {
+            out.line("  last output:");
+            for line in &crash.output {
+                out.line(&format!("    | {line}"));
+            }
+        }
+    }
+}
+
+pub async fn dead_letters(args: DeadLettersArgs) -> CliResult {
+    let socket = control::socket_for(&args.tree, args.socket.as_deref())?;
+    let Some(stream) = control::connect(&socket).await? else {
+        return Err(not_running(&args.tree, &socket).into());
+    };
+    let out = Out::blocking(args.json);
+    match (args.agent, args.replay, args.discard) {
+        (Some(agent), Some(hash), _) => {
+            let request = Request::Replay { agent, hash };
+            match control::request::<String>(stream, &request).await? {
+                Ok(reply) => out.line(&reply),
+                Err(failure) => return Ok(failed(&failure)),
+            }
+        }
+        (Some(agent), None, Some(hash)) => {
+            let request = Request::Discard { agent, hash };
+            if let Err(failure) = control::request::<()>(stream, &request).await? {
+                return Ok(failed(&failure));
+            }
+        }
+        (agent, _, _) => {
+            let request = Request::DeadLetters { agent };
+            let letters = match control::request::<Vec<serde_json::Value>>(stream, &request).await?
+            {
+                Ok(letters) => letters,
+                Err(failure) => return Ok(failed(&failure)),
+            };
+            for letter in &letters {
+                if out.json() {
+                    out.json_line(letter);
+                    continue;
+                }
+                let l = &letter["letter"];
+                out.line(&format!(
+                    "{}  {}  {}  {} crashes  {:?}",
+                    letter["path"].as_str().unwrap_or("?"),
+                    l["hash"].as_str().unwrap_or("?"),
+                    l["at"].as_str().unwrap_or("?"),
+                    l["crashes"].as_array().map_or(0, Vec::len),
+                    l["message"].as_str().unwrap_or(""),
+                ));
+            }
+            if letters.is_empty() && !out.json() {
+                out.line("no dead letters");
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

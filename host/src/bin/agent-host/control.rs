@@ -34,7 +34,8 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use terraphim_agent_supervisor::TreeHandle;
+use terraphim_agent_supervisor::text::fnv1a;
+use terraphim_agent_supervisor::{NodeKind, TreeHandle};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -159,16 +160,16 @@ pub enum Request {
     Call { agent: String, message: String },
     /// Answer the status of every node.
     Status,
-}
-
-/// 64-bit FNV-1a: small and stable across builds and Rust versions (the
-/// socket's name must be the same for every `agent-host` process).
-pub fn fnv1a(bytes: &[u8]) -> u64 {
-    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-    bytes
-        .iter()
-        .fold(OFFSET, |hash, &b| (hash ^ u64::from(b)).wrapping_mul(PRIME))
+    /// Answer the crash reports kept for `agent` (its restart-history
+    /// entries with a report).
+    Crashes { agent: String },
+    /// Answer the dead letters of `agent`, or of every agent.
+    DeadLetters { agent: Option<String> },
+    /// Take a dead letter out of quarantine, deliver it again, answer the
+    /// reply.
+    Replay { agent: String, hash: String },
+    /// Take a dead letter out of quarantine and drop it.
+    Discard { agent: String, hash: String },
 }
 
 /// The effective uid of this process: the user who owns its sockets.
@@ -634,20 +635,47 @@ async fn answer(request: Request, tree: &TreeHandle) -> serde_json::Value {
             Err(e) => json!({ "error": e.to_string(), "category": e.category() }),
         },
         Request::Status => json!({ "ok": tree.status() }),
+        Request::Crashes { agent } => match tree.crashes(&agent) {
+            Ok(entries) => json!({ "ok": entries }),
+            Err(e) => json!({ "error": e.to_string(), "category": "NotFound" }),
+        },
+        Request::DeadLetters { agent } => {
+            let agents = match agent {
+                Some(agent) => vec![agent],
+                None => tree
+                    .status()
+                    .into_iter()
+                    .filter(|n| n.kind == NodeKind::Agent)
+                    .map(|n| n.path)
+                    .collect(),
+            };
+            let mut letters = Vec::new();
+            for agent in agents {
+                match tree.dead_letters(&agent).await {
+                    Ok(found) => letters.extend(found.into_iter().map(|l| (agent.clone(), l))),
+                    Err(e) => return json!({ "error": e.to_string(), "category": e.category() }),
+                }
+            }
+            let letters: Vec<serde_json::Value> = letters
+                .into_iter()
+                .map(|(path, letter)| json!({ "path": path, "letter": letter }))
+                .collect();
+            json!({ "ok": letters })
+        }
+        Request::Replay { agent, hash } => match tree.replay_dead_letter(&agent, &hash).await {
+            Ok(reply) => json!({ "ok": reply }),
+            Err(e) => json!({ "error": e.to_string(), "category": e.category() }),
+        },
+        Request::Discard { agent, hash } => match tree.discard_dead_letter(&agent, &hash).await {
+            Ok(()) => json!({ "ok": null }),
+            Err(e) => json!({ "error": e.to_string(), "category": e.category() }),
+        },
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fnv1a_is_the_reference_function() {
-        // Test vectors of the FNV reference implementation.
-        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
-        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
-        assert_eq!(fnv1a(b"foobar"), 0x8594_4171_f739_67e8);
-    }
 
     #[test]
     fn the_message_limit_is_the_supervisors() {
@@ -801,7 +829,7 @@ mod tests {
         let server = tokio::spawn(serve_with(server, |request| async move {
             match request {
                 Request::Call { message, .. } => json!({ "ok": format!("echo: {message}") }),
-                Request::Status => json!({ "ok": [] }),
+                _ => json!({ "ok": [] }),
             }
         }));
         (client, server)

@@ -259,6 +259,13 @@ impl Printer {
                 self.flush(true);
                 self.print(&path, "circuit closed: the trial ran through its probation");
             }
+            EventKind::MessageQuarantined { hash, .. } => {
+                self.flush(true);
+                self.print(
+                    &path,
+                    &format!("message {hash} quarantined: it crashed the agent too often"),
+                );
+            }
             EventKind::Escalated => {
                 self.flush(true);
                 let text = if path.contains('/') {

@@ -86,6 +86,9 @@ enum Command {
     /// Show the status of every node of a running tree.
     #[command(long_about = client::STATUS_LONG_ABOUT)]
     Status(client::StatusArgs),
+    /// List, replay or discard the quarantined messages of a running tree.
+    #[command(name = "dead-letters", long_about = client::DEAD_LETTERS_LONG_ABOUT)]
+    DeadLetters(client::DeadLettersArgs),
     /// Check agent components and tree files.
     #[command(long_about = validate::LONG_ABOUT)]
     Validate(validate::ValidateArgs),
@@ -149,6 +152,7 @@ fn run_command(cli: Cli) -> ExitCode {
             Command::Run(args) => run::run(args).await,
             Command::Call(args) => client::call(args).await,
             Command::Status(args) => client::status(args).await,
+            Command::DeadLetters(args) => client::dead_letters(args).await,
             Command::Validate(args) => validate::run(&args),
         }
     });
