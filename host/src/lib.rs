@@ -18,6 +18,7 @@
 mod agent;
 pub mod dead_letters;
 mod error;
+pub mod private_dir;
 mod running;
 pub mod runtime;
 pub mod state;
@@ -42,7 +43,7 @@ pub use running::{
 pub use runtime::{
     AgentComponent, AgentFault, AgentInstance, AgentLimits, CallError, CrashReport, DroppedLogs,
     InstanceOptions, LoadError, MAX_GUEST_TEXT, MAX_REPORT_MESSAGE, Preopen, Runtime,
-    RuntimeConfig, WasiGrants,
+    RuntimeConfig, RuntimeError, WasiGrants,
 };
 pub use state::{
     MemoryStateStore, OpenStateError, RedbStateStore, StateError, StateQuota, StateStore,

@@ -9,6 +9,7 @@ use wasmtime::component::Component;
 use wasmtime::component::types::ComponentItem;
 
 use super::bindings::SupervisedAgentPre;
+use super::cache::{CompileCache, Lookup};
 use super::host::HostState;
 
 /// The fully qualified name of the interface every agent exports.
@@ -103,6 +104,7 @@ pub enum LoadError {
 #[derive(Clone)]
 pub struct AgentComponent {
     name: Arc<str>,
+    from_cache: bool,
     pub(crate) pre: SupervisedAgentPre<HostState>,
 }
 
@@ -110,6 +112,7 @@ impl std::fmt::Debug for AgentComponent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AgentComponent")
             .field("name", &self.name)
+            .field("from_cache", &self.from_cache)
             .finish_non_exhaustive()
     }
 }
@@ -118,6 +121,12 @@ impl AgentComponent {
     /// Where the component came from (a path or a given name).
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Whether its compiled code came from the runtime's compile cache
+    /// rather than from compiling it now.
+    pub fn from_cache(&self) -> bool {
+        self.from_cache
     }
 }
 
@@ -138,10 +147,12 @@ pub(crate) fn read_file(path: &Path) -> Result<Vec<u8>, LoadError> {
     })
 }
 
-/// Compile and link `bytes` (binary or WAT text) as an agent component.
+/// Compile (or find in `cache`) and link `bytes` (binary or WAT text) as an
+/// agent component.
 pub(crate) fn load(
     engine: &Engine,
     linker: &wasmtime::component::Linker<HostState>,
+    cache: Option<&CompileCache>,
     name: &str,
     bytes: &[u8],
 ) -> Result<AgentComponent, LoadError> {
@@ -175,17 +186,7 @@ pub(crate) fn load(
             });
         }
     }
-    let component = Component::new(engine, &binary).map_err(|e| {
-        let reason = format!("{e:#}");
-        let name = name.to_owned();
-        // The pooling allocator checks every component against its
-        // per-component limits when it is compiled; its messages all name it.
-        if reason.contains("pooling allocator") {
-            LoadError::ExceedsLimits { name, reason }
-        } else {
-            LoadError::Invalid { name, reason }
-        }
-    })?;
+    let (component, from_cache) = compile(engine, cache, name, &binary)?;
     check_world(engine, &component).map_err(|missing| LoadError::WrongWorld {
         name: name.to_owned(),
         missing,
@@ -203,8 +204,47 @@ pub(crate) fn load(
     })?;
     Ok(AgentComponent {
         name: name.into(),
+        from_cache,
         pre,
     })
+}
+
+/// The compiled `binary`: from `cache` if it holds a verified entry, else
+/// compiled now (and kept in `cache`); whether it came from the cache.
+fn compile(
+    engine: &Engine,
+    cache: Option<&CompileCache>,
+    name: &str,
+    binary: &[u8],
+) -> Result<(Component, bool), LoadError> {
+    let entry = cache.map(|cache| (cache, cache.entry(binary)));
+    if let Some((cache, path)) = &entry {
+        match cache.lookup(engine, path) {
+            Lookup::Hit(component) => return Ok((component, true)),
+            Lookup::Miss(None) => {}
+            Lookup::Miss(Some(why)) => tracing::warn!(
+                "compile cache: not using {} ({why}); compiling {name} again",
+                path.display()
+            ),
+        }
+    }
+    let component = Component::new(engine, binary).map_err(|e| {
+        let reason = format!("{e:#}");
+        let name = name.to_owned();
+        // The pooling allocator checks every component against its
+        // per-component limits when it is compiled; its messages all name it.
+        if reason.contains("pooling allocator") {
+            LoadError::ExceedsLimits { name, reason }
+        } else {
+            LoadError::Invalid { name, reason }
+        }
+    })?;
+    if let Some((cache, path)) = &entry
+        && let Err(why) = cache.store(&component, path)
+    {
+        tracing::warn!("compile cache: {why}; {name} is compiled again next time");
+    }
+    Ok((component, false))
 }
 
 /// Name what the component lacks of the `agent` interface, if anything.

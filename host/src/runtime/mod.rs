@@ -11,6 +11,7 @@
 //! - [`AgentFault`] says how an instance died.
 
 mod bindings;
+mod cache;
 mod component;
 mod crash;
 mod fault;
@@ -20,7 +21,7 @@ mod limits;
 mod stdio;
 mod wasi;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,6 +42,16 @@ use host::HostState;
 /// reason a start failed); longer text is cut and marked as cut.
 pub const MAX_GUEST_TEXT: usize = 4096;
 
+/// What one linear memory reserves of the address space by default on
+/// 64-bit hosts: 4 GiB, so that no access of a 32-bit memory needs a bounds
+/// check, and wasmtime's 32 MiB guard.
+const WIDE_MEMORY_SLOT: u64 = (4 << 30) + (32 << 20);
+/// The address space the pool's memories may reserve in wide slots: 16 TiB
+/// of the 128 TiB of a 64-bit Linux process (about 4,000 memories).
+const MEMORY_ADDRESS_BUDGET: u64 = 16 << 40;
+/// The guard after each memory in narrow slots.
+const NARROW_GUARD: u64 = 64 << 10;
+
 /// Engine-wide settings. Per-agent limits are in [`AgentLimits`].
 ///
 /// The pool of instance slots is sized so that `max_instances` agents fit
@@ -50,6 +61,15 @@ pub const MAX_GUEST_TEXT: usize = 4096;
 pub struct RuntimeConfig {
     /// How many agent instances may be alive at once (pooling allocator
     /// slots). Creating one more fails with [`AgentFault::InstantiateFailed`].
+    ///
+    /// The pool reserves address space for every slot up front (only what
+    /// agents touch becomes resident memory). While its memories fit in
+    /// 16 TiB in wide slots (4 GiB each: up to about 2,000 agents at the
+    /// default two memories per agent), compiled code needs no bounds
+    /// checks. Beyond that each memory reserves only
+    /// [`max_memory_bytes`](Self::max_memory_bytes) plus a 64 KiB guard,
+    /// and the compiled code checks bounds: 100,000 agents with 64 MiB
+    /// memories reserve about 13 TiB.
     pub max_instances: u32,
     /// The largest single linear memory any agent may have; agents' own
     /// [`AgentLimits::memory_bytes`] (a total over their memories) apply on
@@ -73,6 +93,12 @@ pub struct RuntimeConfig {
     /// Period of the epoch ticker: the resolution of call deadlines, and how
     /// often a busy agent yields to its neighbours.
     pub epoch_tick: Duration,
+    /// Where compiled components are kept, so that loading one again skips
+    /// compiling it (see [`RuntimeConfig::default_cache_dir`]); `None`: no
+    /// cache. The directory is created private to the user (mode 0700); an
+    /// entry is used only if it is verified to be one this host wrote for
+    /// this engine, and is compiled again otherwise.
+    pub compile_cache: Option<PathBuf>,
 }
 
 impl Default for RuntimeConfig {
@@ -88,11 +114,22 @@ impl Default for RuntimeConfig {
             max_core_instances_per_agent: 64,
             max_wasm_stack: 512 << 10,
             epoch_tick: Duration::from_millis(2),
+            compile_cache: None,
         }
     }
 }
 
 impl RuntimeConfig {
+    /// The usual place of the compile cache: `$XDG_CACHE_HOME/agent-host/compiled`,
+    /// else `$HOME/.cache/agent-host/compiled`; `None` if neither is set.
+    pub fn default_cache_dir() -> Option<PathBuf> {
+        let base = match std::env::var_os("XDG_CACHE_HOME") {
+            Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+            _ => PathBuf::from(std::env::var_os("HOME").filter(|h| !h.is_empty())?).join(".cache"),
+        };
+        Some(base.join("agent-host").join("compiled"))
+    }
+
     /// What the limiter of every store enforces besides the agent's limits.
     pub(crate) fn ceilings(&self) -> limits::Ceilings {
         limits::Ceilings {
@@ -107,6 +144,7 @@ impl RuntimeConfig {
 struct Inner {
     engine: Engine,
     linker: Linker<HostState>,
+    cache: Option<cache::CompileCache>,
     config: RuntimeConfig,
 }
 
@@ -141,6 +179,11 @@ impl Runtime {
     }
 
     /// A runtime with `config`.
+    ///
+    /// # Errors
+    ///
+    /// [`RuntimeError`] if wasmtime refuses the configuration, or the
+    /// compile cache's directory cannot be made private to this user.
     pub fn with_config(config: RuntimeConfig) -> Result<Self, RuntimeError> {
         let err = |e: wasmtime::Error| RuntimeError(format!("{e:#}"));
         let n = config.max_instances;
@@ -158,6 +201,16 @@ impl Runtime {
             .max_memory_size(config.max_memory_bytes)
             .table_elements(config.max_table_elements);
         let mut wasm = Config::new();
+        if u64::from(per(config.max_memories_per_agent)).saturating_mul(WIDE_MEMORY_SLOT)
+            > MEMORY_ADDRESS_BUDGET
+        {
+            // Too many memories for wide slots: each reserves what it may
+            // use, and the compiled code checks its bounds.
+            let reservation = (config.max_memory_bytes as u64).next_multiple_of(NARROW_GUARD);
+            wasm.memory_reservation(reservation)
+                .memory_guard_size(NARROW_GUARD)
+                .memory_reservation_for_growth(0);
+        }
         wasm.consume_fuel(true)
             .epoch_interruption(true)
             .max_wasm_stack(config.max_wasm_stack)
@@ -175,11 +228,18 @@ impl Runtime {
         )
         .map_err(err)?;
 
+        let cache = match &config.compile_cache {
+            Some(dir) => Some(
+                cache::CompileCache::open(dir, &engine).map_err(|e| RuntimeError(e.to_string()))?,
+            ),
+            None => None,
+        };
         spawn_ticker(&engine, config.epoch_tick);
         Ok(Self {
             inner: Arc::new(Inner {
                 engine,
                 linker,
+                cache,
                 config,
             }),
         })
@@ -196,7 +256,9 @@ impl Runtime {
     }
 
     /// Compile, type-check and link a component given as bytes (binary or
-    /// WAT text). `name` appears in errors.
+    /// WAT text). `name` appears in errors. With a
+    /// [compile cache](RuntimeConfig::compile_cache), a component compiled
+    /// before is loaded from it instead.
     ///
     /// # Errors
     ///
@@ -211,7 +273,14 @@ impl Runtime {
     /// assert!(matches!(err, LoadError::NotWasm { .. }));
     /// ```
     pub fn load_bytes(&self, name: &str, bytes: &[u8]) -> Result<AgentComponent, LoadError> {
-        component::load(&self.inner.engine, &self.inner.linker, name, bytes)
+        let inner = &*self.inner;
+        component::load(
+            &inner.engine,
+            &inner.linker,
+            inner.cache.as_ref(),
+            name,
+            bytes,
+        )
     }
 
     /// Compile, type-check and link the component in the file at `path`.

@@ -28,10 +28,21 @@ pub fn unique(name: &str) -> String {
     format!("agent-host-test-{}-{nanos}-{name}", std::process::id())
 }
 
+/// The compile cache of the commands the tests run (not the user's).
+pub fn test_cache_home() -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "agent-host-tests-cache-{}",
+        terraphim_agent_supervisor::private_dir::euid()
+    ))
+}
+
 /// `agent-host args`, run to the end, outside any directory of a test.
 pub fn agent_host(args: &[&str]) -> Output {
     let mut command = Command::new(env!("CARGO_BIN_EXE_agent-host"));
-    command.args(args).env_remove("RUST_LOG");
+    command
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env("XDG_CACHE_HOME", test_cache_home());
     output(&mut command, args, HANG_GUARD)
 }
 
@@ -69,14 +80,15 @@ impl TempDir {
         path.to_str().expect("temp path is UTF-8").to_owned()
     }
 
-    /// `agent-host args`, with this directory as `XDG_RUNTIME_DIR` and no
-    /// `RUST_LOG`.
+    /// `agent-host args`, with this directory as `XDG_RUNTIME_DIR`, the
+    /// tests' compile cache and no `RUST_LOG`.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_agent-host"));
         command
             .args(args)
             .env_remove("RUST_LOG")
-            .env("XDG_RUNTIME_DIR", &self.0);
+            .env("XDG_RUNTIME_DIR", &self.0)
+            .env("XDG_CACHE_HOME", test_cache_home());
         command
     }
 

@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Args;
-use terraphim_agent_supervisor::Runtime;
 
 use terraphim_agent_supervisor::{CircuitStatus, NodeKind, NodeStatus, RestartEntry};
 
+use crate::cache_arg::CacheArgs;
 use crate::control::{self, Failure, Request};
 use crate::events::status_text;
 use crate::output::{Out, stderr_line};
@@ -83,6 +83,9 @@ pub struct CallArgs {
     /// Only when no host runs the tree and `call` runs it for the call.
     #[arg(long, value_name = "PATH|memory", help = state_arg::HELP)]
     state: Option<StateArg>,
+    /// Only when no host runs the tree and `call` runs it for the call.
+    #[command(flatten)]
+    cache: CacheArgs,
 }
 
 #[derive(Debug, Args)]
@@ -174,7 +177,7 @@ async fn one_shot(args: &CallArgs) -> CliResult {
         return Ok(ExitCode::from(EXIT_FAILURE));
     };
     let (state, state_file) = state_arg::open(&args.tree, args.state.as_ref()).await?;
-    let mut tree = match problems::start(&file, &Runtime::new()?, state).await {
+    let mut tree = match problems::start(&file, &args.cache.runtime()?, state).await {
         Ok(tree) => tree,
         Err(NotStarted::Reported) => return Ok(ExitCode::from(EXIT_FAILURE)),
         Err(NotStarted::Failed(why)) => return Err(why.into()),

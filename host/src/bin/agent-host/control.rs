@@ -26,7 +26,7 @@
 use std::future::Future;
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +34,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use terraphim_agent_supervisor::private_dir;
 use terraphim_agent_supervisor::text::fnv1a;
 use terraphim_agent_supervisor::{NodeKind, TreeHandle};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -173,14 +174,11 @@ pub enum Request {
 }
 
 /// The effective uid of this process: the user who owns its sockets.
-pub fn euid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
-}
+pub use terraphim_agent_supervisor::private_dir::euid;
 
 /// The directory of the default sockets: `$XDG_RUNTIME_DIR/agent-host` if
 /// XDG_RUNTIME_DIR is set, else `<temp dir>/agent-host-<euid>`. `run`
-/// creates it private ([`private_dir`]).
+/// creates it private ([`private_socket_dir`]).
 pub fn default_dir() -> PathBuf {
     match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("agent-host"),
@@ -196,83 +194,16 @@ pub fn default_path(tree: &Path) -> io::Result<PathBuf> {
     Ok(default_dir().join(format!("{hash:016x}.sock")))
 }
 
-/// What the owner checks of [`private_dir`] look at, from
-/// `symlink_metadata` (links are not followed).
-#[derive(Debug, Clone, Copy)]
-struct DirFacts {
-    symlink: bool,
-    dir: bool,
-    owner: u32,
-    /// The permission bits.
-    mode: u32,
-}
-
-impl DirFacts {
-    fn of(meta: &std::fs::Metadata) -> Self {
-        Self {
-            symlink: meta.file_type().is_symlink(),
-            dir: meta.is_dir(),
-            owner: meta.uid(),
-            mode: meta.mode() & 0o7777,
-        }
-    }
-}
-
 /// The end of every complaint about the socket directory.
 const OTHER_DIR: &str =
     "or set XDG_RUNTIME_DIR to a directory only you can write, or give --socket PATH";
 
-/// Whether `dir`, described by `facts`, is a private directory of the user
-/// `euid`: a directory (not a symbolic link), owned by `euid`, with no
-/// permission for group or others. Root is no exception.
-fn check_private_dir(dir: &Path, facts: DirFacts, euid: u32) -> Result<(), String> {
-    let dir = dir.display();
-    let mode = facts.mode;
-    if facts.symlink {
-        return Err(format!(
-            "{dir} (the directory of the control sockets) is a symbolic link, not a directory of your own; remove it (`rm {dir}`), {OTHER_DIR}"
-        ));
-    }
-    if !facts.dir {
-        return Err(format!(
-            "{dir} (the directory of the control sockets) is not a directory; remove it, {OTHER_DIR}"
-        ));
-    }
-    if facts.owner != euid {
-        return Err(format!(
-            "{dir} (the directory of the control sockets) is owned by uid {} (mode {mode:04o}), not by you (uid {euid}): its owner could read or replace the sockets in it; remove it if you know it is stale, {OTHER_DIR}",
-            facts.owner
-        ));
-    }
-    if mode & 0o077 != 0 {
-        return Err(format!(
-            "{dir} (the directory of the control sockets) has mode {mode:04o}: other users could reach the sockets in it; make it private with `chmod 700 {dir}`, {OTHER_DIR}"
-        ));
-    }
-    Ok(())
-}
-
 /// Create `dir` (mode 0700) unless it exists, and make sure it is private
-/// to this user ([`check_private_dir`]): another user must not be able to
-/// bind our socket's name first, nor reach our socket.
-fn private_dir(dir: &Path) -> Result<(), String> {
-    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => {
-            return Err(format!(
-                "cannot create {} (the directory of the control sockets): {e}; create it yourself (mode 0700), {OTHER_DIR}",
-                dir.display()
-            ));
-        }
-    }
-    let meta = std::fs::symlink_metadata(dir).map_err(|e| {
-        format!(
-            "cannot inspect {}: {e}; remove it, {OTHER_DIR}",
-            dir.display()
-        )
-    })?;
-    check_private_dir(dir, DirFacts::of(&meta), euid())
+/// to this user: another user must not be able to bind our socket's name
+/// first, nor reach our socket.
+fn private_socket_dir(dir: &Path) -> Result<(), String> {
+    private_dir::ensure(dir, "the directory of the control sockets", OTHER_DIR)
+        .map_err(|e| e.to_string())
 }
 
 /// Bind `path` under the umask 0o177, so that the socket file is 0600 from
@@ -515,10 +446,10 @@ impl Drop for Listener {
 /// Listen on `path`: refuse if a host already listens there, remove a
 /// stale socket file left by one that died. With `in_default_dir`, the
 /// socket's directory is created private first, or refused if it is not
-/// ([`private_dir`]).
+/// ([`private_socket_dir`]).
 pub async fn listen(path: &Path, in_default_dir: bool) -> Result<Listener, String> {
     if in_default_dir && let Some(dir) = path.parent() {
-        private_dir(dir)?;
+        private_socket_dir(dir)?;
     }
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
@@ -885,53 +816,6 @@ mod tests {
                 why.contains(&format!("runs as uid {ours}"))
                     && why.contains(&format!("uid {server}")),
                 "{why}"
-            );
-        }
-    }
-
-    #[test]
-    fn only_a_private_directory_of_ours_is_accepted() {
-        let dir = Path::new("/tmp/agent-host-1000");
-        let ours = DirFacts {
-            symlink: false,
-            dir: true,
-            owner: 1000,
-            mode: 0o700,
-        };
-        assert_eq!(check_private_dir(dir, ours, 1000), Ok(()));
-        let refused = |facts: DirFacts, euid: u32, needles: &[&str]| {
-            let Err(why) = check_private_dir(dir, facts, euid) else {
-                panic!("{facts:?} for uid {euid} was accepted");
-            };
-            assert!(why.starts_with("/tmp/agent-host-1000 "), "{why}");
-            assert!(why.contains("--socket PATH"), "{why}");
-            for needle in needles {
-                assert!(why.contains(needle), "no {needle:?} in: {why}");
-            }
-        };
-        let symlink = DirFacts {
-            symlink: true,
-            dir: false,
-            ..ours
-        };
-        refused(symlink, 1000, &["symbolic link"]);
-        refused(DirFacts { dir: false, ..ours }, 1000, &["not a directory"]);
-        let theirs = DirFacts {
-            owner: 65534,
-            ..ours
-        };
-        refused(
-            theirs,
-            1000,
-            &["owned by uid 65534", "(mode 0700)", "uid 1000"],
-        );
-        // Root is no exception: a directory of another user is refused.
-        refused(theirs, 0, &["owned by uid 65534", "not by you (uid 0)"]);
-        for mode in [0o777, 0o1777, 0o750, 0o701, 0o710, 0o702] {
-            refused(
-                DirFacts { mode, ..ours },
-                1000,
-                &[&format!("mode {mode:04o}"), "chmod 700"],
             );
         }
     }

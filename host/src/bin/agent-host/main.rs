@@ -8,8 +8,11 @@
 //! - `call`, `status`: reach a running tree through its control socket.
 //! - `validate`: does a `.wasm` file implement the agent world? Is a tree
 //!   file right?
+//! - `compile`: fill the compile cache ahead of time.
 
+mod cache_arg;
 mod client;
+mod compile;
 mod control;
 mod demo;
 mod events;
@@ -92,6 +95,9 @@ enum Command {
     /// Check agent components and tree files.
     #[command(long_about = validate::LONG_ABOUT)]
     Validate(validate::ValidateArgs),
+    /// Compile agent components ahead of time into the compile cache.
+    #[command(long_about = compile::LONG_ABOUT)]
+    Compile(compile::CompileArgs),
 }
 
 /// Logs go to stderr through the non-blocking, lossy queue of
@@ -154,6 +160,7 @@ fn run_command(cli: Cli) -> ExitCode {
             Command::Status(args) => client::status(args).await,
             Command::DeadLetters(args) => client::dead_letters(args).await,
             Command::Validate(args) => validate::run(&args),
+            Command::Compile(args) => compile::run(&args),
         }
     });
     // No task writes output after this (bounded: a task stuck in a guest

@@ -8,11 +8,12 @@ use std::sync::Arc;
 
 use clap::Args;
 use serde::Serialize;
-use terraphim_agent_supervisor::{EventKind, NodeKind, RunningTree, Runtime, SupervisorStatus};
+use terraphim_agent_supervisor::{EventKind, NodeKind, RunningTree, SupervisorStatus};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::oneshot;
 
+use crate::cache_arg::CacheArgs;
 use crate::events::{Printer, Shared};
 use crate::output::{Out, stderr_line};
 use crate::problems;
@@ -76,6 +77,8 @@ pub struct RunArgs {
     socket: Option<PathBuf>,
     #[arg(long, value_name = "PATH|memory", help = state_arg::HELP)]
     state: Option<StateArg>,
+    #[command(flatten)]
+    cache: CacheArgs,
 }
 
 #[derive(Serialize)]
@@ -108,7 +111,7 @@ pub async fn run(args: RunArgs) -> CliResult {
         Err(_) => return Ok(ExitCode::from(EXIT_FAILURE)),
     };
     let socket = control::socket_for(&args.tree, args.socket.as_deref())?;
-    let runtime = Runtime::new()?;
+    let runtime = args.cache.runtime()?;
     // The socket first: a second host of the tree is refused by it before
     // it reaches the state file's lock.
     let mut listener = control::listen(&socket, args.socket.is_none()).await?;

@@ -8,6 +8,7 @@ use clap::Args;
 use terraphim_agent_supervisor::tree::{TreeFile, TreeNode, TreeSupervisor};
 use terraphim_agent_supervisor::{LoadError, Runtime};
 
+use crate::cache_arg::CacheArgs;
 use crate::problems::report;
 use crate::{CliResult, EXIT_FAILURE};
 
@@ -40,16 +41,18 @@ pub struct ValidateArgs {
     /// Agent components (`.wasm` binaries or `.wat` text) and tree files (`.toml`) to check.
     #[arg(required = true, value_name = "PATH")]
     paths: Vec<PathBuf>,
+    #[command(flatten)]
+    cache: CacheArgs,
 }
 
 /// Is `path` a tree file (`.toml`)?
-fn is_tree_file(path: &Path) -> bool {
+pub fn is_tree_file(path: &Path) -> bool {
     path.extension()
         .is_some_and(|ext| ext.eq_ignore_ascii_case("toml"))
 }
 
 /// The reason `path` failed to load, on one line, starting with the path.
-fn describe(path: &Path, error: &LoadError) -> String {
+pub fn describe(path: &Path, error: &LoadError) -> String {
     match error {
         // The other variants' messages already start with the path.
         LoadError::Io { source, .. } => {
@@ -108,7 +111,7 @@ fn count(s: &TreeSupervisor) -> (usize, usize) {
 }
 
 pub fn run(args: &ValidateArgs) -> CliResult {
-    let runtime = Runtime::new()?;
+    let runtime = args.cache.runtime()?;
     let mut failed = 0usize;
     for path in &args.paths {
         if is_tree_file(path) {
