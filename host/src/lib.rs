@@ -16,6 +16,8 @@
 #![deny(missing_docs)]
 
 mod agent;
+#[cfg(feature = "bundled-examples")]
+pub mod bench;
 pub mod dead_letters;
 mod error;
 pub mod private_dir;

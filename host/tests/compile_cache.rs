@@ -33,7 +33,11 @@ fn entry(dir: &Path) -> PathBuf {
 }
 
 fn mode(path: &Path) -> u32 {
-    std::fs::metadata(path).expect("exists").permissions().mode() & 0o777
+    std::fs::metadata(path)
+        .expect("exists")
+        .permissions()
+        .mode()
+        & 0o777
 }
 
 /// Load echo twice more: the first of them compiles (the entry was not
@@ -58,7 +62,9 @@ async fn a_component_compiled_once_is_loaded_from_the_cache_and_works() {
 
     // Another runtime of the same configuration: a new process, in effect.
     let other = cached_runtime(&dir);
-    let second = other.load_bytes("echo", ECHO).expect("loads from the cache");
+    let second = other
+        .load_bytes("echo", ECHO)
+        .expect("loads from the cache");
     assert!(second.from_cache());
     let mut agent = AgentInstance::instantiate(
         &other,
@@ -144,12 +150,7 @@ fn another_engine_configuration_does_not_share_entries() {
     .expect("narrow runtime");
     let loaded = narrow.load_bytes("echo", ECHO).expect("compiles");
     assert!(!loaded.from_cache(), "an entry of another engine was used");
-    assert!(
-        narrow
-            .load_bytes("echo", ECHO)
-            .expect("loads")
-            .from_cache()
-    );
+    assert!(narrow.load_bytes("echo", ECHO).expect("loads").from_cache());
     assert_eq!(std::fs::read_dir(&dir).expect("dir").count(), 2);
 }
 
@@ -204,7 +205,11 @@ fn agent_host_compile_fills_the_cache_that_validate_then_uses() {
         text(&out.stderr)
     );
     let out = tmp.agent_host(&["compile", echo, "--no-cache", "--cache-dir", cache]);
-    assert_eq!(out.status.code(), Some(2), "conflicting options are a usage error");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "conflicting options are a usage error"
+    );
 
     let out = tmp.agent_host(&["compile", "missing.wasm", "--cache-dir", cache]);
     assert_eq!(out.status.code(), Some(1));

@@ -23,7 +23,7 @@
 //!   restarted only after its previous incarnation (and its whole subtree)
 //!   has ended: never are two incarnations of one child alive.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -183,6 +183,8 @@ pub(crate) struct Actor {
     shared: Arc<Shared>,
     factory: Arc<dyn AgentFactory>,
     children: Vec<Child>,
+    /// Each child's index in `children` (kept in step with it).
+    positions: HashMap<AgentPid, usize>,
     window: RestartWindow,
     /// What the restart history weighs (see [`entry_weight`]).
     history_bytes: usize,
@@ -248,6 +250,7 @@ pub(crate) fn new_supervisor(
         shared,
         factory,
         children: Vec::new(),
+        positions: HashMap::new(),
         window,
         history_bytes: 0,
         exits_tx,
@@ -423,12 +426,27 @@ impl Actor {
         self.shared.view.send_modify(|view| view.status = status);
     }
 
-    /// Republish every child (after one was added or removed).
-    fn publish_children(&self) {
-        let children = self.children.iter().map(Child::view).collect();
+    /// Republish every child and reindex them (after one was removed).
+    fn publish_children(&mut self) {
+        self.positions = self
+            .children
+            .iter()
+            .enumerate()
+            .map(|(idx, child)| (child.id().clone(), idx))
+            .collect();
+        let children: Vec<_> = self.children.iter().map(Child::view).collect();
         self.shared
             .view
-            .send_modify(|view| view.children = children);
+            .send_modify(|view| view.set_children(children));
+    }
+
+    /// Index and publish the child just pushed.
+    fn publish_pushed(&mut self) {
+        let idx = self.children.len() - 1;
+        let child = &self.children[idx];
+        self.positions.insert(child.id().clone(), idx);
+        let view = child.view();
+        self.shared.view.send_modify(|v| v.push_child(view));
     }
 
     /// Change the child at `idx` and republish it.
@@ -511,7 +529,7 @@ impl Actor {
     // --- children -------------------------------------------------------
 
     fn index(&self, pid: &AgentPid) -> Option<usize> {
-        self.children.iter().position(|c| c.id() == pid)
+        self.positions.get(pid).copied()
     }
 
     fn known(&self, pid: &AgentPid) -> SupervisionResult<usize> {
@@ -598,7 +616,7 @@ impl Actor {
                 Err(e) => tracing::warn!("{}: dead letters unreadable: {e}", self.shared.path),
             }
         }
-        self.publish_children();
+        self.publish_pushed();
         match self.start_child(idx).await {
             Ok(()) => {
                 let name = self.children[idx].info.name.clone();

@@ -6,7 +6,7 @@
 //! asking the task and without waiting for it. The snapshot is derived from
 //! the task's own list of children; nothing else holds a child's state.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use tokio::sync::{broadcast, mpsc, watch};
@@ -46,13 +46,32 @@ pub(crate) struct View {
     pub status: SupervisorStatus,
     /// In start order.
     pub children: Vec<Arc<ChildView>>,
+    /// Each child's index in `children`.
+    index: HashMap<AgentPid, usize>,
     /// Oldest first.
     pub history: Arc<VecDeque<RestartEntry>>,
 }
 
 impl View {
     pub fn child(&self, pid: &AgentPid) -> Option<&Arc<ChildView>> {
-        self.children.iter().find(|c| c.info.pid == *pid)
+        self.children.get(*self.index.get(pid)?)
+    }
+
+    /// Replace every child.
+    pub fn set_children(&mut self, children: Vec<Arc<ChildView>>) {
+        self.index = children
+            .iter()
+            .enumerate()
+            .map(|(idx, c)| (c.info.pid.clone(), idx))
+            .collect();
+        self.children = children;
+    }
+
+    /// Add a child at the end.
+    pub fn push_child(&mut self, child: Arc<ChildView>) {
+        self.index
+            .insert(child.info.pid.clone(), self.children.len());
+        self.children.push(child);
     }
 }
 
@@ -81,6 +100,7 @@ impl Shared {
         let view = View {
             status: SupervisorStatus::Starting,
             children: Vec::new(),
+            index: HashMap::new(),
             history: Arc::default(),
         };
         Self {

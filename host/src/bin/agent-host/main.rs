@@ -9,7 +9,9 @@
 //! - `validate`: does a `.wasm` file implement the agent world? Is a tree
 //!   file right?
 //! - `compile`: fill the compile cache ahead of time.
+//! - `bench`: measure the host's performance figures.
 
+mod bench;
 mod cache_arg;
 mod client;
 mod compile;
@@ -98,6 +100,9 @@ enum Command {
     /// Compile agent components ahead of time into the compile cache.
     #[command(long_about = compile::LONG_ABOUT)]
     Compile(compile::CompileArgs),
+    /// Measure restart latency, spawn rate, memory per agent, call throughput and cold start.
+    #[command(long_about = bench::LONG_ABOUT)]
+    Bench(bench::BenchArgs),
 }
 
 /// Logs go to stderr through the non-blocking, lossy queue of
@@ -161,6 +166,7 @@ fn run_command(cli: Cli) -> ExitCode {
             Command::DeadLetters(args) => client::dead_letters(args).await,
             Command::Validate(args) => validate::run(&args),
             Command::Compile(args) => compile::run(&args),
+            Command::Bench(args) => bench::run(args).await,
         }
     });
     // No task writes output after this (bounded: a task stuck in a guest
