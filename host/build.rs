@@ -23,6 +23,9 @@ const GUESTS: &[&str] = &[
     "sandbox_probe_agent",
     "hostile_agent",
     "moody_agent",
+    "caller_agent",
+    "llm_agent",
+    "legacy_agent",
 ];
 
 /// Variables that would leak the outer build's settings into the nested one.

@@ -21,8 +21,8 @@
 // here) is `err(value)`, as is an object's `payload` property; a thrown
 // `Error` is not caught: the component traps. Imports returning a `result`
 // throw on `err` (`put` when the state quota is exhausted).
-import { log } from 'terraphim:agent/log@0.1.0';
-import { get, put } from 'terraphim:agent/state@0.1.0';
+import { log } from 'terraphim:agent/log@0.1.1';
+import { get, put } from 'terraphim:agent/state@0.1.1';
 
 const KEY = 'count';
 

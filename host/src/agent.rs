@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::runtime::{AgentLimits, CrashReport, WasiGrants};
+use crate::runtime::{AgentLimits, CallPattern, CrashReport, HttpGrants, WasiGrants};
 use crate::supervisor::{
     Backoff, BreakerPolicy, CircuitStatus, HealthPolicy, HealthStatus, RestartType,
 };
@@ -78,6 +78,18 @@ pub trait SupervisedAgent: Send {
     fn crash_report(&self) -> Option<CrashReport> {
         None
     }
+
+    /// The message of the agent's next timer, once it is due (a message
+    /// the agent sends itself later; see the WIT `timers` interface). Its
+    /// worker delivers it through [`handle_message`](Self::handle_message)
+    /// like any other message, and drops the reply. The default has no
+    /// timers: it never returns.
+    ///
+    /// Must be cancel-safe: the worker drops it whenever a request comes
+    /// first, and no timer may be lost then.
+    async fn next_timer(&mut self) -> String {
+        std::future::pending().await
+    }
 }
 
 /// How a child is stopped (OTP's `shutdown`).
@@ -120,6 +132,13 @@ pub struct AgentSpec {
     /// WASI capabilities of a WASM agent (ignored by native agents).
     #[serde(default)]
     pub wasi: WasiGrants,
+    /// Outbound HTTP a WASM agent may make (none by default).
+    #[serde(default)]
+    pub http: HttpGrants,
+    /// The agents a WASM agent may call and cast to, by path pattern (none
+    /// by default). See [`CallPattern`].
+    #[serde(default)]
+    pub calls: Vec<CallPattern>,
     /// How its health is checked; `None`: as its supervisor's
     /// configuration says.
     #[serde(default)]
@@ -157,6 +176,8 @@ impl AgentSpec {
             shutdown: ShutdownPolicy::default(),
             limits: None,
             wasi: WasiGrants::default(),
+            http: HttpGrants::default(),
+            calls: Vec::new(),
             health: None,
             backoff: Backoff::Immediate,
             breaker: None,
@@ -222,6 +243,18 @@ impl AgentSpec {
     /// Set the WASI grants (WASM agents).
     pub fn with_wasi(mut self, wasi: WasiGrants) -> Self {
         self.wasi = wasi;
+        self
+    }
+
+    /// Set the outbound HTTP grants (WASM agents).
+    pub fn with_http(mut self, http: HttpGrants) -> Self {
+        self.http = http;
+        self
+    }
+
+    /// Set the paths the agent may call and cast to (WASM agents).
+    pub fn with_calls(mut self, calls: Vec<CallPattern>) -> Self {
+        self.calls = calls;
         self
     }
 }
@@ -334,6 +367,17 @@ pub trait AgentFactory: Send + Sync {
     /// restarts, nor when a tree stops. The default keeps nothing.
     fn release_agent(&self, spec: &AgentSpec) {
         let _ = spec;
+    }
+
+    /// A tree whose agents this factory creates is starting: `tree` is its
+    /// handle, valid from now on (its children start after this returns).
+    /// A factory whose agents call other agents keeps it (see
+    /// [`CallHub`](crate::CallHub)). Called by [`AgentSupervisor::start`](crate::AgentSupervisor::start)
+    /// for the root's factory and every nested supervisor's among the
+    /// initial children, and by [`TreeHandle::add_child`](crate::TreeHandle::add_child)
+    /// for the supervisors it adds. The default keeps nothing.
+    fn attach_tree(&self, tree: &crate::TreeHandle) {
+        let _ = tree;
     }
 }
 

@@ -282,6 +282,7 @@ fn options(state: &Arc<MemoryStateStore>) -> InstanceOptions {
         limits: AgentLimits::default(),
         grants: WasiGrants::default(),
         state: state.clone(),
+        ..InstanceOptions::default()
     }
 }
 

@@ -44,9 +44,23 @@ pub const HOSTILE: &[u8] =
 /// break itself (`break`) so that it cannot start while its state says so.
 pub const MOODY: &[u8] = include_bytes!(concat!(env!("TERRAPHIM_GUEST_DIR"), "/moody_agent.wasm"));
 
+/// The caller agent: calls and casts to other agents, sets and cancels
+/// timers, fetches URLs over `wasi:http`, on command.
+pub const CALLER: &[u8] =
+    include_bytes!(concat!(env!("TERRAPHIM_GUEST_DIR"), "/caller_agent.wasm"));
+
+/// The LLM agent: answers through an OpenAI-compatible chat-completions
+/// endpoint (its config), delegating sub-questions to other agents.
+pub const LLM: &[u8] = include_bytes!(concat!(env!("TERRAPHIM_GUEST_DIR"), "/llm_agent.wasm"));
+
+/// The legacy agent: built against `terraphim:agent@0.1.0`, the previous
+/// WIT version, which this host still loads.
+pub const LEGACY: &[u8] =
+    include_bytes!(concat!(env!("TERRAPHIM_GUEST_DIR"), "/legacy_agent.wasm"));
+
 /// All examples by agent-type name ("echo", "crasher", "fuel-burner",
 /// "memory-hog", "sleeper", "failing-init", "exit", "sandbox-probe",
-/// "hostile", "moody").
+/// "hostile", "moody", "caller", "llm", "legacy").
 pub const ALL: &[(&str, &[u8])] = &[
     ("echo", ECHO),
     ("crasher", CRASHER),
@@ -58,4 +72,7 @@ pub const ALL: &[(&str, &[u8])] = &[
     ("sandbox-probe", SANDBOX_PROBE),
     ("hostile", HOSTILE),
     ("moody", MOODY),
+    ("caller", CALLER),
+    ("llm", LLM),
+    ("legacy", LEGACY),
 ];

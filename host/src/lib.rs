@@ -12,6 +12,10 @@
 //! - [`AgentFactory`] / [`SupervisedAgent`]: how agents are made and driven;
 //!   [`WasmAgentFactory`] makes WASM agents, [`TestAgentFactory`] native
 //!   test agents.
+//! - What WASM agents may do besides answering, each deny-by-default and
+//!   granted in their [`AgentSpec`]: outbound HTTP ([`HttpGrants`]), calls
+//!   and casts to other agents of their tree ([`CallPattern`]), and timers
+//!   ([`AgentLimits::max_timers`]).
 
 #![deny(missing_docs)]
 
@@ -43,9 +47,9 @@ pub use running::{
     Node, NodeError, NodeKind, NodeStatus, ResolveError, RunningTree, TreeCallError, TreeHandle,
 };
 pub use runtime::{
-    AgentComponent, AgentFault, AgentInstance, AgentLimits, CallError, CrashReport, DroppedLogs,
-    InstanceOptions, LoadError, MAX_GUEST_TEXT, MAX_REPORT_MESSAGE, Preopen, Runtime,
-    RuntimeConfig, RuntimeError, WasiGrants,
+    AgentComponent, AgentFault, AgentInstance, AgentLimits, CallAccess, CallError, CallHub,
+    CallPattern, CrashReport, DroppedLogs, HostPattern, HttpGrants, InstanceOptions, LoadError,
+    MAX_GUEST_TEXT, MAX_REPORT_MESSAGE, Preopen, Runtime, RuntimeConfig, RuntimeError, WasiGrants,
 };
 pub use state::{
     MemoryStateStore, OpenStateError, RedbStateStore, StateError, StateQuota, StateStore,

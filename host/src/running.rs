@@ -8,6 +8,8 @@
 //! name). Nothing here keeps a copy of the tree: every call reads the
 //! supervisors' published snapshots, so it always sees the tree as it is.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -20,7 +22,7 @@ use crate::supervisor::{
     SupervisorStatus,
 };
 use crate::{
-    AgentFault, AgentPid, AgentStatus, AgentSupervisor, ErrorCategory, ExitReason,
+    AgentFactory, AgentFault, AgentPid, AgentStatus, AgentSupervisor, ErrorCategory, ExitReason,
     SupervisionError, SupervisionResult,
 };
 
@@ -430,6 +432,16 @@ pub struct TreeHandle {
 }
 
 impl TreeHandle {
+    /// The handle of the tree under `root`.
+    pub(crate) fn new(root: SupervisorHandle) -> Self {
+        Self { root }
+    }
+
+    /// Who waits for whom among the tree's agents.
+    pub(crate) fn waits(&self) -> &WaitGraph {
+        &self.root.shared.waits
+    }
+
     /// The root supervisor's handle.
     pub fn root(&self) -> &SupervisorHandle {
         &self.root
@@ -565,9 +577,19 @@ impl TreeHandle {
                 agents,
             });
         }
+        self.call_node(&node, message).await
+    }
+
+    /// Send `message` to the agent `node` (resolved, an agent) and return
+    /// its reply.
+    pub(crate) async fn call_node(
+        &self,
+        node: &Node,
+        message: String,
+    ) -> Result<String, TreeCallError> {
         match node.parent.call(&node.id, message).await {
             Ok(reply) => Ok(reply),
-            Err(e) => Err(TreeCallError::from_supervision(node, e)),
+            Err(e) => Err(TreeCallError::from_supervision(node.clone(), e)),
         }
     }
 
@@ -630,6 +652,34 @@ impl TreeHandle {
     pub async fn discard_dead_letter(&self, target: &str, hash: &str) -> Result<(), NodeError> {
         let node = self.resolve(target)?;
         refused(&node, node.parent.discard_dead_letter(&node.id, hash).await)
+    }
+
+    /// Queue `message` for the agent at `target` (a path or a unique name)
+    /// without waiting for it to be handled; its reply is dropped (OTP's
+    /// `cast`). Never waits: a full mailbox is an error.
+    ///
+    /// # Errors
+    ///
+    /// [`TreeCallError`]: no such agent, a supervisor rather than an agent,
+    /// not running now or its mailbox full (`NotRunning`), or a message
+    /// over the size limit.
+    pub fn cast(&self, target: &str, message: String) -> Result<(), TreeCallError> {
+        let node = self.resolve(target)?;
+        if node.kind == NodeKind::Supervisor {
+            let agents = self.agent_paths(&format!("{}/", node.path));
+            return Err(TreeCallError::NotAnAgent {
+                path: node.path,
+                agents,
+            });
+        }
+        self.cast_node(&node, message)
+    }
+
+    /// Queue `message` for the agent `node` (resolved, an agent).
+    pub(crate) fn cast_node(&self, node: &Node, message: String) -> Result<(), TreeCallError> {
+        node.parent
+            .cast(&node.id, message)
+            .map_err(|e| TreeCallError::from_supervision(node.clone(), e))
     }
 
     /// Report that the node at `target` exited with `reason` (OTP's
@@ -707,6 +757,9 @@ impl TreeHandle {
                 .map_err(|_| ResolveError::SupervisorDown { path: node.path })?
         };
         let child = child.into();
+        if let ChildSpec::Supervisor(spec) = &child {
+            attach_factories(self, &spec.factory, &spec.children);
+        }
         let name = child
             .name()
             .map_or_else(|| child.id().to_string(), str::to_owned);
@@ -714,6 +767,78 @@ impl TreeHandle {
         match supervisor.add_child(child).await {
             Ok(_) => Ok(path),
             Err(source) => Err(NodeError::Refused { path, source }),
+        }
+    }
+}
+
+/// The wait-for graph of the calls in flight between the agents of one tree:
+/// an edge from each caller to the agent it waits for. Each agent waits for
+/// at most one other (its guest is single-threaded), so the graph is a set
+/// of chains; a call that would close one into a cycle is refused.
+#[derive(Debug, Default)]
+pub(crate) struct WaitGraph {
+    edges: Arc<Mutex<HashMap<AgentPid, AgentPid>>>,
+}
+
+/// An edge of a [`WaitGraph`], removed when dropped (when the caller stops
+/// waiting: reply, timeout, or its death).
+pub(crate) struct WaitGuard {
+    edges: Arc<Mutex<HashMap<AgentPid, AgentPid>>>,
+    caller: AgentPid,
+    callee: AgentPid,
+}
+
+impl WaitGraph {
+    /// Record that `caller` waits for `callee`, unless `callee` waits
+    /// (directly or through others) for `caller`, or is `caller`: then the
+    /// chain of waits from `callee` back to `caller`.
+    pub fn wait(&self, caller: &AgentPid, callee: &AgentPid) -> Result<WaitGuard, Vec<AgentPid>> {
+        let mut edges = self.edges.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut chain = vec![callee.clone()];
+        let mut at = callee;
+        // The walk follows a chain; it is bounded by the number of edges
+        // even if the graph were wrong.
+        for _ in 0..=edges.len() {
+            if at == caller {
+                return Err(chain);
+            }
+            match edges.get(at) {
+                Some(next) => {
+                    chain.push(next.clone());
+                    at = next;
+                }
+                None => break,
+            }
+        }
+        edges.insert(caller.clone(), callee.clone());
+        Ok(WaitGuard {
+            edges: self.edges.clone(),
+            caller: caller.clone(),
+            callee: callee.clone(),
+        })
+    }
+}
+
+impl Drop for WaitGuard {
+    fn drop(&mut self) {
+        let mut edges = self.edges.lock().unwrap_or_else(PoisonError::into_inner);
+        if edges.get(&self.caller) == Some(&self.callee) {
+            edges.remove(&self.caller);
+        }
+    }
+}
+
+/// Tell `factory` and the factories of the supervisors among `children`
+/// (at any depth) that their agents run in `tree`.
+pub(crate) fn attach_factories(
+    tree: &TreeHandle,
+    factory: &Arc<dyn AgentFactory>,
+    children: &[ChildSpec],
+) {
+    factory.attach_tree(tree);
+    for child in children {
+        if let ChildSpec::Supervisor(spec) = child {
+            attach_factories(tree, &spec.factory, &spec.children);
         }
     }
 }
@@ -753,5 +878,27 @@ fn collect(supervisor: &SupervisorHandle, rows: &mut Vec<NodeStatus>) {
         if let Some(nested) = nested {
             collect(&nested, rows);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cycle_in_the_wait_for_graph_is_refused_and_edges_go_when_dropped() {
+        let graph = WaitGraph::default();
+        let (a, b, c) = (AgentPid::new(), AgentPid::new(), AgentPid::new());
+        let a_waits = graph.wait(&a, &b).expect("a may wait for b");
+        let b_waits = graph.wait(&b, &c).expect("b may wait for c");
+        assert_eq!(
+            graph.wait(&c, &a).err(),
+            Some(vec![a.clone(), b.clone(), c.clone()])
+        );
+        assert!(graph.wait(&a, &a).is_err(), "a call to oneself");
+        drop(b_waits);
+        let c_waits = graph.wait(&c, &a).expect("b no longer waits: no cycle");
+        drop((a_waits, c_waits));
+        assert!(graph.edges.lock().unwrap().is_empty());
     }
 }

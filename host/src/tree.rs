@@ -18,8 +18,10 @@
 //! restart = "permanent"        # transient, temporary
 //! shutdown = "5s"              # "brutal_kill", "infinity", "250ms"
 //! config = { greeting = "hi" } # JSON handed to init
-//! limits = { memory_bytes = 16_777_216 }
-//! wasi = { env = { LANG = "C" }, inherit_stderr = true }
+//! limits = { memory_bytes = 16_777_216, max_timers = 8 }
+//! wasi = { env = { LANG = "C" }, inherit_stderr = true, inherit_env = ["OPENAI_API_KEY"] }
+//! http = { allowed_hosts = ["https://api.openai.com"], max_concurrent = 4 }
+//! calls = ["helper", "root/tools/*"]   # paths it may call; relative to its supervisor
 //!
 //! [[supervisor.children]]      # a nested supervisor: it has `children`
 //! name = "pipeline"
@@ -42,7 +44,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::runtime::{AgentComponent, AgentLimits, Preopen, Runtime, WasiGrants};
+use crate::runtime::{
+    AgentComponent, AgentLimits, CallPattern, HostPattern, HttpGrants, MAX_ALLOWED_HOSTS,
+    MAX_CALL_PATTERNS, MAX_HTTP_CONCURRENT, MAX_HTTP_RESPONSE_BYTES, MAX_TIMERS_LIMIT, Preopen,
+    Runtime, WasiGrants,
+};
 use crate::state::{MemoryStateStore, StateStore};
 use crate::supervisor::{
     AgentSupervisor, Backoff, BreakerPolicy, ChildSpec, HealthPolicy, RestartIntensity,
@@ -191,6 +197,8 @@ struct RawNode {
     config: Option<toml::Value>,
     limits: Option<RawLimits>,
     wasi: Option<RawWasi>,
+    http: Option<RawHttp>,
+    calls: Option<Vec<String>>,
     // supervisor fields
     strategy: Option<RawStrategy>,
     max_restarts: Option<i64>,
@@ -222,6 +230,16 @@ struct RawLimits {
     log_records_per_second: Option<i64>,
     log_bytes_per_second: Option<i64>,
     deadline_ms: Option<i64>,
+    max_timers: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    #[serde(default)]
+    allowed_hosts: Vec<String>,
+    max_concurrent: Option<i64>,
+    max_response_bytes: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -233,6 +251,8 @@ struct RawWasi {
     inherit_stderr: bool,
     #[serde(default)]
     env: BTreeMap<String, String>,
+    #[serde(default)]
+    inherit_env: Vec<String>,
     #[serde(default)]
     args: Vec<String>,
     #[serde(default)]
@@ -301,6 +321,10 @@ pub struct TreeAgent {
     pub limits: AgentLimits,
     /// What it may reach through WASI.
     pub wasi: WasiGrants,
+    /// The outbound HTTP it may make.
+    pub http: HttpGrants,
+    /// The agents it may call and cast to.
+    pub calls: Vec<CallPattern>,
     /// How its health is checked (defaults merged in).
     pub health: HealthPolicy,
     /// How long its supervisor waits before restarting it.
@@ -414,7 +438,93 @@ impl Checker<'_> {
         {
             l.deadline = Duration::from_millis(v);
         }
+        match raw.max_timers {
+            Some(v) if !(0..=i64::from(MAX_TIMERS_LIMIT)).contains(&v) => self.problem(
+                &f("max_timers"),
+                format!("must be between 0 (no timers) and {MAX_TIMERS_LIMIT}, got {v}"),
+            ),
+            Some(v) => l.max_timers = u32::try_from(v).unwrap_or(MAX_TIMERS_LIMIT),
+            None => {}
+        }
         l
+    }
+
+    /// A count or size between 1 and `max`, or `default` when not given.
+    fn bounded(&mut self, field: &str, value: Option<i64>, max: u64, default: u64) -> u64 {
+        match value {
+            Some(v) if v >= 1 && (v as u64) <= max => v as u64,
+            Some(v) => {
+                self.problem(
+                    field,
+                    format!("must be between 1 and {max}, got {v}; remove it for the default ({default})"),
+                );
+                default
+            }
+            None => default,
+        }
+    }
+
+    fn http(&mut self, field: &str, raw: RawHttp) -> HttpGrants {
+        let defaults = HttpGrants::default();
+        if raw.allowed_hosts.is_empty() {
+            self.problem(
+                &format!("{field}.allowed_hosts"),
+                "grants no host; list the hosts the agent may reach, such as \"https://api.openai.com\" or \"http://127.0.0.1:*\", or remove `http`",
+            );
+        }
+        if raw.allowed_hosts.len() > MAX_ALLOWED_HOSTS {
+            self.problem(
+                &format!("{field}.allowed_hosts"),
+                format!(
+                    "{} hosts are more than {MAX_ALLOWED_HOSTS}",
+                    raw.allowed_hosts.len()
+                ),
+            );
+        }
+        let mut allowed_hosts = Vec::new();
+        for (i, text) in raw.allowed_hosts.iter().enumerate() {
+            match HostPattern::parse(text) {
+                Ok(p) => allowed_hosts.push(p),
+                Err(e) => self.problem(&format!("{field}.allowed_hosts[{i}]"), e.to_string()),
+            }
+        }
+        let max_concurrent = self.bounded(
+            &format!("{field}.max_concurrent"),
+            raw.max_concurrent,
+            u64::from(MAX_HTTP_CONCURRENT),
+            u64::from(defaults.max_concurrent),
+        );
+        let max_response_bytes = self.bounded(
+            &format!("{field}.max_response_bytes"),
+            raw.max_response_bytes,
+            MAX_HTTP_RESPONSE_BYTES,
+            defaults.max_response_bytes,
+        );
+        HttpGrants {
+            allowed_hosts,
+            max_concurrent: u32::try_from(max_concurrent).unwrap_or(defaults.max_concurrent),
+            max_response_bytes,
+        }
+    }
+
+    fn calls(&mut self, field: &str, raw: Vec<String>) -> Vec<CallPattern> {
+        if raw.len() > MAX_CALL_PATTERNS {
+            self.problem(
+                field,
+                format!("{} patterns are more than {MAX_CALL_PATTERNS}", raw.len()),
+            );
+        }
+        let mut calls = Vec::new();
+        for (i, text) in raw.iter().enumerate() {
+            match CallPattern::parse(text) {
+                Ok(p) => calls.push(p),
+                Err(e) => self.problem(
+                    &format!("{field}[{i}]"),
+                    format!("{e}; write a path such as \"root/tools/search\", \"root/tools/*\" or \"helper\" (a sibling)"),
+                ),
+            }
+        }
+        calls
     }
 
     fn shutdown(
@@ -445,24 +555,31 @@ impl Checker<'_> {
                     "has both `component` (an agent) and `children`/`strategy` (a supervisor); keep one",
                 );
             }
-            for (name, set) in [
-                ("config", raw.config.is_some()),
-                ("limits", raw.limits.is_some()),
-                ("wasi", raw.wasi.is_some()),
-                ("health", raw.health.is_some()),
-                ("poison_threshold", raw.poison_threshold.is_some()),
-            ] {
-                if set {
-                    self.problem(
-                        &format!("{field}.{name}"),
-                        "only agents take this; move it to the agents under `children` (or to [defaults])",
-                    );
-                }
-            }
+            self.agent_only_fields(field, &raw);
             Some(TreeNode::Supervisor(self.supervisor(field, raw, defaults)))
         } else {
             self.agent(field, raw, defaults)
                 .map(|a| TreeNode::Agent(Box::new(a)))
+        }
+    }
+
+    /// A problem for each field of a supervisor that only agents take.
+    fn agent_only_fields(&mut self, field: &str, raw: &RawNode) {
+        for (name, set) in [
+            ("config", raw.config.is_some()),
+            ("limits", raw.limits.is_some()),
+            ("wasi", raw.wasi.is_some()),
+            ("health", raw.health.is_some()),
+            ("poison_threshold", raw.poison_threshold.is_some()),
+            ("http", raw.http.is_some()),
+            ("calls", raw.calls.is_some()),
+        ] {
+            if set {
+                self.problem(
+                    &format!("{field}.{name}"),
+                    "only agents take this; move it to the agents under `children` (or to [defaults])",
+                );
+            }
         }
     }
 
@@ -593,7 +710,18 @@ impl Checker<'_> {
             &defaults.limits,
             &raw.limits.unwrap_or_default(),
         );
-        let wasi = raw.wasi.map(|w| self.wasi(w)).unwrap_or_default();
+        let wasi = raw
+            .wasi
+            .map(|w| self.wasi(&format!("{field}.wasi"), w))
+            .unwrap_or_default();
+        let http = raw
+            .http
+            .map(|h| self.http(&format!("{field}.http"), h))
+            .unwrap_or_default();
+        let calls = raw
+            .calls
+            .map(|c| self.calls(&format!("{field}.calls"), c))
+            .unwrap_or_default();
         Some(TreeAgent {
             name: raw.name,
             component: resolved,
@@ -606,6 +734,8 @@ impl Checker<'_> {
             ),
             limits,
             wasi,
+            http,
+            calls,
             health: self.health(&format!("{field}.health"), defaults.health, raw.health),
             backoff: self.backoff(&format!("{field}.backoff"), defaults.backoff, raw.backoff),
             breaker: self.breaker(&format!("{field}.breaker"), defaults.breaker, raw.breaker),
@@ -723,11 +853,28 @@ impl Checker<'_> {
         Some(b)
     }
 
-    fn wasi(&mut self, raw: RawWasi) -> WasiGrants {
+    fn wasi(&mut self, field: &str, raw: RawWasi) -> WasiGrants {
+        for (i, name) in raw.inherit_env.iter().enumerate() {
+            let f = format!("{field}.inherit_env[{i}]");
+            if name.is_empty() || name.contains(['=', '\0']) {
+                self.problem(
+                    &f,
+                    format!(
+                        "`{name}` cannot name an environment variable (empty, or with `=` or NUL)"
+                    ),
+                );
+            } else if raw.env.contains_key(name) {
+                self.problem(
+                    &f,
+                    format!("`{name}` is also set in `env`; keep one (`inherit_env` passes the host's value)"),
+                );
+            }
+        }
         WasiGrants {
             inherit_stdout: raw.inherit_stdout,
             inherit_stderr: raw.inherit_stderr,
             env: raw.env.into_iter().collect(),
+            inherit_env: raw.inherit_env,
             args: raw.args,
             preopens: raw
                 .preopens
@@ -739,6 +886,39 @@ impl Checker<'_> {
                 })
                 .collect(),
             network: raw.network,
+        }
+    }
+}
+
+impl Checker<'_> {
+    /// Every `calls` pattern must match an agent of the tree other than the
+    /// caller: one that matches none is a typo (or a path that goes above
+    /// the root).
+    fn check_calls(&mut self, tree: &TreeFile) {
+        let nodes = tree.nodes();
+        let root = &tree.root.name;
+        let paths = tree.agent_paths();
+        for ((field, agent), own) in tree.agents().into_iter().zip(&paths) {
+            for (i, pattern) in agent.calls.iter().enumerate() {
+                let reaches = nodes.iter().any(|(path, kind)| {
+                    *kind == NodeKind::Agent && path != own && pattern.matches_path(path, own, root)
+                });
+                if !reaches {
+                    let agents: Vec<&str> = nodes
+                        .iter()
+                        .filter(|(p, k)| *k == NodeKind::Agent && p != own)
+                        .map(|(p, _)| p.as_str())
+                        .collect();
+                    self.problem(
+                        &format!("{field}.calls[{i}]"),
+                        format!(
+                            "`{pattern}` matches no other agent of this tree (relative paths start at {}); its agents are: {}",
+                            own.rsplit_once('/').map_or(own.as_str(), |(base, _)| base),
+                            if agents.is_empty() { "none".to_owned() } else { agents.join(", ") }
+                        ),
+                    );
+                }
+            }
         }
     }
 }
@@ -905,12 +1085,20 @@ impl TreeFile {
                 "the root must be a supervisor; put the agent under [[supervisor.children]]",
             );
         }
+        checker.agent_only_fields("supervisor", &raw.supervisor);
         let root = checker.supervisor("supervisor", raw.supervisor, &defaults);
         if checker.problems.is_empty() {
-            Ok(TreeFile {
+            let tree = TreeFile {
                 path: path.to_owned(),
                 root,
-            })
+            };
+            checker.check_calls(&tree);
+            if !checker.problems.is_empty() {
+                return Err(TreeError {
+                    problems: checker.problems,
+                });
+            }
+            Ok(tree)
         } else {
             Err(TreeError {
                 problems: checker.problems,
@@ -952,6 +1140,22 @@ impl TreeFile {
         }
         let mut out = Vec::new();
         walk(&self.root, "supervisor", &mut out);
+        out
+    }
+
+    /// The path of every agent, in the order of [`agents`](Self::agents).
+    fn agent_paths(&self) -> Vec<String> {
+        fn walk(s: &TreeSupervisor, prefix: &str, out: &mut Vec<String>) {
+            for child in &s.children {
+                let path = format!("{prefix}/{}", child.name());
+                match child {
+                    TreeNode::Agent(_) => out.push(path),
+                    TreeNode::Supervisor(nested) => walk(nested, &path, out),
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.root, &self.root.name, &mut out);
         out
     }
 
@@ -1069,6 +1273,8 @@ fn child_spec(node: &TreeNode, parent: &str, factory: &Arc<dyn AgentFactory>) ->
                 .with_shutdown(a.shutdown)
                 .with_limits(a.limits.clone())
                 .with_wasi(a.wasi.clone())
+                .with_http(a.http.clone())
+                .with_calls(a.calls.clone())
                 .with_health(a.health)
                 .with_backoff(a.backoff)
                 .with_poison_threshold(a.poison_threshold);
@@ -1225,6 +1431,105 @@ mod tests {
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
+    }
+
+    #[test]
+    fn capability_fields_are_checked() {
+        let p = problems(
+            r#"
+            [defaults.limits]
+            max_timers = -1
+            [supervisor]
+            name = "root"
+            http = { allowed_hosts = ["https://x.com"] }
+            [[supervisor.children]]
+            name = "a"
+            component = "a.wasm"
+            limits = { max_timers = 10_001 }
+            http = { allowed_hosts = ["api.openai.com", "https://x.com/v1"], max_concurrent = 0, max_response_bytes = -1 }
+            calls = ["root//b", "root/tool*", "root/**/x"]
+            wasi = { env = { KEY = "v" }, inherit_env = ["KEY", "A=B", ""] }
+            [[supervisor.children]]
+            name = "b"
+            component = "b.wasm"
+            http = { max_concurrent = 2 }
+            "#,
+        );
+        let all = p.join("\n");
+        for needle in [
+            "`defaults.limits.max_timers`: must be between 0 (no timers) and 10000, got -1",
+            "`supervisor.http`: only agents take this",
+            "`supervisor.children[0].limits.max_timers`: must be between 0 (no timers) and 10000, got 10001",
+            "`supervisor.children[0].http.allowed_hosts[0]`: `api.openai.com` is not a host pattern: it has no scheme",
+            "`supervisor.children[0].http.allowed_hosts[1]`: `https://x.com/v1` is not a host pattern",
+            "`supervisor.children[0].http.max_concurrent`: must be between 1 and 1024, got 0",
+            "`supervisor.children[0].http.max_response_bytes`: must be between 1 and 1073741824, got -1",
+            "`supervisor.children[0].calls[0]`: `root//b` is not a call pattern: it has an empty segment",
+            "`supervisor.children[0].calls[1]`: `root/tool*` is not a call pattern",
+            "`supervisor.children[0].calls[2]`: `root/**/x` is not a call pattern: `**` may only be the last segment",
+            "`supervisor.children[0].wasi.inherit_env[0]`: `KEY` is also set in `env`",
+            "`supervisor.children[0].wasi.inherit_env[1]`: `A=B` cannot name an environment variable",
+            "`supervisor.children[0].wasi.inherit_env[2]`: `` cannot name an environment variable",
+            "`supervisor.children[1].http.allowed_hosts`: grants no host",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn capability_fields_of_a_valid_tree() {
+        let dir = std::env::temp_dir().join(format!("tree-caps-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.wasm"), b"").unwrap();
+        let text = r#"
+            [defaults.limits]
+            max_timers = 4
+            [supervisor]
+            name = "root"
+            [[supervisor.children]]
+            name = "llm"
+            component = "a.wasm"
+            http = { allowed_hosts = ["https://api.openai.com", "http://127.0.0.1:*"], max_response_bytes = 65536 }
+            calls = ["helper", "root/tools/*"]
+            wasi = { inherit_env = ["OPENAI_API_KEY"] }
+            [[supervisor.children]]
+            name = "helper"
+            component = "a.wasm"
+            limits = { max_timers = 0 }
+            [[supervisor.children]]
+            name = "tools"
+            [[supervisor.children.children]]
+            name = "search"
+            component = "a.wasm"
+        "#;
+        let tree = TreeFile::parse(&dir.join("tree.toml"), text).unwrap();
+        let TreeNode::Agent(llm) = &tree.root.children[0] else {
+            panic!("llm is an agent")
+        };
+        assert_eq!(llm.limits.max_timers, 4, "default merged");
+        assert_eq!(llm.http.allowed_hosts.len(), 2);
+        assert_eq!(llm.http.max_response_bytes, 65536);
+        assert_eq!(
+            llm.http.max_concurrent,
+            HttpGrants::default().max_concurrent
+        );
+        assert_eq!(llm.calls.len(), 2);
+        assert_eq!(llm.wasi.inherit_env, ["OPENAI_API_KEY"]);
+        let TreeNode::Agent(helper) = &tree.root.children[1] else {
+            panic!("helper is an agent")
+        };
+        assert_eq!(helper.limits.max_timers, 0);
+        assert!(helper.http.allowed_hosts.is_empty() && helper.calls.is_empty());
+
+        // A pattern that reaches no other agent is a typo.
+        let typo = text.replace("root/tools/*", "root/tool/*");
+        let p = TreeFile::parse(&dir.join("tree.toml"), &typo).unwrap_err();
+        let all = p.to_string();
+        assert!(
+            all.contains("`supervisor.children[0].calls[1]`: `root/tool/*` matches no other agent of this tree (relative paths start at root); its agents are: root/helper, root/tools/search"),
+            "{all}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

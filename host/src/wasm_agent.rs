@@ -1,5 +1,11 @@
 //! WASM agents under supervision: [`WasmAgentFactory`] maps agent types to
 //! components, and each agent it creates drives one [`AgentInstance`].
+//!
+//! Calls between agents: the factory is created before its tree exists, so
+//! it holds a [`CallHub`] (shared by its clones) that the tree attaches
+//! itself to when it starts (`AgentFactory::attach_tree`, before any child
+//! starts). Each agent gets the hub with its id and its spec's `calls`, and
+//! finds its tree and path on its first call.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -8,13 +14,13 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::runtime::{
-    AgentComponent, AgentFault, AgentInstance, AgentLimits, CallError, InstanceOptions, LoadError,
-    Runtime,
+    AgentComponent, AgentFault, AgentInstance, AgentLimits, CallAccess, CallError, CallHub,
+    InstanceOptions, LoadError, MAX_CALL_PATTERNS, Runtime,
 };
 use crate::state::{MemoryStateStore, StateStore};
 use crate::{
     AgentFactory, AgentPid, AgentSpec, ExitReason, InitArgs, SupervisedAgent, SupervisionError,
-    SupervisionResult, SystemMessage, TerminateReason,
+    SupervisionResult, SystemMessage, TerminateReason, TreeHandle,
 };
 
 /// Creates WASM agents: each agent type names a component; each agent gets
@@ -28,6 +34,7 @@ pub struct WasmAgentFactory {
     components: BTreeMap<String, AgentComponent>,
     default_limits: AgentLimits,
     state: Arc<dyn StateStore>,
+    calls: CallHub,
 }
 
 impl std::fmt::Debug for WasmAgentFactory {
@@ -48,6 +55,7 @@ impl WasmAgentFactory {
             components: BTreeMap::new(),
             default_limits: AgentLimits::default(),
             state: Arc::new(MemoryStateStore::default()),
+            calls: CallHub::new(),
         }
     }
 
@@ -116,6 +124,12 @@ impl AgentFactory for WasmAgentFactory {
                 .unwrap_or_else(|| self.default_limits.clone()),
             grants: spec.wasi.clone(),
             state: self.state.clone(),
+            http: spec.http.clone(),
+            calls: CallAccess::new(
+                spec.agent_id.clone(),
+                spec.calls.clone(),
+                self.calls.clone(),
+            ),
         };
         let instance = AgentInstance::instantiate(&self.runtime, component, options)
             .await
@@ -131,12 +145,23 @@ impl AgentFactory for WasmAgentFactory {
 
     fn validate_spec(&self, spec: &AgentSpec) -> SupervisionResult<()> {
         self.component(spec)?;
+        let invalid =
+            |e: String| SupervisionError::InvalidAgentSpec(format!("agent {}: {e}", spec.agent_id));
         if let Some(limits) = &spec.limits {
-            limits.validate().map_err(|e| {
-                SupervisionError::InvalidAgentSpec(format!("agent {}: {e}", spec.agent_id))
-            })?;
+            limits.validate().map_err(invalid)?;
+        }
+        spec.http.validate().map_err(invalid)?;
+        if spec.calls.len() > MAX_CALL_PATTERNS {
+            return Err(invalid(format!(
+                "calls has {} patterns, more than {MAX_CALL_PATTERNS}",
+                spec.calls.len()
+            )));
         }
         Ok(())
+    }
+
+    fn attach_tree(&self, tree: &TreeHandle) {
+        self.calls.attach(tree);
     }
 
     fn supported_types(&self) -> Vec<String> {
@@ -247,6 +272,10 @@ impl SupervisedAgent for WasmAgent {
 
     fn crash_report(&self) -> Option<crate::runtime::CrashReport> {
         self.instance.crash_report()
+    }
+
+    async fn next_timer(&mut self) -> String {
+        self.instance.next_timer().await
     }
 }
 

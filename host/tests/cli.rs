@@ -72,7 +72,7 @@ fn validate_accepts_a_guest_component() {
     assert_eq!(out.status.code(), Some(0), "stderr:\n{}", text(&out.stderr));
     assert!(
         stdout.contains(&format!(
-            "ok: {} implements terraphim:agent/supervised-agent@0.1.0",
+            "ok: {} implements terraphim:agent/supervised-agent@0.1.1",
             file.path()
         )),
         "stdout:\n{stdout}"

@@ -74,6 +74,7 @@ async fn a_component_compiled_once_is_loaded_from_the_cache_and_works() {
             limits: AgentLimits::default(),
             grants: WasiGrants::default(),
             state: std::sync::Arc::new(MemoryStateStore::default()),
+            ..InstanceOptions::default()
         },
     )
     .await

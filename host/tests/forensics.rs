@@ -93,7 +93,7 @@ async fn a_rust_guests_crash_report_has_its_panic_message_and_function_names() {
     let frames = report.backtrace.join("\n");
     assert!(
         frames.contains("core::panicking::panic_fmt")
-            && frames.contains("terraphim:agent/agent@0.1.0#handle-message"),
+            && frames.contains("terraphim:agent/agent@0.1.1#handle-message"),
         "function names in the backtrace:\n{frames}"
     );
     assert_eq!(report.message.as_deref(), Some("panic"));

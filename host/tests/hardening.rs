@@ -39,6 +39,7 @@ async fn instantiate(
         limits,
         grants: WasiGrants::default(),
         state: Arc::new(MemoryStateStore::default()),
+        ..InstanceOptions::default()
     };
     AgentInstance::instantiate(runtime, component, options).await
 }

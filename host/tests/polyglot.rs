@@ -373,6 +373,7 @@ async fn fits_its_limits(lang: Lang, test: &str) {
         limits: limits(),
         grants: WasiGrants::default(),
         state: Arc::new(MemoryStateStore::default()),
+        ..InstanceOptions::default()
     };
     let started = Instant::now();
     let mut agent = AgentInstance::instantiate(runtime(), &component, options)
@@ -545,7 +546,7 @@ fn agent_host_validates_and_runs_both_agents() {
     for file in [&python_file, &js_file] {
         assert!(
             stdout.contains(&format!(
-                "ok: {file} implements terraphim:agent/supervised-agent@0.1.0"
+                "ok: {file} implements terraphim:agent/supervised-agent@0.1.1"
             )),
             "stdout:\n{stdout}"
         );

@@ -165,6 +165,7 @@ async fn init_error_is_reported_not_trapped() {
         limits: test_limits(),
         grants: WasiGrants::default(),
         state: Arc::new(MemoryStateStore::default()),
+        ..InstanceOptions::default()
     };
     let mut agent = AgentInstance::instantiate(runtime(), &component("failing-init"), options)
         .await
@@ -192,6 +193,7 @@ async fn memory_below_the_initial_size_fails_instantiation() {
         },
         grants: WasiGrants::default(),
         state: Arc::new(MemoryStateStore::default()),
+        ..InstanceOptions::default()
     };
     let err = AgentInstance::instantiate(runtime(), &component("echo"), options)
         .await
@@ -214,6 +216,7 @@ async fn a_full_instance_pool_fails_instantiation() {
         limits: test_limits(),
         grants: WasiGrants::default(),
         state: Arc::new(MemoryStateStore::default()),
+        ..InstanceOptions::default()
     };
     let _first = AgentInstance::instantiate(&small, &echo, options.clone())
         .await
@@ -362,7 +365,7 @@ fn a_component_of_another_world_names_what_is_missing() {
     let LoadError::WrongWorld { missing, .. } = &err else {
         panic!("expected WrongWorld, got {err:?}");
     };
-    assert!(missing.contains("terraphim:agent/agent@0.1.0"), "{missing}");
+    assert!(missing.contains("terraphim:agent/agent@0.1.1"), "{missing}");
 }
 
 #[test]

@@ -52,6 +52,7 @@ async fn start(runtime: &Runtime, fixture: &Fixture, limits: AgentLimits) -> Age
         limits,
         grants: WasiGrants::default(),
         state: Arc::new(MemoryStateStore::default()),
+        ..InstanceOptions::default()
     };
     let mut agent = AgentInstance::instantiate(runtime, &component, options)
         .await

@@ -7,6 +7,9 @@
 
 use serde_json::Value;
 
+#[cfg(feature = "http")]
+pub mod http;
+
 /// A supervised agent in plain Rust types. Only `handle_message` is required;
 /// everything else succeeds by default.
 pub trait Agent {
@@ -103,6 +106,16 @@ impl Config {
     /// The unsigned integer under `key`, if any.
     pub fn u64(&self, key: &str) -> Option<u64> {
         self.0.get(key).and_then(Value::as_u64)
+    }
+
+    /// The string under `key`, if any.
+    pub fn str(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(Value::as_str)
+    }
+
+    /// The JSON value under `key`, if any.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.0.get(key)
     }
 }
 

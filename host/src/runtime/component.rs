@@ -12,8 +12,16 @@ use super::bindings::SupervisedAgentPre;
 use super::cache::{CompileCache, Lookup};
 use super::host::HostState;
 
+/// The WIT package of the agent contract (`wit/agent.wit`).
+pub const WIT_PACKAGE: &str = "terraphim:agent";
+
+/// The version of [`WIT_PACKAGE`] this host implements. Components built
+/// against any semver-compatible version (0.1.x) load: wasmtime resolves
+/// imports and exports across compatible versions.
+pub const WIT_VERSION: &str = "0.1.1";
+
 /// The fully qualified name of the interface every agent exports.
-pub const AGENT_INTERFACE: &str = "terraphim:agent/agent@0.1.0";
+pub const AGENT_INTERFACE: &str = "terraphim:agent/agent@0.1.1";
 
 /// The functions of [`AGENT_INTERFACE`].
 pub const AGENT_FUNCTIONS: &[&str] = &[
@@ -80,7 +88,7 @@ pub enum LoadError {
     /// A component that does not implement the `supervised-agent` world.
     #[error(
         "{name} does not implement the world `supervised-agent`: {missing}; build the agent \
-         with wit-bindgen against this host's wit/agent.wit (package terraphim:agent@0.1.0) \
+         with wit-bindgen against this host's wit/agent.wit (package {WIT_PACKAGE}@{WIT_VERSION}) \
          for wasm32-wasip2"
     )]
     WrongWorld {
@@ -89,7 +97,9 @@ pub enum LoadError {
         /// What is missing or mistyped.
         missing: String,
     },
-    /// A component that imports something the host does not provide.
+    /// A component that imports something the host does not provide (for
+    /// an import of the agent package, the message names the version the
+    /// host implements).
     #[error("{name} imports something the host does not provide: {reason}")]
     UnsatisfiedImport {
         /// Where the bytes came from.
@@ -191,13 +201,20 @@ pub(crate) fn load(
         name: name.to_owned(),
         missing,
     })?;
-    let instance_pre =
-        linker
-            .instantiate_pre(&component)
-            .map_err(|e| LoadError::UnsatisfiedImport {
-                name: name.to_owned(),
-                reason: format!("{e:#}"),
-            })?;
+    let instance_pre = linker.instantiate_pre(&component).map_err(|e| {
+        let mut reason = format!("{e:#}");
+        if reason.contains(&format!("{WIT_PACKAGE}/")) {
+            reason.push_str(&format!(
+                " (this host implements {WIT_PACKAGE}@{WIT_VERSION}, and links components \
+                 built against compatible versions, {})",
+                compatible_range()
+            ));
+        }
+        LoadError::UnsatisfiedImport {
+            name: name.to_owned(),
+            reason,
+        }
+    })?;
     let pre = SupervisedAgentPre::new(instance_pre).map_err(|e| LoadError::WrongWorld {
         name: name.to_owned(),
         missing: format!("{e:#}"),
@@ -247,14 +264,48 @@ fn compile(
     Ok((component, false))
 }
 
+/// A version's numbers (major, minor, patch); `None` for a pre-release or
+/// anything that is not `N.N.N`.
+fn numbers(version: &str) -> Option<(u64, u64, u64)> {
+    let mut parts = version.split('.').map(|p| p.parse::<u64>().ok());
+    let v = (parts.next()??, parts.next()??, parts.next()??);
+    parts.next().is_none().then_some(v)
+}
+
+/// Whether a component built against `version` of the package is linked
+/// with this host's [`WIT_VERSION`]: the rule wasmtime applies to names
+/// (same major; for 0.x the same minor; for 0.0.x the same patch).
+pub(crate) fn compatible(version: &str) -> bool {
+    match (numbers(version), numbers(WIT_VERSION)) {
+        (Some((0, 0, a)), Some((0, 0, b))) => a == b,
+        (Some((0, a, _)), Some((0, b, _))) => a == b,
+        (Some((a, _, _)), Some((b, _, _))) => a == b,
+        _ => version == WIT_VERSION,
+    }
+}
+
+/// The versions [`compatible`] accepts, in words.
+fn compatible_range() -> String {
+    match numbers(WIT_VERSION) {
+        Some((0, 0, _)) => WIT_VERSION.to_owned(),
+        Some((0, minor, _)) => format!("0.{minor}.x"),
+        Some((major, _, _)) => format!("{major}.x"),
+        None => WIT_VERSION.to_owned(),
+    }
+}
+
 /// Name what the component lacks of the `agent` interface, if anything.
 fn check_world(engine: &Engine, component: &Component) -> Result<(), String> {
     let ty = component.component_type();
     let mut other_versions = Vec::new();
+    let prefix = format!("{WIT_PACKAGE}/agent@");
     for (export, item) in ty.exports(engine) {
-        if export == AGENT_INTERFACE {
+        let Some(version) = export.strip_prefix(&prefix) else {
+            continue;
+        };
+        if compatible(version) {
             let ComponentItem::ComponentInstance(instance) = item.ty else {
-                return Err(format!("export `{AGENT_INTERFACE}` is not an instance"));
+                return Err(format!("export `{export}` is not an instance"));
             };
             let have: Vec<&str> = instance.exports(engine).map(|(n, _)| n).collect();
             let missing: Vec<&str> = AGENT_FUNCTIONS
@@ -266,14 +317,12 @@ fn check_world(engine: &Engine, component: &Component) -> Result<(), String> {
                 Ok(())
             } else {
                 Err(format!(
-                    "interface `{AGENT_INTERFACE}` lacks function(s) {}",
+                    "interface `{export}` lacks function(s) {}",
                     missing.join(", ")
                 ))
             };
         }
-        if export.starts_with("terraphim:agent/agent@") {
-            other_versions.push(export.to_owned());
-        }
+        other_versions.push(version.to_owned());
     }
     if other_versions.is_empty() {
         Err(format!(
@@ -281,8 +330,32 @@ fn check_world(engine: &Engine, component: &Component) -> Result<(), String> {
         ))
     } else {
         Err(format!(
-            "it exports {} but this host implements `{AGENT_INTERFACE}`",
-            other_versions.join(", ")
+            "it was built against {WIT_PACKAGE}@{} (it exports {}), but this host implements \
+             {WIT_PACKAGE}@{WIT_VERSION} and loads components built against {}",
+            other_versions.join(", "),
+            other_versions
+                .iter()
+                .map(|v| format!("`{prefix}{v}`"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            compatible_range()
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compatible_versions_follow_wasmtimes_semver_rule() {
+        assert!(compatible("0.1.0"));
+        assert!(compatible(WIT_VERSION));
+        assert!(compatible("0.1.7"));
+        assert!(!compatible("0.2.0"));
+        assert!(!compatible("1.0.0"));
+        assert!(!compatible("0.1.1-rc1"));
+        assert!(!compatible("0.1"));
+        assert_eq!(compatible_range(), "0.1.x");
     }
 }

@@ -1,5 +1,6 @@
 //! The store data of one agent instance, and the host side of the WIT
-//! imports (`log`, `state`).
+//! imports `log` and `state` (`agents` is in `calls.rs`, `timers` in
+//! `timers.rs`, `wasi:http`'s hooks in `http.rs`).
 //!
 //! Everything a guest hands the host through these imports is bounded here:
 //! a log record's length, the log volume per call and per second, the
@@ -10,9 +11,13 @@ use std::time::{Duration, Instant};
 
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::WasiHttpCtx;
 
 use super::bindings::terraphim::agent::{log, state, types};
+use super::calls::CallState;
+use super::http::HttpGate;
 use super::limits::{AgentLimits, Limiter};
+use super::timers::Timers;
 use crate::state::{StateError, StateStore};
 use crate::text::truncate;
 
@@ -32,6 +37,13 @@ pub(crate) struct HostState {
     pub log: LogMeter,
     /// When the current call must end; read by the epoch callback.
     pub deadline: Instant,
+    /// Pending timers (they die with the store).
+    pub timers: Timers,
+    /// Calls to other agents: grants, and the way to the tree.
+    pub calls: CallState,
+    /// `wasi:http`'s context, and the hooks that enforce the HTTP grants.
+    pub http: WasiHttpCtx,
+    pub http_gate: HttpGate,
 }
 
 impl WasiView for HostState {

@@ -10,6 +10,9 @@
 //!   yields to tokio, so a busy agent cannot starve its neighbours.
 //! - After any failure other than an application error the instance is dead
 //!   and is never re-entered: wasmtime poisons the store, and so do we.
+//! - Everything the instance set up dies with it: its timers (in the store's
+//!   data), its HTTP requests in flight (resources of the store), its place
+//!   in the wait-for graph of calls (held by the call it was making).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -17,21 +20,27 @@ use std::time::Instant;
 use tokio::time::{error::Elapsed, timeout};
 use wasmtime::component::ResourceTable;
 use wasmtime::{Store, UpdateDeadline};
+use wasmtime_wasi_http::WasiHttpCtx;
 
 use super::bindings::SupervisedAgent;
 use super::bindings::terraphim::agent::types as wit;
+use super::calls::{CallAccess, CallState};
 use super::crash::{self, CrashReport, OutputRing};
 use super::fault::{FaultHints, classify};
 use super::host::{DroppedLogs, HostState, LogMeter};
+use super::http::HttpGate;
 use super::limits::Limiter;
+use super::timers::Timers;
 use super::{
-    AgentComponent, AgentFault, AgentLimits, CallError, MAX_GUEST_TEXT, Runtime, WasiGrants,
+    AgentComponent, AgentFault, AgentLimits, CallError, HttpGrants, MAX_GUEST_TEXT, Runtime,
+    WasiGrants,
 };
-use crate::state::StateStore;
+use crate::state::{MemoryStateStore, StateStore};
 use crate::text::bound;
 use crate::types::{InitArgs, SystemMessage, TerminateReason};
 
-/// What an instance is created with.
+/// What an instance is created with. The default: an anonymous agent with
+/// the default limits, nothing granted and its state in memory.
 #[derive(Clone)]
 pub struct InstanceOptions {
     /// The agent's id: tags its logs, namespaces its state.
@@ -42,6 +51,24 @@ pub struct InstanceOptions {
     pub grants: WasiGrants,
     /// Where its durable state lives.
     pub state: Arc<dyn StateStore>,
+    /// The outbound HTTP it may make (none by default).
+    pub http: HttpGrants,
+    /// The agents it may call, and how it reaches their tree (none by
+    /// default: every call fails with `unavailable`).
+    pub calls: CallAccess,
+}
+
+impl Default for InstanceOptions {
+    fn default() -> Self {
+        Self {
+            agent_id: String::new(),
+            limits: AgentLimits::default(),
+            grants: WasiGrants::default(),
+            state: Arc::new(MemoryStateStore::default()),
+            http: HttpGrants::default(),
+            calls: CallAccess::default(),
+        }
+    }
 }
 
 /// One instantiated agent component.
@@ -96,6 +123,7 @@ fn arm(store: &mut Store<HostState>, fuel: u64, limits: &AgentLimits) -> Result<
     let data = store.data_mut();
     data.limiter.reset_hints();
     data.log.start_call();
+    data.http_gate.start_call();
     data.deadline = Instant::now() + limits.deadline;
     store.set_epoch_deadline(1);
     Ok(())
@@ -127,15 +155,18 @@ impl AgentInstance {
             limits,
             grants,
             state,
+            http,
+            calls,
         } = options;
         let output = OutputRing::new(limits.crash_output_bytes);
         let wasi = grants
             .build(&output)
             .map_err(AgentFault::InstantiateFailed)?;
+        let agent_id: Arc<str> = agent_id.into();
         let mut store = Store::new(
             runtime.engine(),
             HostState {
-                agent_id: agent_id.into(),
+                agent_id: agent_id.clone(),
                 wasi,
                 table: ResourceTable::new(),
                 limiter: Limiter::new(&limits, runtime.config().ceilings()),
@@ -143,6 +174,10 @@ impl AgentInstance {
                 state_budget: limits.state_budget(),
                 log: LogMeter::new(&limits),
                 deadline: Instant::now(),
+                timers: Timers::new(limits.max_timers),
+                calls: CallState::new(calls),
+                http: WasiHttpCtx::new(),
+                http_gate: HttpGate::new(agent_id, http, &limits),
             },
         );
         store.limiter(|s| &mut s.limiter);
@@ -226,6 +261,40 @@ impl AgentInstance {
     /// Log records the instance emitted over its budget, which were dropped.
     pub fn dropped_logs(&self) -> DroppedLogs {
         self.store.data().log.total_dropped
+    }
+
+    /// Timers the instance has pending.
+    pub fn pending_timers(&self) -> usize {
+        self.store.data().timers.pending()
+    }
+
+    /// Wait until the instance's earliest timer is due, remove it and
+    /// return its message, which the caller delivers through
+    /// [`handle_message`](Self::handle_message) (the supervisor's worker
+    /// does; the reply goes nowhere). Pending forever while there is no
+    /// timer, or once the instance is dead.
+    ///
+    /// Cancel-safe: dropped before it returns, it removes nothing. After a
+    /// delivery the next call yields once to its task before anything
+    /// else, so that a caller selecting between timers and requests lets
+    /// waiting requests in between timers that are always due.
+    pub async fn next_timer(&mut self) -> String {
+        if self.dead {
+            return std::future::pending().await;
+        }
+        let timers = &mut self.store.data_mut().timers;
+        if timers.yield_first() {
+            tokio::task::yield_now().await;
+        }
+        loop {
+            let Some(due) = timers.next_due() else {
+                return std::future::pending().await;
+            };
+            tokio::time::sleep_until(due).await;
+            if let Some(message) = timers.take_due(tokio::time::Instant::now()) {
+                return message;
+            }
+        }
     }
 
     /// Arm the store for a call; the fuel budget given.

@@ -52,6 +52,10 @@ pub struct AgentLimits {
     /// included.
     #[serde(with = "crate::runtime::duration_ms")]
     pub deadline: Duration,
+    /// Timers the agent may have pending at once (the WIT `timers`
+    /// interface). 0, the default, grants none: timers are deny-by-default.
+    /// At most [`MAX_TIMERS_LIMIT`](super::MAX_TIMERS_LIMIT).
+    pub max_timers: u32,
 }
 
 impl Default for AgentLimits {
@@ -67,6 +71,7 @@ impl Default for AgentLimits {
             log_bytes_per_second: 256 << 10,
             crash_output_bytes: 4096,
             deadline: Duration::from_secs(5),
+            max_timers: 0,
         }
     }
 }
@@ -91,6 +96,13 @@ impl AgentLimits {
         }
         if self.deadline.is_zero() {
             return Err("deadline must be greater than 0".into());
+        }
+        if self.max_timers > super::MAX_TIMERS_LIMIT {
+            return Err(format!(
+                "max_timers must be at most {}, got {}",
+                super::MAX_TIMERS_LIMIT,
+                self.max_timers
+            ));
         }
         Ok(())
     }

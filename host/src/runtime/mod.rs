@@ -9,16 +9,23 @@
 //!   instantiates.
 //! - [`AgentInstance`] is one live agent: one `Store` with its own limits.
 //! - [`AgentFault`] says how an instance died.
+//! - What an agent may do besides answering messages, each deny-by-default
+//!   and granted per agent: outbound HTTP ([`HttpGrants`]), calls to other
+//!   agents ([`CallPattern`], [`CallAccess`]) and timers
+//!   ([`AgentLimits::max_timers`]).
 
 mod bindings;
 mod cache;
+mod calls;
 mod component;
 mod crash;
 mod fault;
 mod host;
+mod http;
 mod instance;
 mod limits;
 mod stdio;
+mod timers;
 mod wasi;
 
 use std::path::{Path, PathBuf};
@@ -28,12 +35,23 @@ use std::time::Duration;
 use wasmtime::component::{HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-pub use component::{AGENT_FUNCTIONS, AGENT_INTERFACE, AgentComponent, LoadError};
+pub use calls::{
+    CallAccess, CallHub, CallPattern, MAX_CALL_PATTERNS, MAX_CALL_TIMEOUT, MAX_PATH_BYTES,
+    PatternError,
+};
+pub use component::{
+    AGENT_FUNCTIONS, AGENT_INTERFACE, AgentComponent, LoadError, WIT_PACKAGE, WIT_VERSION,
+};
 pub use crash::{CrashReport, MAX_REPORT_MESSAGE};
 pub use fault::{AgentFault, CallError};
 pub use host::{DroppedLogs, MAX_LOG_BYTES};
+pub use http::{
+    HostPattern, HostPatternError, HttpGrants, MAX_ALLOWED_HOSTS, MAX_HTTP_CONCURRENT,
+    MAX_HTTP_RESPONSE_BYTES,
+};
 pub use instance::{AgentInstance, InstanceOptions};
 pub use limits::AgentLimits;
+pub use timers::{MAX_TIMER_DELAY, MAX_TIMER_MESSAGE_BYTES, MAX_TIMERS_LIMIT};
 pub use wasi::{Preopen, WasiGrants};
 
 use host::HostState;
@@ -222,6 +240,9 @@ impl Runtime {
         // WASI 0.2's `exit` carries only success or failure, so a non-zero
         // exit is reported as code 1.
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(err)?;
+        // Every agent links `wasi:http`; its `HttpGate` denies what its
+        // grants do not allow (everything, by default).
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).map_err(err)?;
         bindings::SupervisedAgent::add_to_linker::<HostState, HasSelf<HostState>>(
             &mut linker,
             |s| s,

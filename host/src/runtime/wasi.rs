@@ -11,7 +11,10 @@ use super::stdio::{self, GuestOutput};
 /// What an agent may reach through WASI. The default grants nothing: no
 /// files, no environment, no arguments, no network, and stdio connected to
 /// nothing (reads see end of file, writes are discarded).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Environment values may be secrets (API keys): `Debug` shows their names
+/// only.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WasiGrants {
     /// Let the agent write to the host's stdout. Its writes never block: they
@@ -22,6 +25,11 @@ pub struct WasiGrants {
     pub inherit_stderr: bool,
     /// Environment variables the agent sees.
     pub env: Vec<(String, String)>,
+    /// Environment variables of the host passed on to the agent, by name
+    /// (`OPENAI_API_KEY`): each instance sees the host's value when it is
+    /// created; a variable the host does not have is left out. Keeps
+    /// secrets out of tree files.
+    pub inherit_env: Vec<String>,
     /// Command-line arguments the agent sees.
     pub args: Vec<String>,
     /// Host directories the agent may open.
@@ -48,6 +56,25 @@ fn yes() -> bool {
     true
 }
 
+impl std::fmt::Debug for WasiGrants {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let env: Vec<String> = self
+            .env
+            .iter()
+            .map(|(name, _)| format!("{name}=<redacted>"))
+            .collect();
+        f.debug_struct("WasiGrants")
+            .field("inherit_stdout", &self.inherit_stdout)
+            .field("inherit_stderr", &self.inherit_stderr)
+            .field("env", &env)
+            .field("inherit_env", &self.inherit_env)
+            .field("args", &self.args)
+            .field("preopens", &self.preopens)
+            .field("network", &self.network)
+            .finish()
+    }
+}
+
 impl WasiGrants {
     /// Build the WASI context for one instance; whatever it writes to its
     /// stdout and stderr is kept in `output`, granted or not.
@@ -65,6 +92,12 @@ impl WasiGrants {
         });
         for (k, v) in &self.env {
             b.env(k, v);
+        }
+        for name in &self.inherit_env {
+            // Reads the process's environment in memory: no I/O.
+            if let Some(value) = std::env::var_os(name).and_then(|v| v.into_string().ok()) {
+                b.env(name, value);
+            }
         }
         if !self.args.is_empty() {
             b.args(&self.args);

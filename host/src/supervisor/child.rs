@@ -14,7 +14,10 @@
 //!   gone: the child dies at once, without a graceful stop;
 //! - a task sends its exit report only once everything it ran has ended
 //!   (for a nested supervisor: its whole subtree), so that the supervisor
-//!   never restarts a child while an earlier incarnation still runs.
+//!   never restarts a child while an earlier incarnation still runs;
+//! - a worker also delivers its agent's due timers ([`deliver_timer`]):
+//!   each as an ordinary message whose reply goes nowhere. Timers belong to
+//!   the agent (its instance), so they end with it.
 
 use std::any::Any;
 use std::future::Future;
@@ -212,6 +215,13 @@ pub(crate) async fn run_worker(
                 // The supervisor is gone: die without a graceful stop.
                 Err(_) => return None,
             },
+            message = agent.next_timer() => {
+                sequence += 1;
+                match deliver_timer(&mut *agent, message, sequence).await {
+                    Some(ending) => return Some(ending),
+                    None => continue,
+                }
+            }
             command = commands.recv() => command,
             () = tick(&mut checks) => {
                 match check_health(&mut *agent, &pid, &setup, &mut streak).await {
@@ -349,6 +359,25 @@ async fn check_health(
         ))),
         _ => None,
     }
+}
+
+/// Deliver a due timer's `message` to the agent, as any message (the
+/// `sequence`-th this incarnation handles). Nobody asked for the reply, so
+/// it goes nowhere; an application error is logged (at debug level). How
+/// the agent ended if the delivery killed it: a crash while handling a
+/// timer is a crash like any other, with its crash report (the message and
+/// its sequence number) and the message for the poison-message quarantine.
+async fn deliver_timer(
+    agent: &mut dyn SupervisedAgent,
+    message: String,
+    sequence: u64,
+) -> Option<Ending> {
+    let kept = message.clone();
+    if let Err(e) = agent.handle_message(message).await {
+        tracing::debug!("a timer's message was answered with an error: {e}");
+    }
+    let reason = agent.exit_reason()?;
+    Some(crashed(&*agent, reason, Some((kept, sequence))))
 }
 
 /// `reply`, if it is within `max` bytes; the agent lives either way.

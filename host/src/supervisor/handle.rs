@@ -317,6 +317,36 @@ impl SupervisorHandle {
         Ok(())
     }
 
+    /// Queue a message for an agent without waiting for it to be handled
+    /// (OTP's `cast`); its reply is dropped. Never waits.
+    ///
+    /// # Errors
+    ///
+    /// `MessageTooLarge` over `max_message_bytes`, `CommunicationFailed` if
+    /// the agent does not run now or its mailbox is full, `CircuitOpen`
+    /// while its circuit is open, `Quarantined` for a message quarantined
+    /// for it, `AgentNotFound` for an unknown id.
+    pub fn cast(&self, agent_id: &AgentPid, message: String) -> SupervisionResult<()> {
+        let max = self.shared.config.max_message_bytes;
+        if message.len() > max {
+            return Err(SupervisionError::MessageTooLarge {
+                len: message.len(),
+                max,
+            });
+        }
+        let (reply, _dropped) = oneshot::channel();
+        self.worker_for(agent_id, Some(&message))?
+            .try_send(WorkerCommand::Call(message, reply))
+            .map_err(|e| {
+                SupervisionError::CommunicationFailed(match e {
+                    mpsc::error::TrySendError::Full(_) => {
+                        format!("agent {agent_id}'s mailbox is full")
+                    }
+                    mpsc::error::TrySendError::Closed(_) => format!("agent {agent_id} stopped"),
+                })
+            })
+    }
+
     /// Deliver a system message to an agent.
     pub async fn send_system_message(
         &self,
@@ -465,6 +495,12 @@ impl AgentSupervisor {
         };
         let (handle, actor) =
             actor::new_supervisor(self.config.clone(), self.factory.clone(), placement);
+        // Before any child starts: agents may call the tree from `init`.
+        crate::running::attach_factories(
+            &crate::TreeHandle::new(handle.clone()),
+            &self.factory,
+            &self.initial,
+        );
         let (started_tx, started_rx) = oneshot::channel();
         let (stop_tx, stop_rx) = oneshot::channel();
         let initial = self.initial.clone();

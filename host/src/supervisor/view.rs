@@ -14,6 +14,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use super::child::WorkerCommand;
 use super::{RestartEntry, SupervisorConfig, SupervisorEvent, SupervisorHandle, SupervisorStatus};
 use crate::dead_letters::DeadLetters;
+use crate::running::WaitGraph;
 use crate::{AgentPid, SupervisedAgentInfo, SupervisorId};
 
 /// How to reach a child, for calls that bypass the supervisor task.
@@ -87,6 +88,9 @@ pub(crate) struct Shared {
     pub events: broadcast::Sender<SupervisorEvent>,
     /// Where its children's quarantined messages are kept.
     pub dead_letters: DeadLetters,
+    /// Who waits for whom among the tree's agents (calls in flight). Only
+    /// the root's is used: one graph per tree.
+    pub waits: WaitGraph,
 }
 
 impl Shared {
@@ -110,6 +114,7 @@ impl Shared {
             view: watch::Sender::new(view),
             events,
             dead_letters,
+            waits: WaitGraph::default(),
         }
     }
 

@@ -79,6 +79,7 @@ pub async fn started_granted(
         limits,
         grants,
         state,
+        ..InstanceOptions::default()
     };
     let mut agent = AgentInstance::instantiate(runtime(), &component(name), options)
         .await

@@ -13,13 +13,14 @@ use crate::problems::report;
 use crate::{CliResult, EXIT_FAILURE};
 
 /// The world every agent component must implement.
-const WORLD: &str = "terraphim:agent/supervised-agent@0.1.0";
+const WORLD: &str = "terraphim:agent/supervised-agent@0.1.1";
 
 pub const LONG_ABOUT: &str = "\
 Check agent components and tree files.
 
 A component (.wasm binary or .wat text) must implement the agent world
-terraphim:agent/supervised-agent@0.1.0: it is compiled, type-checked against
+terraphim:agent/supervised-agent@0.1.1 (or a component built against
+a compatible version, 0.1.x): it is compiled, type-checked against
 the world and linked against the host's imports, as a supervisor does before
 starting it. One line per file: `ok: PATH implements ...` on stdout, or
 `error: PATH ...` on stderr with the reason (not WebAssembly, a core module
