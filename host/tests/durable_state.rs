@@ -426,7 +426,13 @@ component = "echo.wasm"
 "#;
 
 fn command(dir: &TempDir, args: &[&str]) -> Command {
-    dir.command(args)
+    let mut command = Command::new(env!("CARGO_BIN_EXE_agent-host"));
+    command
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env("XDG_RUNTIME_DIR", &dir.0)
+        .env("XDG_CACHE_HOME", dir.path("cache"));
+    command
 }
 
 fn read_all(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
