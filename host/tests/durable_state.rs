@@ -335,12 +335,15 @@ impl StateStore for Troubled {
 /// fire until the store returned.
 #[tokio::test(flavor = "current_thread")]
 async fn a_blocking_store_is_called_off_the_worker_and_bounded_by_the_deadline() {
+    // The deadline also bounds instantiate, init and start: long enough
+    // for them on a loaded machine (300 ms was not, under a parallel
+    // build), far shorter than the blocked put.
     let store = Arc::new(Troubled {
-        block: Some(Duration::from_secs(2)),
+        block: Some(Duration::from_secs(10)),
         ..Troubled::default()
     });
     let limits = AgentLimits {
-        deadline: Duration::from_millis(300),
+        deadline: Duration::from_secs(2),
         ..test_limits()
     };
     let mut agent = started_with("echo", "slow", limits, store.clone()).await;

@@ -21,7 +21,9 @@
 //!   every task of its subtree holds a token of its [`TaskTracker`], so that
 //!   killing it can be awaited until nothing of the subtree runs. A child is
 //!   restarted only after its previous incarnation (and its whole subtree)
-//!   has ended: never are two incarnations of one child alive.
+//!   has ended: never are two incarnations of one child alive. Its next
+//!   agent may be *created* meanwhile (instantiated, see [`Prepared`]): no
+//!   code of its lifecycle runs before its `init`, which waits for the end.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
@@ -50,12 +52,14 @@ use crate::runtime::{CrashReport, MAX_GUEST_TEXT};
 use crate::text::{bound, fnv1a};
 use crate::{
     AgentFactory, AgentFault, AgentPid, AgentStatus, ExitReason, InitArgs, ShutdownPolicy,
-    SupervisedAgentInfo, SupervisionError, SupervisionResult, SupervisorId,
+    SupervisedAgent, SupervisedAgentInfo, SupervisionError, SupervisionResult, SupervisorId,
 };
 
 /// Requests from handles to the supervisor task.
 pub(crate) enum Command {
-    AddChild(Box<ChildSpec>, Reply<AgentPid>),
+    /// Add a child; for an agent, the agent the handle created for it
+    /// already (see [`Prepared`]).
+    AddChild(Box<ChildSpec>, Option<Prepared>, Reply<AgentPid>),
     ReportExit(AgentPid, ExitReason, Reply<()>),
     Count(oneshot::Sender<ChildCount>),
     Terminate(AgentPid, Reply<()>),
@@ -66,6 +70,32 @@ pub(crate) enum Command {
 }
 
 pub(crate) type Reply<T> = oneshot::Sender<SupervisionResult<T>>;
+
+/// What creating an agent gave.
+pub(crate) type Created = SupervisionResult<Box<dyn SupervisedAgent>>;
+
+/// An agent created ahead of its start. Creating an agent (instantiating
+/// its component) runs none of its lifecycle: nothing it does is observable
+/// before `init`. So it is done where it costs the supervisor nothing: by
+/// the caller of `add_child`, or, for a group restart, by a task that works
+/// while the bystanders are being stopped. Its `init` still runs only when
+/// its start's turn comes, after its previous incarnation has ended.
+pub(crate) enum Prepared {
+    /// Created by the caller.
+    Ready(Created),
+    /// Being created by the task of a group restart. If that failed (it
+    /// ran while the stopped members still held their resources), the
+    /// start creates it once more.
+    Later(oneshot::Receiver<Created>),
+}
+
+/// The agents of a group restart being created ahead, in start order, by
+/// one task (so that the factory sees them created in that order).
+#[derive(Default)]
+struct Preparing {
+    _task: Option<AbortOnDropHandle<()>>,
+    agents: HashMap<AgentPid, oneshot::Receiver<Created>>,
+}
 
 /// The supervisor is giving up: its restart intensity was exceeded.
 pub(crate) struct Escalated;
@@ -238,7 +268,14 @@ pub(crate) fn new_supervisor(
         .state_store()
         .unwrap_or_else(|| Arc::new(crate::MemoryStateStore::default()));
     let dead_letters = DeadLetters::new(store);
-    let shared = Arc::new(Shared::new(id, path, config, events, dead_letters));
+    let shared = Arc::new(Shared::new(
+        id,
+        path,
+        config,
+        events,
+        dead_letters,
+        Arc::downgrade(&factory),
+    ));
     let (commands_tx, commands) = mpsc::channel(64);
     let (exits_tx, exits_rx) = mpsc::unbounded_channel();
     let (health_tx, health_rx) = mpsc::unbounded_channel();
@@ -364,7 +401,7 @@ impl Actor {
         mut stop: oneshot::Receiver<()>,
     ) -> Option<ExitReason> {
         for spec in initial {
-            if let Err(e) = self.add_child(spec).await {
+            if let Err(e) = self.add_child(spec, None).await {
                 self.shutdown(SupervisorStatus::Stopped).await;
                 let _ = started.send(Err(e));
                 return None;
@@ -547,9 +584,14 @@ impl Actor {
             .collect()
     }
 
-    /// Add a child and start it (OTP's `start_child`); the spec is not kept
-    /// if the start fails.
-    async fn add_child(&mut self, spec: ChildSpec) -> SupervisionResult<AgentPid> {
+    /// Add a child and start it (OTP's `start_child`), with the agent
+    /// `prepared` for it if there is one; the spec is not kept if the start
+    /// fails.
+    async fn add_child(
+        &mut self,
+        spec: ChildSpec,
+        prepared: Option<Prepared>,
+    ) -> SupervisionResult<AgentPid> {
         let pid = spec.id().clone();
         let max = self.shared.config.max_children;
         if self.children.len() >= max {
@@ -617,7 +659,7 @@ impl Actor {
             }
         }
         self.publish_pushed();
-        match self.start_child(idx).await {
+        match self.start_child(idx, prepared).await {
             Ok(()) => {
                 let name = self.children[idx].info.name.clone();
                 self.emit_child(
@@ -637,11 +679,15 @@ impl Actor {
         }
     }
 
-    /// Start the child at `idx` (not running) as a new incarnation. On
-    /// failure nothing of the attempt runs any more when this returns (a
-    /// start that timed out is killed and awaited), so that a retry never
-    /// overlaps it.
-    async fn start_child(&mut self, idx: usize) -> SupervisionResult<()> {
+    /// Start the child at `idx` (not running) as a new incarnation, with the
+    /// agent `prepared` for it if there is one. On failure nothing of the
+    /// attempt runs any more when this returns (a start that timed out is
+    /// killed and awaited), so that a retry never overlaps it.
+    async fn start_child(
+        &mut self,
+        idx: usize,
+        prepared: Option<Prepared>,
+    ) -> SupervisionResult<()> {
         let incarnation = self.next_incarnation;
         self.next_incarnation += 1;
         let pid = self.children[idx].id().clone();
@@ -665,10 +711,20 @@ impl Actor {
                     health: spec.health.unwrap_or_else(|| config.health_policy()),
                     reports: self.health_tx.clone(),
                 };
+                let reaper = child::Reaper(lineage.clone());
                 let (task, started) =
                     child::spawn(pid.clone(), incarnation, exits, lineage, None, move |s| {
-                        let create = async move { factory.create_agent(&spec).await };
-                        child::run_worker(create, args, setup, s, rx, stop_rx)
+                        let create = async move {
+                            match prepared {
+                                Some(Prepared::Ready(created)) => created,
+                                Some(Prepared::Later(created)) => match created.await {
+                                    Ok(Ok(agent)) => Ok(agent),
+                                    _ => factory.create_agent(&spec).await,
+                                },
+                                None => factory.create_agent(&spec).await,
+                            }
+                        };
+                        child::run_worker(create, args, setup, s, rx, stop_rx, reaper)
                     });
                 let bound = Some(self.shared.config.agent_timeout);
                 (task, started, Route::Worker(tx), bound, None)
@@ -964,11 +1020,50 @@ impl Actor {
                     start,
                 },
             ) => {
-                self.stop_and_remove(&stop, &remove).await;
                 let delay = self.backoff_delay(&cause.agent);
-                self.start_after(cause, start, delay).await
+                // Started now: create the agents while the bystanders stop.
+                let preparing = if delay.is_zero() && !stop.is_empty() {
+                    self.prepare(&start)
+                } else {
+                    Preparing::default()
+                };
+                self.stop_and_remove(&stop, &remove).await;
+                self.start_after(cause, start, delay, preparing).await
             }
             (_, other) => self.conclude(idx, other).await,
+        }
+    }
+
+    /// Create the agents of `start` ahead of their starts, in order, in a
+    /// task of this supervisor's subtree (see [`Prepared`]).
+    fn prepare(&self, start: &[AgentPid]) -> Preparing {
+        let mut agents = HashMap::new();
+        let mut jobs = Vec::new();
+        for id in start {
+            let Some(ChildSpec::Agent(spec)) = self.index(id).map(|i| &self.children[i].spec)
+            else {
+                continue;
+            };
+            let (tx, rx) = oneshot::channel();
+            agents.insert(id.clone(), rx);
+            jobs.push((spec.clone(), tx));
+        }
+        if jobs.is_empty() {
+            return Preparing::default();
+        }
+        let factory = self.factory.clone();
+        let lineage = Lineage::new(&self.tracker, self.lineage.clone());
+        let task = tokio::spawn(async move {
+            let _lineage = lineage;
+            for (spec, tx) in jobs {
+                let created = factory.create_agent(&spec).await;
+                // A start that no longer waits drops the agent here.
+                let _ = tx.send(created);
+            }
+        });
+        Preparing {
+            _task: Some(AbortOnDropHandle::new(task)),
+            agents,
         }
     }
 
@@ -1158,6 +1253,7 @@ impl Actor {
         cause: ExitCause,
         start: Vec<AgentPid>,
         delay: Duration,
+        preparing: Preparing,
     ) -> Result<(), Escalated> {
         for id in &start {
             if let Some(idx) = self.index(id) {
@@ -1166,7 +1262,7 @@ impl Actor {
             }
         }
         if delay.is_zero() {
-            return self.start_group(cause, &start).await;
+            return self.start_group(cause, &start, preparing).await;
         }
         self.schedule(
             Instant::now() + delay,
@@ -1179,14 +1275,20 @@ impl Actor {
     /// fails to start is, in turn, a failure for its breaker or a new
     /// abnormal exit, which may escalate; its next attempt is a timer, not
     /// made here.
-    async fn start_group(&mut self, cause: ExitCause, start: &[AgentPid]) -> Result<(), Escalated> {
+    async fn start_group(
+        &mut self,
+        cause: ExitCause,
+        start: &[AgentPid],
+        mut preparing: Preparing,
+    ) -> Result<(), Escalated> {
         for id in start {
             let Some(idx) = self.index(id) else { continue };
             let child = &self.children[idx];
             if child.running.is_some() || !child.restarting {
                 continue;
             }
-            if let Err(error) = self.start_child(idx).await {
+            let prepared = preparing.agents.remove(id).map(Prepared::Later);
+            if let Err(error) = self.start_child(idx, prepared).await {
                 let reason = ExitReason::Fault(AgentFault::InitFailed(error.to_string()));
                 return self.start_failed(idx, reason).await;
             }
@@ -1261,7 +1363,9 @@ impl Actor {
     /// A timer is due.
     async fn on_timer(&mut self, timer: Timer) -> Result<(), Escalated> {
         match timer {
-            Timer::Restart(Retry { cause, start }) => self.start_group(cause, &start).await,
+            Timer::Restart(Retry { cause, start }) => {
+                self.start_group(cause, &start, Preparing::default()).await
+            }
             Timer::Trial(pid) => self.trial(&pid).await,
             Timer::Probation(pid, incarnation) => {
                 self.probation_passed(&pid, incarnation);
@@ -1290,7 +1394,7 @@ impl Actor {
         self.update(idx, |info| info.circuit = Some(CircuitStatus::HalfOpen));
         self.record(idx, ExitReason::Shutdown, RestartAction::CircuitHalfOpen);
         self.emit_child(idx, EventKind::CircuitHalfOpen { agent: pid.clone() });
-        if let Err(error) = self.start_child(idx).await {
+        if let Err(error) = self.start_child(idx, None).await {
             let reason = ExitReason::Fault(AgentFault::InitFailed(error.to_string()));
             return self.start_failed(idx, reason).await;
         }
@@ -1380,8 +1484,8 @@ impl Actor {
 
     async fn serve(&mut self, command: Command) -> Result<(), Escalated> {
         match command {
-            Command::AddChild(spec, reply) => {
-                let result = self.add_child(*spec).await;
+            Command::AddChild(spec, prepared, reply) => {
+                let result = self.add_child(*spec, prepared).await;
                 let _ = reply.send(result);
             }
             Command::ReportExit(pid, reason, reply) => {
@@ -1443,7 +1547,7 @@ impl Actor {
                     {
                         Err(SupervisionError::AgentRestarting(pid))
                     }
-                    Ok(idx) => match self.start_child(idx).await {
+                    Ok(idx) => match self.start_child(idx, None).await {
                         Ok(()) => {
                             // Restarted on request: its own last exit is the
                             // cause.

@@ -14,7 +14,10 @@
 //!   gone: the child dies at once, without a graceful stop;
 //! - a task sends its exit report only once everything it ran has ended
 //!   (for a nested supervisor: its whole subtree), so that the supervisor
-//!   never restarts a child while an earlier incarnation still runs;
+//!   never restarts a child while an earlier incarnation still runs. What
+//!   is left of an ended agent (its store) is released by a [`Reaper`] task
+//!   in the same lineage: no code of the agent runs any more, and whoever
+//!   waits for the subtree waits for the release;
 //! - a worker also delivers its agent's due timers ([`deliver_timer`]):
 //!   each as an ordinary message whose reply goes nowhere. Timers belong to
 //!   the agent (its instance), so they end with it.
@@ -187,8 +190,9 @@ pub(crate) async fn run_worker(
     args: InitArgs,
     setup: WorkerSetup,
     started: Started,
-    mut commands: mpsc::Receiver<WorkerCommand>,
-    mut stop: oneshot::Receiver<()>,
+    commands: mpsc::Receiver<WorkerCommand>,
+    stop: oneshot::Receiver<()>,
+    reaper: Reaper,
 ) -> Option<Ending> {
     let pid = args.agent_id.clone();
     let mut agent = match start_agent(create, args).await {
@@ -198,11 +202,42 @@ pub(crate) async fn run_worker(
             return None;
         }
     };
-    if started.send(Ok(())).is_err() {
+    let ending = if started.send(Ok(())).is_err() {
         // The supervisor gave up waiting (start timeout): nobody owns us.
         let _ = agent.terminate(TerminateReason::Timeout).await;
-        return None;
+        None
+    } else {
+        serve(&mut *agent, &pid, &setup, commands, stop).await
+    };
+    reaper.reap(agent);
+    ending
+}
+
+/// What is left of an agent once it has ended (for a WASM agent: its store
+/// and instance slot) is released in a task of its own, so that its
+/// supervisor hears of the end without waiting for the release. The task
+/// holds the worker's lineage: whoever waits for the subtree waits for it.
+pub(crate) struct Reaper(pub Arc<Lineage>);
+
+impl Reaper {
+    fn reap(self, agent: Box<dyn SupervisedAgent>) {
+        let Self(lineage) = self;
+        tokio::spawn(async move {
+            let _lineage = lineage;
+            drop(agent);
+        });
     }
+}
+
+/// Serve requests, timers and health checks until the agent exits or is
+/// asked to stop; how it ended (`None`: its supervisor is gone).
+async fn serve(
+    agent: &mut dyn SupervisedAgent,
+    pid: &AgentPid,
+    setup: &WorkerSetup,
+    mut commands: mpsc::Receiver<WorkerCommand>,
+    mut stop: oneshot::Receiver<()>,
+) -> Option<Ending> {
     let mut checks = health_checks(&setup.health);
     let mut streak = 0;
     // Messages handled by this incarnation, for crash reports.
@@ -217,15 +252,15 @@ pub(crate) async fn run_worker(
             },
             message = agent.next_timer() => {
                 sequence += 1;
-                match deliver_timer(&mut *agent, message, sequence).await {
+                match deliver_timer(agent, message, sequence).await {
                     Some(ending) => return Some(ending),
                     None => continue,
                 }
             }
             command = commands.recv() => command,
             () = tick(&mut checks) => {
-                match check_health(&mut *agent, &pid, &setup, &mut streak).await {
-                    Some(reason) => return Some(crashed(&*agent, reason, None)),
+                match check_health(agent, pid, setup, &mut streak).await {
+                    Some(reason) => return Some(crashed(agent, reason, None)),
                     None => continue,
                 }
             }
@@ -245,16 +280,16 @@ pub(crate) async fn run_worker(
                     .handle_message(message)
                     .await
                     .and_then(|reply| bounded_reply(reply, setup.max_reply_bytes));
-                answer(&*agent, &pid, result, reply)
-                    .map(|reason| crashed(&*agent, reason, Some((kept, sequence))))
+                answer(agent, pid, result, reply)
+                    .map(|reason| crashed(agent, reason, Some((kept, sequence))))
             }
             WorkerCommand::System(message, reply) => {
                 let result = agent.handle_system_message(message).await;
-                answer(&*agent, &pid, result, reply).map(|reason| crashed(&*agent, reason, None))
+                answer(agent, pid, result, reply).map(|reason| crashed(agent, reason, None))
             }
             WorkerCommand::Health(reply) => {
                 let result = agent.health_check().await;
-                answer(&*agent, &pid, result, reply).map(|reason| crashed(&*agent, reason, None))
+                answer(agent, pid, result, reply).map(|reason| crashed(agent, reason, None))
             }
         };
         if ending.is_some() {

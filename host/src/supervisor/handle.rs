@@ -2,13 +2,16 @@
 //! running supervisor task) and [`AgentSupervisor`] (the original API: owns
 //! a root supervisor's configuration and lifecycle).
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+
+use futures_util::FutureExt;
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::timeout;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
-use super::actor::{self, Command, Placement};
+use super::actor::{self, Command, Placement, Prepared};
 use super::child::WorkerCommand;
 use super::view::{Route, Shared};
 use super::{
@@ -106,10 +109,18 @@ impl SupervisorHandle {
     /// it starts. Duplicate ids are refused.
     pub async fn add_child(&self, child: impl Into<ChildSpec>) -> SupervisionResult<AgentPid> {
         let child = Box::new(child.into());
-        self.request(|r| Command::AddChild(child, r)).await?
+        let prepared = match (&*child, self.shared.factory.upgrade()) {
+            (ChildSpec::Agent(spec), Some(factory)) => prepare(&*factory, spec).await,
+            _ => None,
+        };
+        self.request(|r| Command::AddChild(child, prepared, r))
+            .await?
     }
 
     /// Add an agent and start it.
+    ///
+    /// The agent is created (its component instantiated) by the caller, so
+    /// that the supervisor task only initialises and starts it.
     pub async fn spawn_agent(&self, spec: AgentSpec) -> SupervisionResult<AgentPid> {
         self.add_child(spec).await
     }
@@ -614,4 +625,19 @@ impl AgentSupervisor {
     pub fn child_supervisor(&self, agent_id: &AgentPid) -> SupervisionResult<SupervisorHandle> {
         self.handle()?.child_supervisor(agent_id)
     }
+}
+
+/// Create the agent of `spec` ahead of its start (see [`Prepared`]). A spec
+/// the factory refuses, or a factory that panics, is left to the supervisor
+/// task: it says why, or it is the one that fails, as without preparation.
+async fn prepare(factory: &dyn AgentFactory, spec: &AgentSpec) -> Option<Prepared> {
+    let valid = std::panic::catch_unwind(AssertUnwindSafe(|| factory.validate_spec(spec)));
+    if !matches!(valid, Ok(Ok(()))) {
+        return None;
+    }
+    AssertUnwindSafe(factory.create_agent(spec))
+        .catch_unwind()
+        .await
+        .ok()
+        .map(Prepared::Ready)
 }

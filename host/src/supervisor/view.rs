@@ -7,7 +7,7 @@
 //! the task's own list of children; nothing else holds a child's state.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use tokio::sync::{broadcast, mpsc, watch};
 
@@ -15,7 +15,7 @@ use super::child::WorkerCommand;
 use super::{RestartEntry, SupervisorConfig, SupervisorEvent, SupervisorHandle, SupervisorStatus};
 use crate::dead_letters::DeadLetters;
 use crate::running::WaitGraph;
-use crate::{AgentPid, SupervisedAgentInfo, SupervisorId};
+use crate::{AgentFactory, AgentPid, SupervisedAgentInfo, SupervisorId};
 
 /// How to reach a child, for calls that bypass the supervisor task.
 #[derive(Clone)]
@@ -91,6 +91,10 @@ pub(crate) struct Shared {
     /// Who waits for whom among the tree's agents (calls in flight). Only
     /// the root's is used: one graph per tree.
     pub waits: WaitGraph,
+    /// Makes the supervisor's agents (handles create added agents ahead).
+    /// Weak: a factory may hold the tree (to route calls between agents),
+    /// and the tree must not keep itself alive through it.
+    pub factory: Weak<dyn AgentFactory>,
 }
 
 impl Shared {
@@ -100,6 +104,7 @@ impl Shared {
         config: SupervisorConfig,
         events: broadcast::Sender<SupervisorEvent>,
         dead_letters: DeadLetters,
+        factory: Weak<dyn AgentFactory>,
     ) -> Self {
         let view = View {
             status: SupervisorStatus::Starting,
@@ -115,6 +120,7 @@ impl Shared {
             events,
             dead_letters,
             waits: WaitGraph::default(),
+            factory,
         }
     }
 
