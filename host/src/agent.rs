@@ -90,6 +90,27 @@ pub trait SupervisedAgent: Send {
     async fn next_timer(&mut self) -> String {
         std::future::pending().await
     }
+
+    /// What the agent consumes now, if it can tell cheaply (a WASM agent
+    /// can: fuel, linear memory, durable state). Read by its worker after
+    /// its start, after each call (a timer's delivery is one) and after each
+    /// health check, for the observer ([`crate::observe`]); must not block.
+    /// The default: `None`.
+    fn stats(&self) -> Option<AgentStats> {
+        None
+    }
+}
+
+/// What an agent instance consumes, as [`SupervisedAgent::stats`] reports
+/// it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentStats {
+    /// Fuel this instance consumed since it was created.
+    pub fuel_used: u64,
+    /// Bytes of linear memory it holds, summed over its memories.
+    pub memory_bytes: u64,
+    /// Bytes of durable state the agent holds (as its quota counts them).
+    pub state_bytes: u64,
 }
 
 /// How a child is stopped (OTP's `shutdown`).

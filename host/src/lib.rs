@@ -16,6 +16,8 @@
 //!   granted in their [`AgentSpec`]: outbound HTTP ([`HttpGrants`]), calls
 //!   and casts to other agents of their tree ([`CallPattern`]), and timers
 //!   ([`AgentLimits::max_timers`]).
+//! - [`observe`]: an observer of a running tree: Prometheus metrics, JSON
+//!   snapshots and (feature `http`) an HTTP server with a live tree view.
 
 #![deny(missing_docs)]
 
@@ -24,6 +26,7 @@ mod agent;
 pub mod bench;
 pub mod dead_letters;
 mod error;
+pub mod observe;
 pub mod private_dir;
 mod running;
 pub mod runtime;
@@ -38,7 +41,7 @@ mod wasm_agent;
 pub mod examples;
 
 pub use agent::{
-    AgentFactory, AgentSpec, DEFAULT_POISON_THRESHOLD, ShutdownPolicy, SupervisedAgent,
+    AgentFactory, AgentSpec, AgentStats, DEFAULT_POISON_THRESHOLD, ShutdownPolicy, SupervisedAgent,
     SupervisedAgentInfo, TestAgent, TestAgentFactory,
 };
 pub use dead_letters::{DeadLetter, DeadLetters};
@@ -56,10 +59,10 @@ pub use state::{
     entry_cost,
 };
 pub use supervisor::{
-    AgentSupervisor, Backoff, BreakerPolicy, ChildCount, ChildSpec, CircuitStatus, EventKind,
-    ExitCause, HealthPolicy, HealthStatus, RestartAction, RestartEntry, RestartIntensity,
-    RestartPolicy, RestartStrategy, RestartType, SupervisorConfig, SupervisorEvent,
-    SupervisorHandle, SupervisorSpec, SupervisorStatus,
+    AgentMetrics, AgentSupervisor, Backoff, BreakerPolicy, CallCounts, CallOutcome, ChildCount,
+    ChildSpec, CircuitStatus, EventKind, ExitCause, HealthPolicy, HealthStatus, LatencyHistogram,
+    RestartAction, RestartEntry, RestartIntensity, RestartPolicy, RestartStrategy, RestartType,
+    SupervisorConfig, SupervisorEvent, SupervisorHandle, SupervisorSpec, SupervisorStatus,
 };
 pub use types::{
     AgentPid, AgentStatus, ExitReason, InitArgs, SupervisorId, SystemMessage, TerminateReason,

@@ -19,8 +19,8 @@ use crate::runtime::{
 };
 use crate::state::{MemoryStateStore, StateStore};
 use crate::{
-    AgentFactory, AgentPid, AgentSpec, ExitReason, InitArgs, SupervisedAgent, SupervisionError,
-    SupervisionResult, SystemMessage, TerminateReason, TreeHandle,
+    AgentFactory, AgentPid, AgentSpec, AgentStats, ExitReason, InitArgs, SupervisedAgent,
+    SupervisionError, SupervisionResult, SystemMessage, TerminateReason, TreeHandle,
 };
 
 /// Creates WASM agents: each agent type names a component; each agent gets
@@ -276,6 +276,14 @@ impl SupervisedAgent for WasmAgent {
 
     async fn next_timer(&mut self) -> String {
         self.instance.next_timer().await
+    }
+
+    fn stats(&self) -> Option<AgentStats> {
+        Some(AgentStats {
+            fuel_used: self.instance.fuel_used(),
+            memory_bytes: self.instance.memory_bytes() as u64,
+            state_bytes: self.instance.state_bytes() as u64,
+        })
     }
 }
 

@@ -32,8 +32,8 @@ use super::http::HttpGate;
 use super::limits::Limiter;
 use super::timers::Timers;
 use super::{
-    AgentComponent, AgentFault, AgentLimits, CallError, HttpGrants, MAX_GUEST_TEXT, Runtime,
-    WasiGrants,
+    AgentComponent, AgentFault, AgentLimits, CallError, HttpGrants, LiveSlot, MAX_GUEST_TEXT,
+    Runtime, WasiGrants,
 };
 use crate::state::{MemoryStateStore, StateStore};
 use crate::text::bound;
@@ -84,6 +84,8 @@ pub struct AgentInstance {
     fuel_left: Option<u64>,
     fuel_used: u64,
     dead: bool,
+    /// Counts the instance among its runtime's live ones while it exists.
+    _live: LiveSlot,
 }
 
 impl std::fmt::Debug for AgentInstance {
@@ -219,6 +221,7 @@ impl AgentInstance {
             limits,
             fuel_used: used,
             dead: false,
+            _live: runtime.live_slot(),
         })
     }
 
@@ -256,6 +259,13 @@ impl AgentInstance {
             memory_bytes: self.memory_bytes(),
             ..CrashReport::default()
         })
+    }
+
+    /// Bytes of durable state the agent holds, as its quota counts them
+    /// ([`StateStore::bytes_used`]).
+    pub fn state_bytes(&self) -> usize {
+        let data = self.store.data();
+        data.state.bytes_used(&data.agent_id)
     }
 
     /// Log records the instance emitted over its budget, which were dropped.

@@ -30,6 +30,7 @@ mod wasi;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use wasmtime::component::{HasSelf, Linker};
@@ -168,6 +169,18 @@ struct Inner {
     linker: Linker<HostState>,
     cache: Option<cache::CompileCache>,
     config: RuntimeConfig,
+    /// Agent instances alive now (each holds one slot of the pool).
+    live: Arc<AtomicUsize>,
+}
+
+/// One live instance, counted in its runtime's [`Runtime::live_instances`]
+/// until it is dropped.
+pub(crate) struct LiveSlot(Arc<AtomicUsize>);
+
+impl Drop for LiveSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The shared WASM runtime. Cheap to clone; all clones share one engine.
@@ -275,6 +288,7 @@ impl Runtime {
                 linker,
                 cache,
                 config,
+                live: Arc::default(),
             }),
         })
     }
@@ -287,6 +301,18 @@ impl Runtime {
     /// The underlying engine.
     pub fn engine(&self) -> &Engine {
         &self.inner.engine
+    }
+
+    /// How many agent instances are alive now: the pool slots in use, of
+    /// [`RuntimeConfig::max_instances`].
+    pub fn live_instances(&self) -> usize {
+        self.inner.live.load(Ordering::Relaxed)
+    }
+
+    /// Count one more live instance until the slot is dropped.
+    pub(crate) fn live_slot(&self) -> LiveSlot {
+        self.inner.live.fetch_add(1, Ordering::Relaxed);
+        LiveSlot(self.inner.live.clone())
     }
 
     /// Compile, type-check and link a component given as bytes (binary or

@@ -710,6 +710,7 @@ impl Actor {
                     max_reply_bytes: config.max_message_bytes,
                     health: spec.health.unwrap_or_else(|| config.health_policy()),
                     reports: self.health_tx.clone(),
+                    meter: self.shared.meter_of(&pid),
                 };
                 let reaper = child::Reaper(lineage.clone());
                 let (task, started) =

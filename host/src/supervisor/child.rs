@@ -20,13 +20,17 @@
 //!   waits for the subtree waits for the release;
 //! - a worker also delivers its agent's due timers ([`deliver_timer`]):
 //!   each as an ordinary message whose reply goes nowhere. Timers belong to
-//!   the agent (its instance), so they end with it.
+//!   the agent (its instance), so they end with it;
+//! - a worker reports what its agent consumes to the agent's meter (after
+//!   its start, each call and each health check), and counts each timer's
+//!   delivery there as a call of the agent.
 
 use std::any::Any;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use futures_util::FutureExt;
@@ -37,6 +41,7 @@ use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use super::HealthPolicy;
+use super::meter::AgentMeter;
 use crate::runtime::{CrashReport, MAX_REPORT_MESSAGE};
 use crate::text::{bound, fnv1a};
 use crate::{
@@ -118,6 +123,9 @@ pub(crate) struct WorkerSetup {
     pub health: HealthPolicy,
     /// Where the outcome of each health check goes.
     pub reports: mpsc::UnboundedSender<HealthReport>,
+    /// Where what the agent consumes goes (after its start, each call and
+    /// each health check), and where its timers' deliveries are counted.
+    pub meter: Arc<AgentMeter>,
 }
 
 /// The outcome of one health check of a worker's agent.
@@ -202,6 +210,7 @@ pub(crate) async fn run_worker(
             return None;
         }
     };
+    setup.meter.started(agent.stats());
     let ending = if started.send(Ok(())).is_err() {
         // The supervisor gave up waiting (start timeout): nobody owns us.
         let _ = agent.terminate(TerminateReason::Timeout).await;
@@ -252,7 +261,7 @@ async fn serve(
             },
             message = agent.next_timer() => {
                 sequence += 1;
-                match deliver_timer(agent, message, sequence).await {
+                match deliver_timer(agent, pid, &setup.meter, message, sequence).await {
                     Some(ending) => return Some(ending),
                     None => continue,
                 }
@@ -280,6 +289,7 @@ async fn serve(
                     .handle_message(message)
                     .await
                     .and_then(|reply| bounded_reply(reply, setup.max_reply_bytes));
+                setup.meter.observe(agent.stats());
                 answer(agent, pid, result, reply)
                     .map(|reason| crashed(agent, reason, Some((kept, sequence))))
             }
@@ -289,6 +299,7 @@ async fn serve(
             }
             WorkerCommand::Health(reply) => {
                 let result = agent.health_check().await;
+                setup.meter.observe(agent.stats());
                 answer(agent, pid, result, reply).map(|reason| crashed(agent, reason, None))
             }
         };
@@ -379,6 +390,7 @@ async fn check_health(
             true,
         ),
     };
+    setup.meter.observe(agent.stats());
     *streak = if failure.is_some() { *streak + 1 } else { 0 };
     let _ = setup.reports.send(HealthReport {
         pid: pid.clone(),
@@ -398,20 +410,34 @@ async fn check_health(
 
 /// Deliver a due timer's `message` to the agent, as any message (the
 /// `sequence`-th this incarnation handles). Nobody asked for the reply, so
-/// it goes nowhere; an application error is logged (at debug level). How
-/// the agent ended if the delivery killed it: a crash while handling a
-/// timer is a crash like any other, with its crash report (the message and
-/// its sequence number) and the message for the poison-message quarantine.
+/// it goes nowhere; an application error is logged (at debug level). For
+/// the observer the delivery counts as a call of the agent in its `meter`
+/// (its outcome and how long the agent took), followed by a report of what
+/// the agent consumes. How the agent ended if the delivery killed it: a
+/// crash while handling a timer is a crash like any other, with its crash
+/// report (the message and its sequence number) and the message for the
+/// poison-message quarantine.
 async fn deliver_timer(
     agent: &mut dyn SupervisedAgent,
+    pid: &AgentPid,
+    meter: &AgentMeter,
     message: String,
     sequence: u64,
 ) -> Option<Ending> {
     let kept = message.clone();
-    if let Err(e) = agent.handle_message(message).await {
+    let started = Instant::now();
+    let result = agent.handle_message(message).await;
+    if let Err(e) = &result {
         tracing::debug!("a timer's message was answered with an error: {e}");
     }
-    let reason = agent.exit_reason()?;
+    let exit = agent.exit_reason();
+    let outcome = match &exit {
+        Some(reason) => Err(died(pid, reason, result.err())),
+        None => result,
+    };
+    meter.record_call(&outcome, started.elapsed());
+    meter.observe(agent.stats());
+    let reason = exit?;
     Some(crashed(&*agent, reason, Some((kept, sequence))))
 }
 

@@ -4,6 +4,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::Instant;
 
 use futures_util::FutureExt;
 
@@ -268,6 +269,17 @@ impl SupervisorHandle {
     /// `CommunicationFailed` if it does not run now, `Timeout` after
     /// `agent_timeout`, `AgentNotFound` for an unknown id.
     pub async fn call(&self, agent_id: &AgentPid, message: String) -> SupervisionResult<String> {
+        // Counted for the observer: one lookup, then a few atomic adds.
+        let meter = self.shared.meter(agent_id);
+        let started = Instant::now();
+        let result = self.call_agent(agent_id, message).await;
+        if let Some(meter) = meter {
+            meter.record_call(&result, started.elapsed());
+        }
+        result
+    }
+
+    async fn call_agent(&self, agent_id: &AgentPid, message: String) -> SupervisionResult<String> {
         let max = self.shared.config.max_message_bytes;
         if message.len() > max {
             return Err(SupervisionError::MessageTooLarge {

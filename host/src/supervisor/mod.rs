@@ -14,6 +14,7 @@ pub mod decision;
 mod event;
 mod handle;
 pub mod health;
+pub mod meter;
 mod policy;
 mod view;
 
@@ -29,6 +30,7 @@ pub use decision::{RestartStrategy, RestartType};
 pub use event::{EventKind, ExitCause, SupervisorEvent};
 pub use handle::{AgentSupervisor, DEFAULT_ROOT_NAME, SupervisorHandle};
 pub use health::{HealthPolicy, HealthStatus};
+pub use meter::{AgentMetrics, CallCounts, CallOutcome, LatencyHistogram};
 pub use policy::{RestartIntensity, RestartPolicy};
 
 use crate::runtime::CrashReport;

@@ -7,11 +7,12 @@
 //! the task's own list of children; nothing else holds a child's state.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, RwLock, Weak};
 
 use tokio::sync::{broadcast, mpsc, watch};
 
 use super::child::WorkerCommand;
+use super::meter::AgentMeter;
 use super::{RestartEntry, SupervisorConfig, SupervisorEvent, SupervisorHandle, SupervisorStatus};
 use crate::dead_letters::DeadLetters;
 use crate::running::WaitGraph;
@@ -95,6 +96,8 @@ pub(crate) struct Shared {
     /// Weak: a factory may hold the tree (to route calls between agents),
     /// and the tree must not keep itself alive through it.
     pub factory: Weak<dyn AgentFactory>,
+    /// The meters of the agent children, by id (see [`Self::meter_of`]).
+    meters: RwLock<HashMap<AgentPid, Arc<AgentMeter>>>,
 }
 
 impl Shared {
@@ -121,7 +124,27 @@ impl Shared {
             dead_letters,
             waits: WaitGraph::default(),
             factory,
+            meters: RwLock::default(),
         }
+    }
+
+    /// The meter of the agent child `pid`, if it ever started.
+    pub fn meter(&self, pid: &AgentPid) -> Option<Arc<AgentMeter>> {
+        let meters = self.meters.read().unwrap_or_else(|p| p.into_inner());
+        meters.get(pid).cloned()
+    }
+
+    /// The meter of the agent child `pid` (a child now), created on its
+    /// first start. Creating one drops the meters of former children, so
+    /// that there are never more meters than children.
+    pub fn meter_of(&self, pid: &AgentPid) -> Arc<AgentMeter> {
+        if let Some(meter) = self.meter(pid) {
+            return meter;
+        }
+        let view = self.view.borrow();
+        let mut meters = self.meters.write().unwrap_or_else(|p| p.into_inner());
+        meters.retain(|id, _| view.index.contains_key(id));
+        meters.entry(pid.clone()).or_default().clone()
     }
 
     pub fn status(&self) -> SupervisorStatus {
