@@ -33,6 +33,9 @@
 //! # }
 //! ```
 
+#[cfg(feature = "http")]
+pub mod http;
+
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
@@ -49,7 +52,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use crate::supervisor::meter::{CallOutcome, LATENCY_BUCKETS};
 use crate::{
-    AgentFault, AgentMetrics, AgentPid, EventKind, ExitReason, NodeKind, NodeStatus, RestartAction,
+    AgentFault, AgentMetrics, AgentPid, CrashReport, EventKind, ExitReason, NodeKind, NodeStatus, RestartAction,
     RestartEntry, RestartStrategy, Runtime, SupervisorEvent, SupervisorHandle, SupervisorStatus,
     TreeHandle,
 };
@@ -288,9 +291,9 @@ impl Observer {
     }
 
     /// The node at `path` (a path or a unique name), with its counters,
-    /// its entries in its supervisor's restart history (the last
-    /// [`NODE_HISTORY`]) and its recent events; `None` if there is no such
-    /// node now.
+    /// its last crash report, its entries in its supervisor's restart
+    /// history (the last [`NODE_HISTORY`]) and its recent events; `None` if
+    /// there is no such node now.
     pub fn node(&self, path: &str) -> Option<NodeDetail> {
         let tree = &self.inner.tree;
         let node = tree.resolve(path).ok()?;
@@ -313,9 +316,13 @@ impl Observer {
             .into_iter()
             .filter(|e| e.path == status.path)
             .collect();
+        let last_crash = (node.parent.shared.view.borrow())
+            .child(&status.id)
+            .and_then(|c| c.info.last_crash.clone());
         Some(NodeDetail {
             node: NodeReport { status, metrics },
             supervisor: node.parent.path().to_owned(),
+            last_crash,
             history,
             events,
         })
@@ -359,6 +366,9 @@ pub struct NodeDetail {
     pub node: NodeReport,
     /// The path of its supervisor.
     pub supervisor: String,
+    /// The report of its last crash, if it ever crashed (kept when its
+    /// history entry is gone).
+    pub last_crash: Option<Box<CrashReport>>,
     /// Its entries in its supervisor's restart history, oldest first: each
     /// exit and what was done about it.
     pub history: Vec<RestartEntry>,
