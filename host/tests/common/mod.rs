@@ -1,6 +1,7 @@
 //! Shared helpers of the integration tests.
 #![allow(dead_code)]
 
+pub mod http_client;
 pub mod http_server;
 pub mod wat;
 

@@ -13,12 +13,13 @@ use terraphim_agent_supervisor::{
     AgentLimits, AgentSpec, AgentStatus, AgentSupervisor, ExitReason, RestartIntensity,
     RestartPolicy, RestartStrategy, RunningTree, Runtime, SupervisionError, SupervisionResult,
     SupervisorConfig, SupervisorSpec, SupervisorStatus, TreeCallError, TreeHandle,
-    WasmAgentFactory, examples,
+    WasmAgentFactory, examples, observe::Observer,
 };
 use tokio::sync::oneshot;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::events::{PENDING_WAIT, Printer, Shared, row, status_text};
+use crate::http::{self, HttpArgs};
 use crate::output::{Out, seconds, stderr_line};
 use crate::{CliResult, EXIT_FAILURE};
 
@@ -40,9 +41,14 @@ count keeps rising across restarts. At the end the demo prints each child's
 status, restart count and last exit, then stops the tree: children stop in
 reverse start order. Ctrl-C ends the demo early, cleanly.
 
+With --http the tree can be watched live in a browser: the demo prints the
+address of its tree view (and serves /metrics and the JSON API as `agent-host
+run --http` does; see `agent-host run --help`), and the driver goes on until
+Ctrl-C unless --seconds is given.
+
 With --json every line on stdout is a JSON object with a `kind`: `event`
 (the SupervisorEvent is in `event`), `call`, `inject`, `child` (the final
-table) or `stopped`.
+table) or `stopped`; with --http, a first `http` line has the `url`.
 
 Exits 0, or 1 if the tree cannot start or its root supervisor gives up.";
 
@@ -63,18 +69,23 @@ const TEAM_WINDOW: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// How long the driver sends messages, in seconds (1 to 3600).
+    /// How long the driver sends messages, in seconds (1 to 3600; default
+    /// 6, or until Ctrl-C with --http).
     #[arg(
         long,
         value_name = "N",
-        default_value_t = 6,
         value_parser = clap::value_parser!(u64).range(1..=3600)
     )]
-    seconds: u64,
+    seconds: Option<u64>,
     /// Print JSON lines (events, calls, the final table) instead of text.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    http: HttpArgs,
 }
+
+/// The driver's time without --http and --seconds.
+const DEFAULT_SECONDS: u64 = 6;
 
 fn plural(n: u32, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
@@ -116,8 +127,8 @@ fn supervisor_config(
     }
 }
 
-/// The demo tree, not started.
-fn build_tree() -> Result<AgentSupervisor, Box<dyn std::error::Error>> {
+/// The demo tree, not started, and the runtime of its agents.
+fn build_tree() -> Result<(AgentSupervisor, Runtime), Box<dyn std::error::Error>> {
     let runtime = Runtime::new()?;
     let base = AgentLimits {
         deadline: Duration::from_secs(2),
@@ -143,13 +154,14 @@ fn build_tree() -> Result<AgentSupervisor, Box<dyn std::error::Error>> {
         .with_child(agent("echo", "echo-a"))
         .with_child(agent("echo", "echo-b"));
     let root_config = supervisor_config(RestartStrategy::OneForOne, ROOT_RESTARTS, ROOT_WINDOW);
-    Ok(AgentSupervisor::new(root_config, factory)
+    let root = AgentSupervisor::new(root_config, factory)
         .with_name("root")
         .with_child(agent("echo", "echo"))
         .with_child(agent("crasher", "crasher"))
         .with_child(fuel_burner)
         .with_child(memory_hog)
-        .with_child(team))
+        .with_child(team);
+    Ok((root, runtime))
 }
 
 // ---------------------------------------------------------------------------
@@ -306,10 +318,14 @@ fn describe(error: &TreeCallError) -> String {
 // The demo
 // ---------------------------------------------------------------------------
 
-fn intro(out: &Out, secs: u64) {
+fn intro(out: &Out, secs: Option<u64>) {
+    let how_long = match secs {
+        Some(secs) => format!("for {secs}s"),
+        None => "until Ctrl-C".to_owned(),
+    };
     let text = format!(
         "\
-agent-host demo: a supervision tree of sandboxed WebAssembly agents, driven into crashes for {secs}s.
+agent-host demo: a supervision tree of sandboxed WebAssembly agents, driven into crashes {how_long}.
 
   root             one-for-one supervisor, at most {ROOT_RESTARTS} restarts in {root_window}s
   |- echo          counts `count` messages; the count is durable state kept by the host
@@ -394,10 +410,28 @@ async fn summary(tree: &TreeHandle, out: &Out, width: usize) {
 
 pub async fn run(args: DemoArgs) -> CliResult {
     let out = Arc::new(Out::new(args.json));
+    let seconds = match (args.seconds, &args.http.http) {
+        (Some(seconds), _) => Some(seconds),
+        (None, Some(_)) => None,
+        (None, None) => Some(DEFAULT_SECONDS),
+    };
+    let http = http::bind(&args.http).await?;
     if !out.json() {
-        intro(&out, args.seconds);
+        intro(&out, seconds);
     }
-    let root = build_tree()?;
+    let (root, runtime) = build_tree()?;
+    if let Some(bound) = &http {
+        if out.json() {
+            out.json_line(&json!({ "kind": "http", "url": format!("http://{}/", bound.addr()) }));
+        } else {
+            out.line(&format!(
+                "Watch it live: http://{}/ (metrics: /metrics, JSON: /api/status)\n",
+                bound.addr()
+            ));
+        }
+        http::announce_token(bound, None);
+    }
+    let observed = http.as_ref().map(|_| root.subscribe());
     out.start_clock();
 
     let shared = Arc::new(Shared::default());
@@ -417,6 +451,13 @@ pub async fn run(args: DemoArgs) -> CliResult {
         }
     };
     let handle = tree.handle();
+    let serving = match (http, observed) {
+        (Some(bound), Some(events)) => {
+            let observer = Observer::with_runtime(handle.clone(), events, runtime);
+            Some(http::serve(bound, observer))
+        }
+        _ => None,
+    };
     let driver = Driver {
         tree: &handle,
         out: &out,
@@ -425,7 +466,7 @@ pub async fn run(args: DemoArgs) -> CliResult {
     };
 
     // The driver.
-    let deadline = Instant::now() + Duration::from_secs(args.seconds);
+    let deadline = seconds.map(|s| Instant::now() + Duration::from_secs(s));
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let ctrl_c = tokio::signal::ctrl_c();
@@ -449,7 +490,7 @@ pub async fn run(args: DemoArgs) -> CliResult {
                 }
             },
         }
-        if Instant::now() >= deadline
+        if deadline.is_some_and(|deadline| Instant::now() >= deadline)
             || out.is_broken()
             || matches!(tree.supervisor_status(), SupervisorStatus::Failed(_))
         {
@@ -473,6 +514,9 @@ pub async fn run(args: DemoArgs) -> CliResult {
     tokio::time::sleep(PENDING_WAIT + Duration::from_millis(100)).await;
     let root_status = tree.supervisor_status();
     summary(&handle, &out, width).await;
+    if let Some(serving) = serving {
+        serving.stop().await;
+    }
 
     if !out.json() {
         out.line("");

@@ -18,6 +18,7 @@ mod compile;
 mod control;
 mod demo;
 mod events;
+mod http;
 mod output;
 mod problems;
 mod run;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use clap::Args;
 use serde::Serialize;
+use terraphim_agent_supervisor::observe::Observer;
 use terraphim_agent_supervisor::{EventKind, NodeKind, RunningTree, SupervisorStatus};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::broadcast::error::RecvError;
@@ -15,6 +16,7 @@ use tokio::sync::oneshot;
 
 use crate::cache_arg::CacheArgs;
 use crate::events::{Printer, Shared};
+use crate::http::{self, HttpArgs, TokenFile};
 use crate::output::{Out, stderr_line};
 use crate::problems;
 use crate::state_arg::{self, StateArg};
@@ -52,6 +54,17 @@ and survives restarts of the host, a crash or SIGKILL included: every write
 is on disk when the agent's `put` returns. --state PATH chooses the file;
 --state memory keeps the state in memory only.
 
+With --http ADDR (PORT, IP:PORT, or nothing for a free port) the host
+also serves, over HTTP: Prometheus metrics on /metrics, the status and
+events as JSON on /api/status, /api/nodes/PATH, /api/events/recent, the
+live events (server-sent) on /api/events, and a live view of the tree on /
+(its address is printed; in the --json listening line as `http`). Only a
+loopback address unless --http-allow-remote; requests whose Host header is
+not that address are refused. The management calls (POST
+/api/control/terminate/PATH, /api/control/restart/PATH) only with
+--http-allow-control, and only with the control token printed on stderr
+(also in <socket>.http-token, mode 0600) in the X-Agent-Host-Token header.
+
 Ctrl-C (SIGINT) or SIGTERM stops the tree: every supervisor stops its
 children in reverse start order, each within its shutdown policy. A second
 Ctrl-C exits at once without waiting.
@@ -79,6 +92,8 @@ pub struct RunArgs {
     state: Option<StateArg>,
     #[command(flatten)]
     cache: CacheArgs,
+    #[command(flatten)]
+    http: HttpArgs,
 }
 
 #[derive(Serialize)]
@@ -88,6 +103,12 @@ struct ListeningLine<'a> {
     socket: &'a Path,
     agents: usize,
     supervisors: usize,
+    /// The HTTP server's address, with --http.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http: Option<String>,
+    /// The file holding the HTTP control token, with --http-allow-control.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_token_file: Option<&'a Path>,
 }
 
 #[derive(Serialize)]
@@ -115,6 +136,14 @@ pub async fn run(args: RunArgs) -> CliResult {
     // The socket first: a second host of the tree is refused by it before
     // it reaches the state file's lock.
     let mut listener = control::listen(&socket, args.socket.is_none()).await?;
+    let http = http::bind(&args.http).await?;
+    let token_file = match http.as_ref().and_then(|bound| bound.token()) {
+        Some(token) => Some(TokenFile::write(
+            socket.with_extension("http-token"),
+            token,
+        )?),
+        None => None,
+    };
     let (state, _) = state_arg::open(&args.tree, args.state.as_ref()).await?;
     let root = match file.build_with_state(&runtime, state) {
         Ok(root) => root,
@@ -137,6 +166,8 @@ pub async fn run(args: RunArgs) -> CliResult {
             socket: &socket,
             agents,
             supervisors,
+            http: http.as_ref().map(|bound| bound.addr().to_string()),
+            http_token_file: token_file.as_ref().map(TokenFile::path),
         });
     } else {
         out.line(&format!(
@@ -149,6 +180,15 @@ pub async fn run(args: RunArgs) -> CliResult {
             "Control socket: {} (for `agent-host call` and `agent-host status`)",
             socket.display()
         ));
+        if let Some(bound) = &http {
+            out.line(&format!(
+                "Tree view: http://{}/ (metrics: /metrics, JSON: /api/status)",
+                bound.addr()
+            ));
+        }
+    }
+    if let Some(bound) = &http {
+        http::announce_token(bound, token_file.as_ref().map(TokenFile::path));
     }
     out.start_clock();
     let shared = Arc::new(Shared::default());
@@ -158,6 +198,8 @@ pub async fn run(args: RunArgs) -> CliResult {
     // Subscribed before the start: the printer sees every child start.
     let printer = tokio::spawn(printer.run(root.subscribe(), finish_rx));
     let mut watch = root.subscribe();
+    // Subscribed before the start too: the observer counts every exit.
+    let observed = http.as_ref().map(|_| root.subscribe());
     let finish = |finish_tx: oneshot::Sender<()>, printer| async move {
         let _ = finish_tx.send(());
         match tokio::time::timeout(std::time::Duration::from_secs(5), printer).await {
@@ -175,6 +217,13 @@ pub async fn run(args: RunArgs) -> CliResult {
         }
     };
     let handle = tree.handle();
+    let serving = match (http, observed) {
+        (Some(bound), Some(events)) => {
+            let observer = Observer::with_runtime(handle.clone(), events, runtime.clone());
+            Some(http::serve(bound, observer))
+        }
+        _ => None,
+    };
 
     let why = loop {
         tokio::select! {
@@ -195,6 +244,10 @@ pub async fn run(args: RunArgs) -> CliResult {
     };
     // No new clients: from now on `call` runs the tree on its own.
     drop(listener);
+    if let Some(serving) = serving {
+        serving.stop().await;
+    }
+    drop(token_file);
 
     let signal = match why {
         Stop::Signal(signal) => Some(signal),
