@@ -280,7 +280,7 @@ fn the_tree_view_shows_the_tree_live_and_reconnects() {
     // Let the counters settle on the screen before the picture.
     page.wait_for(
         "a few restarts of the team",
-        r#"Number(document.querySelector('li[data-path="root/team/echo-a"]').dataset.restarts) >= 1"#,
+        r#"(() => { const a = document.querySelector('li[data-path="root/team/echo-a"]'); return Number(a.dataset.restarts) >= 1 && a.querySelector(".exit").textContent !== ""; })()"#,
     );
     let shot = page.call("Page.captureScreenshot", json!({ "format": "png" }));
     let png = data_encoding::BASE64

@@ -1,17 +1,15 @@
 //! What each agent of a supervisor did and consumes, counted where it
 //! happens, for the observer ([`crate::observe`]).
 //!
-//! One [`AgentMeter`] per agent child, kept in its supervisor's [`Shared`]
-//! (created when the child first starts, kept across its restarts, dropped
-//! with its spec). Two writers, both lock-free: a handle's `call` counts the
-//! call and its latency; the agent's worker counts each delivery of one of
-//! the agent's timers as a call (how long the agent took to handle it), and
-//! reports what the agent consumes ([`AgentStats`]) after its start, each
-//! call and each health check. Only one incarnation of a child runs at a
-//! time, so the consumption reports never interleave. A cast is not counted
-//! (it has no answer to wait for).
-//!
-//! [`Shared`]: super::view::Shared
+//! One meter per agent child, kept by its supervisor (created when the
+//! child first starts, kept across its restarts, dropped with its spec).
+//! Two writers, both lock-free: a handle's `call` counts the call and its
+//! latency; the agent's worker counts each delivery of one of the agent's
+//! timers as a call (how long the agent took to handle it), and reports
+//! what the agent consumes ([`AgentStats`]) after its start, each call and
+//! each health check. Only one incarnation of a child runs at a time, so
+//! the consumption reports never interleave. A cast is not counted (it has
+//! no answer to wait for). [`AgentMetrics`] is what a meter reads.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
