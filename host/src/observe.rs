@@ -52,9 +52,9 @@ use tokio_util::task::AbortOnDropHandle;
 
 use crate::supervisor::meter::{CallOutcome, LATENCY_BUCKETS};
 use crate::{
-    AgentFault, AgentMetrics, AgentPid, CrashReport, EventKind, ExitReason, NodeKind, NodeStatus, RestartAction,
-    RestartEntry, RestartStrategy, Runtime, SupervisorEvent, SupervisorHandle, SupervisorStatus,
-    TreeHandle,
+    AgentFault, AgentMetrics, AgentPid, CrashReport, EventKind, ExitReason, NodeKind, NodeStatus,
+    RestartAction, RestartEntry, RestartStrategy, Runtime, SupervisorEvent, SupervisorHandle,
+    SupervisorStatus, TreeHandle,
 };
 
 /// How many of the tree's last events an observer keeps.
@@ -192,8 +192,9 @@ impl Observer {
         Self::build(tree, events, None)
     }
 
-    /// Like [`new`](Self::new), also reporting the live instances and pool
-    /// slots of the WASM `runtime` the tree's agents run in.
+    /// Like [`new`](Self::new), also reporting the live instances, the pool
+    /// slots and the components loaded (compiled, or from the compile
+    /// cache) of the WASM `runtime` the tree's agents run in.
     pub fn with_runtime(
         tree: TreeHandle,
         events: broadcast::Receiver<SupervisorEvent>,
@@ -337,6 +338,8 @@ impl Observer {
                     live_instances: Some(live),
                     pool_slots_used: Some(live.min(slots)),
                     pool_slots_free: Some(slots.saturating_sub(live)),
+                    components_compiled: Some(runtime.components_compiled()),
+                    components_from_cache: Some(runtime.components_from_cache()),
                 }
             }
             None => HostReport::default(),
@@ -403,6 +406,10 @@ pub struct HostReport {
     pub pool_slots_used: Option<usize>,
     /// Pool slots free.
     pub pool_slots_free: Option<usize>,
+    /// Components the runtime compiled so far.
+    pub components_compiled: Option<u64>,
+    /// Components the runtime loaded from its compile cache so far.
+    pub components_from_cache: Option<u64>,
 }
 
 /// The whole tree as the observer reports it ([`Observer::snapshot`]).
@@ -693,6 +700,19 @@ impl Collector for TreeCollector {
                 .encode_gauge(&live.min(slots))?;
             m.encode_family(&[("state", "free")])?
                 .encode_gauge(&slots.saturating_sub(live))?;
+            let mut m = encoder.encode_descriptor(
+                "agent_host_components_loaded",
+                "Components the WASM runtime loaded, by `source`: compiled, or loaded from its compile cache",
+                None,
+                MetricType::Counter,
+            )?;
+            for (source, n) in [
+                ("compiled", runtime.components_compiled()),
+                ("cache", runtime.components_from_cache()),
+            ] {
+                m.encode_family(&[("source", source)])?
+                    .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+            }
         }
         Ok(())
     }

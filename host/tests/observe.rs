@@ -1,7 +1,8 @@
 //! The observer of a running tree (library): exits and restarts counted by
 //! fault class from the events, bystanders included; calls counted on the
 //! call path, a timer's delivery as a call of its agent; snapshots and node
-//! details by path; a tree of 1,000 nodes.
+//! details by path; a tree of 1,000 nodes; components loaded from the
+//! compile cache or compiled.
 
 mod common;
 
@@ -11,8 +12,8 @@ use serde_json::json;
 use terraphim_agent_supervisor::observe::{Observer, reason_class};
 use terraphim_agent_supervisor::{
     AgentFault, AgentLimits, AgentSpec, AgentSupervisor, CallCounts, EventKind, ExitReason,
-    RestartAction, RestartStrategy, RunningTree, SupervisorConfig, SupervisorSpec,
-    TestAgentFactory,
+    RestartAction, RestartStrategy, RunningTree, Runtime, RuntimeConfig, SupervisorConfig,
+    SupervisorSpec, TestAgentFactory, examples,
 };
 
 fn agent(name: &str) -> AgentSpec {
@@ -208,6 +209,53 @@ async fn a_tree_of_a_thousand_nodes_is_observed_whole() {
             r#"agent_host_calls_total{path="root/team-9/agent-98",outcome="ok"}"#
         ),
         Some(1.0)
+    );
+    tree.stop().await.expect("stopped");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn components_loaded_from_the_compile_cache_or_compiled_are_counted() {
+    let dir = common::cli::TempDir::new("observe-cache");
+    let runtime = Runtime::with_config(RuntimeConfig {
+        compile_cache: Some(dir.path("cache")),
+        ..RuntimeConfig::default()
+    })
+    .expect("runtime with a cache");
+    let first = runtime
+        .load_bytes("echo", examples::ECHO)
+        .expect("compiles");
+    let second = runtime
+        .load_bytes("echo", examples::ECHO)
+        .expect("loads from the cache");
+    assert!(!first.from_cache() && second.from_cache());
+    assert!(runtime.load_bytes("notes.txt", b"hello").is_err());
+
+    let root = AgentSupervisor::new(SupervisorConfig::default(), Arc::new(TestAgentFactory))
+        .with_child(agent("echo"));
+    let events = root.subscribe();
+    let mut tree = RunningTree::start(root).await.expect("started");
+    let observer = Observer::with_runtime(tree.handle(), events, runtime);
+    let text = observer.metrics_text().expect("metrics");
+    assert_eq!(
+        sample(
+            &text,
+            r#"agent_host_components_loaded_total{source="compiled"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"agent_host_components_loaded_total{source="cache"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    let host = observer.snapshot().host;
+    assert_eq!(
+        (host.components_compiled, host.components_from_cache),
+        (Some(1), Some(1))
     );
     tree.stop().await.expect("stopped");
 }

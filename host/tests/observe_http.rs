@@ -423,6 +423,15 @@ fn metrics_move_by_exactly_the_crashes_injected() {
         100.0
     );
     assert_eq!(value(&metrics, "agent_host_instances_live", &[]), 2.0);
+    // Both components, compiled or from the tests' compile cache.
+    let loaded = |source| {
+        value(
+            &metrics,
+            "agent_host_components_loaded_total",
+            &[("source", source)],
+        )
+    };
+    assert_eq!(loaded("compiled") + loaded("cache"), 2.0);
     assert!(value(&metrics, "agent_host_fuel_consumed_total", &crasher) > 0.0);
     assert!(value(&metrics, "agent_host_memory_bytes", &crasher) > 0.0);
     assert_eq!(value(&metrics, "agent_host_events_lost_total", &[]), 0.0);

@@ -30,7 +30,7 @@ mod wasi;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use wasmtime::component::{HasSelf, Linker};
@@ -171,6 +171,9 @@ struct Inner {
     config: RuntimeConfig,
     /// Agent instances alive now (each holds one slot of the pool).
     live: Arc<AtomicUsize>,
+    /// Components loaded so far: compiled, and loaded from the cache.
+    compiled: AtomicU64,
+    from_cache: AtomicU64,
 }
 
 /// One live instance, counted in its runtime's [`Runtime::live_instances`]
@@ -289,6 +292,8 @@ impl Runtime {
                 cache,
                 config,
                 live: Arc::default(),
+                compiled: AtomicU64::new(0),
+                from_cache: AtomicU64::new(0),
             }),
         })
     }
@@ -307,6 +312,20 @@ impl Runtime {
     /// [`RuntimeConfig::max_instances`].
     pub fn live_instances(&self) -> usize {
         self.inner.live.load(Ordering::Relaxed)
+    }
+
+    /// How many components this runtime compiled so far (its
+    /// [compile cache](RuntimeConfig::compile_cache) did not have them, or
+    /// it has none).
+    pub fn components_compiled(&self) -> u64 {
+        self.inner.compiled.load(Ordering::Relaxed)
+    }
+
+    /// How many components this runtime loaded from its
+    /// [compile cache](RuntimeConfig::compile_cache) so far, instead of
+    /// compiling them.
+    pub fn components_from_cache(&self) -> u64 {
+        self.inner.from_cache.load(Ordering::Relaxed)
     }
 
     /// Count one more live instance until the slot is dropped.
@@ -334,13 +353,20 @@ impl Runtime {
     /// ```
     pub fn load_bytes(&self, name: &str, bytes: &[u8]) -> Result<AgentComponent, LoadError> {
         let inner = &*self.inner;
-        component::load(
+        let component = component::load(
             &inner.engine,
             &inner.linker,
             inner.cache.as_ref(),
             name,
             bytes,
-        )
+        )?;
+        let counted = if component.from_cache() {
+            &inner.from_cache
+        } else {
+            &inner.compiled
+        };
+        counted.fetch_add(1, Ordering::Relaxed);
+        Ok(component)
     }
 
     /// Compile, type-check and link the component in the file at `path`.

@@ -125,6 +125,7 @@ function render(snapshot) {
   const h = snapshot.host;
   $("host").textContent = h.live_instances === null ? "" :
     `instances ${h.live_instances} · pool slots ${h.pool_slots_used} used, ${h.pool_slots_free} free` +
+    ` · components ${h.components_compiled} compiled, ${h.components_from_cache} from cache` +
     (snapshot.events_lost ? ` · ${snapshot.events_lost} events lost` : "");
   const supervisors = new Map(snapshot.supervisors.map((s) => [s.path, s]));
   const seen = new Set();
