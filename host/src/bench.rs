@@ -224,6 +224,9 @@ pub async fn run(
     options: &BenchOptions,
     progress: &mut (dyn FnMut(&str) + Send),
 ) -> Result<BenchReport> {
+    // A pool for the idle agents that this machine cannot hold is refused
+    // now, not after minutes of measuring.
+    drop(sized(options.idle_agents.max(options.spawn_agents))?);
     let runtime = Runtime::new()?;
     progress("raw wasmtime");
     let raw = raw(options, &runtime).await?;

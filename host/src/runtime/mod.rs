@@ -70,6 +70,14 @@ const WIDE_MEMORY_SLOT: u64 = (4 << 30) + (32 << 20);
 const MEMORY_ADDRESS_BUDGET: u64 = 16 << 40;
 /// The guard after each memory in narrow slots.
 const NARROW_GUARD: u64 = 64 << 10;
+/// Memory mappings (VMAs) the pool makes per instance slot up front: a
+/// fiber stack and its guard page.
+const MAPPINGS_PER_SLOT: u64 = 2;
+/// Memory mappings a live agent adds (measured: its memory image, the rest
+/// of its memory, its tables).
+const MAPPINGS_PER_AGENT: u64 = 4;
+/// Memory mappings left for everything else in the process.
+const MAPPINGS_SPARE: u64 = 4096;
 /// Bytes of a freed memory slot reset by copying rather than given back.
 const KEEP_RESIDENT_MEMORY: usize = 1 << 20;
 /// Likewise for a freed table slot.
@@ -200,6 +208,37 @@ impl std::fmt::Debug for Runtime {
     }
 }
 
+/// The memory mappings a pool of `max_instances` slots needs once every
+/// slot holds an agent.
+fn mappings_needed(max_instances: u32) -> u64 {
+    u64::from(max_instances) * (MAPPINGS_PER_SLOT + MAPPINGS_PER_AGENT) + MAPPINGS_SPARE
+}
+
+/// Linux's limit on a process's memory mappings (`vm.max_map_count`), if
+/// it can be read.
+fn max_map_count() -> Option<u64> {
+    std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Refuse a pool that the kernel's limit on memory mappings (`limit`, if
+/// known) would cut short: without this check the pool fails to be created,
+/// or agents fail to start one by one with `ENOMEM` once it is reached.
+fn check_map_count(max_instances: u32, limit: Option<u64>) -> Result<(), RuntimeError> {
+    let needed = mappings_needed(max_instances);
+    match limit {
+        Some(limit) if needed > limit => Err(RuntimeError(format!(
+            "{max_instances} instances need about {needed} memory mappings but vm.max_map_count \
+             is {limit}: raise it (`sysctl -w vm.max_map_count={}`) or lower max_instances",
+            needed.next_multiple_of(65536)
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// The runtime could not be created.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot create the WASM runtime: {0}")]
@@ -225,6 +264,7 @@ impl Runtime {
     pub fn with_config(config: RuntimeConfig) -> Result<Self, RuntimeError> {
         let err = |e: wasmtime::Error| RuntimeError(format!("{e:#}"));
         let n = config.max_instances;
+        check_map_count(n, max_map_count())?;
         let per = |share: u32| n.saturating_mul(share.max(1));
         let mut pool = PoolingAllocationConfig::new();
         pool.total_component_instances(n)
@@ -414,5 +454,25 @@ pub(crate) mod duration_ms {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         u64::deserialize(d).map(Duration::from_millis)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pools_the_kernels_mapping_limit_cannot_hold_are_refused_up_front() {
+        // Linux's default limit.
+        let default = Some(65_530);
+        assert!(check_map_count(RuntimeConfig::default().max_instances, default).is_ok());
+        assert!(check_map_count(10_000, default).is_ok());
+        let refused = check_map_count(100_000, default).expect_err("100,000 slots need more");
+        let text = refused.to_string();
+        assert!(text.contains("vm.max_map_count"), "{text}");
+        assert!(text.contains("sysctl -w vm.max_map_count=655360"), "{text}");
+        assert!(check_map_count(100_000, Some(1 << 20)).is_ok());
+        // Unknown (no /proc): wasmtime has the last word.
+        assert!(check_map_count(u32::MAX, None).is_ok());
     }
 }

@@ -672,7 +672,8 @@ impl Actor {
                 Ok(pid)
             }
             Err(e) => {
-                self.children.remove(idx);
+                let child = self.children.remove(idx);
+                self.shared.forget_meter(child.id());
                 self.publish_children();
                 Err(e)
             }
@@ -880,6 +881,7 @@ impl Actor {
     /// is released.
     fn remove(&mut self, idx: usize) {
         let child = self.children.remove(idx);
+        self.shared.forget_meter(child.id());
         release(&*self.factory, &child.spec);
         if !child.poison.quarantine.is_empty() {
             let (letters, pid) = (self.shared.dead_letters.clone(), child.id().clone());

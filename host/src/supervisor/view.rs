@@ -135,16 +135,21 @@ impl Shared {
     }
 
     /// The meter of the agent child `pid` (a child now), created on its
-    /// first start. Creating one drops the meters of former children, so
-    /// that there are never more meters than children.
+    /// first start. The actor drops it with [`Self::forget_meter`] when it
+    /// removes the child, so that there are never more meters than
+    /// children (and adding one costs the same with 10 or 100,000).
     pub fn meter_of(&self, pid: &AgentPid) -> Arc<AgentMeter> {
         if let Some(meter) = self.meter(pid) {
             return meter;
         }
-        let view = self.view.borrow();
         let mut meters = self.meters.write().unwrap_or_else(|p| p.into_inner());
-        meters.retain(|id, _| view.index.contains_key(id));
         meters.entry(pid.clone()).or_default().clone()
+    }
+
+    /// Drop the meter of `pid`, a child removed for good.
+    pub fn forget_meter(&self, pid: &AgentPid) {
+        let mut meters = self.meters.write().unwrap_or_else(|p| p.into_inner());
+        meters.remove(pid);
     }
 
     pub fn status(&self) -> SupervisorStatus {
@@ -174,5 +179,38 @@ impl Shared {
 
     pub fn history(&self) -> Arc<VecDeque<RestartEntry>> {
         self.view.borrow().history.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use serde_json::json;
+
+    use crate::{AgentSpec, AgentSupervisor, RestartType, SupervisorConfig, TestAgentFactory};
+
+    /// Meters live as long as their children: a supervisor that spawns and
+    /// removes agents all day keeps only the meters of its children now.
+    #[tokio::test]
+    async fn a_removed_childs_meter_is_dropped() {
+        let mut sup = AgentSupervisor::new(SupervisorConfig::default(), Arc::new(TestAgentFactory));
+        sup.start().await.expect("started");
+        let handle = sup.handle().expect("running");
+        let mut spec = AgentSpec::new("test".into(), json!({}));
+        spec.restart_type = RestartType::Temporary;
+        let pid = handle.spawn_agent(spec).await.expect("spawned");
+        handle.call(&pid, "hi".into()).await.expect("reply");
+        let meter = handle.shared.meter(&pid).expect("a meter once started");
+        assert_eq!(meter.read().calls.ok, 1);
+
+        // A temporary child's spec goes with its termination (OTP).
+        handle.terminate_child(&pid).await.expect("terminated");
+        assert!(handle.delete_child(&pid).await.is_err(), "still a child");
+        assert!(
+            handle.shared.meter(&pid).is_none(),
+            "the meter outlived its child"
+        );
+        sup.stop().await.expect("stopped");
     }
 }
