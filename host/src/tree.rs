@@ -122,6 +122,23 @@ struct RawFile {
     #[serde(default)]
     defaults: RawDefaults,
     supervisor: RawNode,
+    cluster: Option<RawCluster>,
+}
+
+/// `[cluster]`: how the tree runs across hosts (`agent-host run --cluster`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    /// `"10s"`, `"4s"`, `"2500ms"`.
+    lease_ttl: Option<String>,
+}
+
+/// `placement = { labels = { zone = "a" } }` on a top-level child.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlacement {
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -213,6 +230,8 @@ struct RawNode {
     shutdown: Option<String>,
     backoff: Option<RawBackoff>,
     breaker: Option<RawBreaker>,
+    // top-level children only (cluster mode)
+    placement: Option<RawPlacement>,
 }
 
 /// Limits as written: signed, so that a negative value gets a clear message
@@ -281,6 +300,37 @@ pub struct TreeFile {
     pub path: PathBuf,
     /// The root supervisor.
     pub root: TreeSupervisor,
+    /// How the tree runs across hosts (`[cluster]` and the top-level
+    /// children's `placement`); unused on a single host.
+    pub cluster: ClusterSettings,
+}
+
+/// The default lease time of a placement unit in cluster mode.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
+
+/// The shortest lease time accepted: renewals every quarter of it must
+/// reach the NATS server in time.
+pub const MIN_LEASE_TTL: Duration = Duration::from_millis(400);
+
+/// The cluster settings of a tree file: `[cluster]` and the `placement` of
+/// the root's children (the placement units).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSettings {
+    /// `[cluster] lease_ttl`: how long a unit's lease lasts without renewal
+    /// (default [`DEFAULT_LEASE_TTL`]).
+    pub lease_ttl: Duration,
+    /// The labels a host must have (`--labels`) to run each top-level child,
+    /// by the child's name; a child not listed runs on any host.
+    pub placement: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        Self {
+            lease_ttl: DEFAULT_LEASE_TTL,
+            placement: BTreeMap::new(),
+        }
+    }
 }
 
 /// A supervisor of a tree file.
@@ -359,6 +409,8 @@ struct Checker<'a> {
     file: &'a Path,
     dir: PathBuf,
     problems: Vec<TreeProblem>,
+    /// The `placement` labels of the root's children, by name.
+    placement: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 impl Checker<'_> {
@@ -613,8 +665,18 @@ impl Checker<'_> {
         let children_raw = raw.children.unwrap_or_default();
         let mut children = Vec::with_capacity(children_raw.len());
         let mut names: HashMap<String, usize> = HashMap::new();
-        for (i, child) in children_raw.into_iter().enumerate() {
+        for (i, mut child) in children_raw.into_iter().enumerate() {
             let child_field = format!("{field}.children[{i}]");
+            if let Some(placement) = child.placement.take() {
+                if field == "supervisor" {
+                    self.placement_labels(&child_field, &child.name, placement);
+                } else {
+                    self.problem(
+                        &format!("{child_field}.placement"),
+                        "only the root's children are placed on hosts (each with its subtree); move `placement` to the top-level child that contains this node",
+                    );
+                }
+            }
             if child.name.is_empty() || child.name.contains('/') {
                 self.problem(
                     &format!("{child_field}.name"),
@@ -891,6 +953,41 @@ impl Checker<'_> {
 }
 
 impl Checker<'_> {
+    /// `[cluster] lease_ttl`: a time such as `"10s"` or `"2500ms"`.
+    fn lease_ttl(&mut self, raw: Option<&str>) -> Duration {
+        let Some(text) = raw else {
+            return DEFAULT_LEASE_TTL;
+        };
+        match parse_shutdown(text) {
+            Some(ShutdownPolicy::Timeout(d)) if d >= MIN_LEASE_TTL => d,
+            _ => {
+                self.problem(
+                    "cluster.lease_ttl",
+                    format!(
+                        "`{text}` is not a lease time: give seconds or milliseconds such as \"10s\" or \"2500ms\", at least {} ms; remove it for the default (10s)",
+                        MIN_LEASE_TTL.as_millis()
+                    ),
+                );
+                DEFAULT_LEASE_TTL
+            }
+        }
+    }
+
+    /// A top-level child's `placement`: non-empty label names and values.
+    fn placement_labels(&mut self, field: &str, name: &str, raw: RawPlacement) {
+        for (k, v) in &raw.labels {
+            if !valid_label(k) || !valid_label(v) {
+                self.problem(
+                    &format!("{field}.placement.labels"),
+                    format!(
+                        "`{k} = \"{v}\"`: label names and values are non-empty and use only letters, digits, `-`, `_` and `.`"
+                    ),
+                );
+            }
+        }
+        self.placement.insert(name.to_owned(), raw.labels);
+    }
+
     /// Every `calls` pattern must match an agent of the tree other than the
     /// caller: one that matches none is a typo (or a path that goes above
     /// the root).
@@ -946,6 +1043,14 @@ fn restart_type(raw: Option<RawRestart>) -> RestartType {
         Some(RawRestart::Temporary) => RestartType::Temporary,
         Some(RawRestart::Permanent) | None => RestartType::Permanent,
     }
+}
+
+/// Whether `s` may be a label name or value (`--labels`, `placement`).
+pub fn valid_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 /// `"brutal_kill"`, `"infinity"`, `"5s"`, `"250ms"`.
@@ -1056,7 +1161,9 @@ impl TreeFile {
             file: path,
             dir: path.parent().map(Path::to_owned).unwrap_or_default(),
             problems: Vec::new(),
+            placement: BTreeMap::new(),
         };
+        let lease_ttl = checker.lease_ttl(raw.cluster.unwrap_or_default().lease_ttl.as_deref());
         let defaults = Defaults {
             limits: checker.limits(
                 "defaults.limits",
@@ -1085,12 +1192,22 @@ impl TreeFile {
                 "the root must be a supervisor; put the agent under [[supervisor.children]]",
             );
         }
+        if raw.supervisor.placement.is_some() {
+            checker.problem(
+                "supervisor.placement",
+                "the root runs on every host; put `placement` on its children",
+            );
+        }
         checker.agent_only_fields("supervisor", &raw.supervisor);
         let root = checker.supervisor("supervisor", raw.supervisor, &defaults);
         if checker.problems.is_empty() {
             let tree = TreeFile {
                 path: path.to_owned(),
                 root,
+                cluster: ClusterSettings {
+                    lease_ttl,
+                    placement: std::mem::take(&mut checker.placement),
+                },
             };
             checker.check_calls(&tree);
             if !checker.problems.is_empty() {
@@ -1229,6 +1346,42 @@ impl TreeFile {
         Ok(sup)
     }
 
+    /// Like [`build_with_state`](Self::build_with_state), for a host of a
+    /// cluster: the root supervisor without children, and the spec of each
+    /// of its children (the placement units) by name, in file order, to be
+    /// added ([`TreeHandle::add_child`](crate::TreeHandle::add_child)) when
+    /// this host wins a unit's lease.
+    ///
+    /// # Errors
+    ///
+    /// Every component that cannot be loaded, as a [`TreeError`].
+    pub fn build_units(
+        &self,
+        runtime: &Runtime,
+        state: Arc<dyn StateStore>,
+    ) -> Result<(AgentSupervisor, Vec<(String, ChildSpec)>), TreeError> {
+        let components = self.check(runtime)?;
+        let mut factory = WasmAgentFactory::new(runtime.clone()).with_state_store(state);
+        for (path, component) in components {
+            factory = factory.with_component(path.display().to_string(), component);
+        }
+        let factory: Arc<dyn AgentFactory> = Arc::new(factory);
+        let config = supervisor_config(&self.root);
+        let sup = AgentSupervisor::new(config, factory.clone()).with_name(&self.root.name);
+        let units = self
+            .root
+            .children
+            .iter()
+            .map(|child| {
+                (
+                    child.name().to_owned(),
+                    child_spec(child, &self.root.name, &factory),
+                )
+            })
+            .collect();
+        Ok((sup, units))
+    }
+
     /// Build the tree and start it.
     ///
     /// # Errors
@@ -1312,6 +1465,63 @@ mod tests {
             .into_iter()
             .map(|p| p.to_string())
             .collect()
+    }
+
+    #[test]
+    fn cluster_settings_and_placement_are_read_and_checked() {
+        let dir = std::env::temp_dir().join(format!("tree-cluster-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.wasm"), b"").unwrap();
+        let text = r#"
+            [cluster]
+            lease_ttl = "4s"
+            [supervisor]
+            name = "root"
+            [[supervisor.children]]
+            name = "a"
+            component = "a.wasm"
+            placement = { labels = { zone = "b" } }
+            [[supervisor.children]]
+            name = "c"
+            component = "a.wasm"
+            "#;
+        let tree = TreeFile::parse(&dir.join("tree.toml"), text).unwrap();
+        assert_eq!(tree.cluster.lease_ttl, Duration::from_secs(4));
+        assert_eq!(tree.cluster.placement.len(), 1);
+        assert_eq!(tree.cluster.placement["a"]["zone"], "b");
+        let default = TreeFile::parse(
+            &dir.join("tree.toml"),
+            "[supervisor]\nname = \"root\"\n[[supervisor.children]]\nname = \"a\"\ncomponent = \"a.wasm\"\n",
+        )
+        .unwrap();
+        assert_eq!(default.cluster, ClusterSettings::default());
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        let p = problems(
+            r#"
+            [cluster]
+            lease_ttl = "100ms"
+            [supervisor]
+            name = "root"
+            placement = { labels = { zone = "a" } }
+            [[supervisor.children]]
+            name = "team"
+            placement = { labels = { "bad key" = "x" } }
+            [[supervisor.children.children]]
+            name = "x"
+            component = "x.wasm"
+            placement = { labels = { zone = "a" } }
+            "#,
+        );
+        let all = p.join("\n");
+        for needle in [
+            "`cluster.lease_ttl`: `100ms` is not a lease time",
+            "`supervisor.placement`: the root runs on every host",
+            "`supervisor.children[0].placement.labels`: `bad key = \"x\"`",
+            "`supervisor.children[0].children[0].placement`: only the root's children are placed on hosts",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
     }
 
     #[test]
