@@ -16,6 +16,8 @@
 //!   granted in their [`AgentSpec`]: outbound HTTP ([`HttpGrants`]), calls
 //!   and casts to other agents of their tree ([`CallPattern`]), and timers
 //!   ([`AgentLimits::max_timers`]).
+//! - `cluster` (feature `cluster`): one tree across several hosts on NATS
+//!   JetStream: units placed by leases, fencing, calls by path across hosts.
 //! - [`observe`]: an observer of a running tree: Prometheus metrics, JSON
 //!   snapshots and (feature `http`) an HTTP server with a live tree view.
 
@@ -24,6 +26,8 @@
 mod agent;
 #[cfg(feature = "bundled-examples")]
 pub mod bench;
+#[cfg(feature = "cluster")]
+pub mod cluster;
 pub mod dead_letters;
 mod error;
 pub mod observe;

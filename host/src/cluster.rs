@@ -1,0 +1,1450 @@
+//! One supervision tree across several hosts, on NATS JetStream (feature
+//! `cluster`).
+//!
+//! The **placement units** are the children of the root supervisor: each
+//! runs, with its whole subtree, on exactly one host at a time, supervised
+//! there by the ordinary local code. Which host runs a unit is decided by a
+//! **lease** in a JetStream key/value bucket (`ah-<tree>-leases`, key
+//! `unit.<name>`):
+//!
+//! - A unit starts only after this host created its lease (compare-and-set:
+//!   the write names the revision it replaces, so of several hosts exactly
+//!   one wins).
+//! - The owner renews the lease every `T/4` (`[cluster] lease_ttl`, default
+//!   10 s), again by compare-and-set on the revision it wrote last.
+//! - **Fencing**: the owner measures its lease by its own clock, from the
+//!   moment it *sent* its last successful renewal. From that moment plus
+//!   `3T/4` on, it answers no call for the unit and the unit's state writes
+//!   are refused ([`UnitGate`]), and the unit is stopped. A host that lost
+//!   a lease (it could not renew in time, or its compare-and-set failed)
+//!   comes back only as a new incarnation, by winning the lease again.
+//! - The other hosts watch the bucket. nats-server 2.9 has no per-key TTL
+//!   and no expiry notification, so each host times every lease itself: a
+//!   lease whose revision did not change for `T` since this host *saw* it
+//!   change is expired, and the host tries to take the unit over by
+//!   compare-and-set on that revision. Since a host sees a renewal after
+//!   the owner sent it, the owner has fenced itself `T/4` before anyone
+//!   can take over (clocks may drift by far less than `T/4` over `T`).
+//! - A unit may require host labels (`placement = { labels = {...} }`);
+//!   only hosts whose `--labels` include them compete for it.
+//! - **Graceful handover**: a host that stops stops each unit it runs and
+//!   then deletes its lease (compare-and-set), so that another host takes
+//!   it over at once instead of after `T`.
+//!
+//! Every incarnation of a unit has an id (a UUID, in the lease), and the
+//! lease's KV revision is its fencing token. **Calls by path** go over NATS
+//! request/reply, on a subject per agent path
+//! (`ah.<tree>.call.<unit>[.<segment>...]`) to which only the current
+//! owner subscribes (never a queue group shared by incarnations); a call
+//! carries a call id header so that agents can de-duplicate (a failover
+//! makes delivery at-least-once), and a reply names the incarnation and
+//! lease revision that produced it. No responders (no owner right now) is
+//! retried until the caller's deadline. A call to a unit this host runs
+//! stays in the process.
+
+mod kv_state;
+mod subject;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::kv::{self, Operation};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use kv_state::KvStateStore;
+pub use subject::{call_subject, token};
+
+use crate::runtime::Runtime;
+use crate::tree::{TreeError, TreeFile, valid_label};
+use crate::{ChildSpec, ErrorCategory, RunningTree, StateQuota, TreeCallError, TreeHandle};
+
+/// The request header with the caller's call id (a UUID unless the caller
+/// chose one): the same id on every retry of one call.
+pub const CALL_ID_HEADER: &str = "Agent-Host-Call-Id";
+/// The request header with the agent's full path (`root/unit/agent`).
+pub const PATH_HEADER: &str = "Agent-Host-Path";
+/// The reply header naming the incarnation that answered.
+pub const INCARNATION_HEADER: &str = "Agent-Host-Incarnation";
+/// The reply header with the lease revision (the fencing token) of the
+/// incarnation that answered.
+pub const REVISION_HEADER: &str = "Agent-Host-Lease-Revision";
+/// The reply header naming the host that answered.
+pub const HOST_HEADER: &str = "Agent-Host-Host";
+
+/// Longest host id accepted (`--host-id`).
+pub const MAX_HOST_ID: usize = 64;
+
+/// How many calls one unit serves at once; more wait in the subscription.
+const CONCURRENT_CALLS_PER_UNIT: usize = 64;
+
+/// How a host joins a cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// The NATS server, e.g. `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// This host's id, unique in the cluster: letters, digits, `-`, `_`,
+    /// `.`, at most [`MAX_HOST_ID`] bytes.
+    pub host_id: String,
+    /// This host's labels (`--labels zone=a`), matched against the units'
+    /// `placement` labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Why a host could not join the cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    /// The host id is not usable.
+    #[error(
+        "host id `{0}`: use letters, digits, `-`, `_` and `.` only, at most {MAX_HOST_ID} bytes"
+    )]
+    HostId(String),
+    /// The NATS server could not be reached.
+    #[error("cannot connect to the NATS server at {url}: {source}")]
+    Connect {
+        /// The server's address.
+        url: String,
+        /// What the client said.
+        source: async_nats::ConnectError,
+    },
+    /// A JetStream bucket could not be opened or created (is JetStream on?
+    /// `nats-server -js`).
+    #[error(
+        "cannot open the JetStream key/value bucket `{bucket}` (does the server run with JetStream, `nats-server -js`?): {message}"
+    )]
+    Bucket {
+        /// The bucket's name.
+        bucket: String,
+        /// What the server said.
+        message: String,
+    },
+    /// The tree file could not be read (to hash it).
+    #[error("cannot read the tree file {path}: {source}")]
+    ReadTree {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Another host of this cluster runs a different tree file.
+    #[error(
+        "this tree file (sha256 {ours}) differs from the one the cluster's hosts run (sha256 {theirs}); every host of a cluster must run the same file. Copy the same file to every host (or, if the whole cluster is down and the change is meant, delete the key `tree` of the bucket `{bucket}`)"
+    )]
+    TreeDiffers {
+        /// The hash of this host's file.
+        ours: String,
+        /// The hash the cluster recorded.
+        theirs: String,
+        /// The leases bucket.
+        bucket: String,
+    },
+    /// The tree's components could not be loaded.
+    #[error(transparent)]
+    Tree(#[from] TreeError),
+    /// The (empty) root supervisor did not start.
+    #[error("the root supervisor did not start: {0}")]
+    Start(#[from] crate::SupervisionError),
+}
+
+/// Something that happened to a unit on this host, for the command line's
+/// event lines and for tests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum ClusterEvent {
+    /// This host won the unit's lease: a new incarnation.
+    Acquired {
+        /// The unit (a child of the root).
+        unit: String,
+        /// The new incarnation's id.
+        incarnation: String,
+        /// The lease revision (fencing token).
+        revision: u64,
+        /// Whether another host held the lease before (a takeover).
+        takeover: bool,
+    },
+    /// The unit runs here, serving calls.
+    Started {
+        /// The unit.
+        unit: String,
+        /// Its incarnation.
+        incarnation: String,
+    },
+    /// The unit failed to start; its lease is given up.
+    StartFailed {
+        /// The unit.
+        unit: String,
+        /// Its incarnation.
+        incarnation: String,
+        /// Why.
+        error: String,
+    },
+    /// The lease was lost or could not be renewed in time: the unit no
+    /// longer answers, and is being stopped.
+    Fenced {
+        /// The unit.
+        unit: String,
+        /// Its incarnation.
+        incarnation: String,
+        /// Why.
+        reason: String,
+    },
+    /// The unit stopped here (after a fence or for a handover).
+    Stopped {
+        /// The unit.
+        unit: String,
+        /// Its incarnation.
+        incarnation: String,
+    },
+    /// The lease was deleted after the unit stopped: another host may take
+    /// the unit over at once.
+    Released {
+        /// The unit.
+        unit: String,
+        /// Its incarnation.
+        incarnation: String,
+    },
+}
+
+/// What a lease holds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LeaseRecord {
+    /// The owner's host id.
+    pub host: String,
+    /// The incarnation's id.
+    pub incarnation: String,
+    /// The lease time, in milliseconds.
+    pub ttl_ms: u64,
+    /// When the incarnation began (milliseconds since the Unix epoch, the
+    /// owner's clock; informative only).
+    pub since_ms: u64,
+}
+
+/// A unit's fence on this host: until when it may answer calls and write
+/// state, by this host's clock. Closed unless this host holds the lease.
+#[derive(Debug, Default)]
+pub struct UnitGate {
+    valid_until: Mutex<Option<Instant>>,
+}
+
+impl UnitGate {
+    /// Whether the unit may answer and write now.
+    pub fn is_open(&self) -> bool {
+        self.valid_until()
+            .is_some_and(|until| Instant::now() < until)
+    }
+
+    fn valid_until(&self) -> Option<Instant> {
+        // Only `Option<Instant>` assignments happen under this lock.
+        *self.valid_until.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set(&self, until: Option<Instant>) {
+        *self.valid_until.lock().unwrap_or_else(|p| p.into_inner()) = until;
+    }
+}
+
+/// The gates of the units, by unit name, shared by the lease manager, the
+/// call servers and the state store.
+#[derive(Debug, Default)]
+pub(crate) struct Gates {
+    by_unit: HashMap<String, Arc<UnitGate>>,
+}
+
+impl Gates {
+    fn gate(&self, unit: &str) -> Option<&Arc<UnitGate>> {
+        self.by_unit.get(unit)
+    }
+}
+
+/// Milliseconds since the Unix epoch, by this host's clock.
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The bucket names and subject prefix of one tree.
+#[derive(Debug, Clone)]
+pub struct ClusterNames {
+    /// The root supervisor's name.
+    pub root: String,
+    /// The leases bucket.
+    pub leases: String,
+    /// The agents' state bucket.
+    pub state: String,
+    /// The prefix of the call subjects.
+    pub calls: String,
+}
+
+impl ClusterNames {
+    /// The names of the tree whose root supervisor is `root`.
+    pub fn of(root: &str) -> Self {
+        let t = token(root);
+        Self {
+            root: root.to_owned(),
+            leases: format!("ah-{t}-leases"),
+            state: format!("ah-{t}-state"),
+            calls: format!("ah.{t}.call"),
+        }
+    }
+}
+
+/// The lease key of a unit.
+fn lease_key(unit: &str) -> String {
+    format!("unit.{}", token(unit))
+}
+
+/// Open or create a key/value bucket. The bucket's stream is created here
+/// with the key/value conventions (what `create_key_value` would make)
+/// because `create_key_value` first reads the account's JetStream info in a
+/// shape only servers from 2.10 on send; 2.9 serves everything else used.
+async fn bucket(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+    history: i64,
+) -> Result<kv::Store, JoinError> {
+    if let Ok(store) = js.get_key_value(name).await {
+        return Ok(store);
+    }
+    let config = async_nats::jetstream::stream::Config {
+        name: format!("KV_{name}"),
+        description: Some("agent-host cluster".into()),
+        subjects: vec![format!("$KV.{name}.>")],
+        max_messages_per_subject: history,
+        storage: async_nats::jetstream::stream::StorageType::File,
+        allow_rollup: true,
+        deny_delete: true,
+        deny_purge: false,
+        allow_direct: true,
+        num_replicas: 1,
+        discard: async_nats::jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    };
+    let created = js.get_or_create_stream(config).await;
+    match js.get_key_value(name).await {
+        Ok(store) => Ok(store),
+        Err(open) => Err(JoinError::Bucket {
+            bucket: name.to_owned(),
+            message: match created {
+                Err(e) => e.to_string(),
+                Ok(_) => open.to_string(),
+            },
+        }),
+    }
+}
+
+/// Where a call goes: a cluster client (any process) or a host.
+#[derive(Debug, Clone)]
+pub struct ClusterClient {
+    client: async_nats::Client,
+    names: ClusterNames,
+}
+
+/// Why a call by path across hosts failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterCallError {
+    /// The path names no unit of the tree (it does not start with the
+    /// root's name and a child's).
+    #[error("`{0}` is not the path of an agent of this tree: write root/unit[/...]")]
+    BadPath(String),
+    /// Nobody answered before the deadline (no owner, or it did not reply).
+    #[error("no reply from `{path}` within {timeout:?} ({attempts} attempts; last: {last})")]
+    Timeout {
+        /// The agent.
+        path: String,
+        /// The caller's deadline.
+        timeout: Duration,
+        /// How many requests were sent.
+        attempts: u32,
+        /// The last failure.
+        last: String,
+    },
+    /// The request could not be sent.
+    #[error("cannot send the call to `{path}`: {message}")]
+    Send {
+        /// The agent.
+        path: String,
+        /// What the client said.
+        message: String,
+    },
+    /// The reply could not be read.
+    #[error("the reply from `{path}` is malformed: {message}")]
+    BadReply {
+        /// The agent.
+        path: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The local tree refused or failed the call.
+    #[error(transparent)]
+    Local(#[from] TreeCallError),
+}
+
+/// The reply to a call across hosts, with who produced it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterReply {
+    /// The agent's reply, or its error as text (an application error, a
+    /// crash, an unknown path, ...).
+    pub result: Result<String, String>,
+    /// The error's category (`Runtime`, `Validation`, ...), for an error.
+    pub category: Option<String>,
+    /// The incarnation of the unit that answered.
+    pub incarnation: String,
+    /// Its lease revision (fencing token).
+    pub revision: u64,
+    /// The host that answered.
+    pub host: String,
+}
+
+/// The JSON body of a reply.
+#[derive(Debug, Serialize, Deserialize)]
+struct ReplyBody {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ok: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    category: Option<String>,
+}
+
+/// The longest reply body read (NATS bounds messages too, by default to
+/// 1 MiB).
+const MAX_REPLY_BYTES: usize = 8 << 20;
+
+impl ClusterClient {
+    /// Connect to the NATS server at `url` as a client of the tree whose
+    /// root supervisor is `root` (no host: calls only).
+    ///
+    /// # Errors
+    ///
+    /// [`JoinError::Connect`] if the server cannot be reached within 5 s.
+    pub async fn connect(url: &str, root: &str) -> Result<Self, JoinError> {
+        let client = connect(url, "agent-host client").await?;
+        Ok(Self {
+            client,
+            names: ClusterNames::of(root),
+        })
+    }
+
+    /// The unit a path belongs to (`root/unit/...` -> `unit`).
+    fn unit_of<'p>(&self, path: &'p str) -> Option<&'p str> {
+        let rest = path.strip_prefix(&self.names.root)?.strip_prefix('/')?;
+        let unit = rest.split('/').next()?;
+        (!unit.is_empty()).then_some(unit)
+    }
+
+    /// Call the agent at `path` (`root/unit/...`, a full path) with
+    /// `message`, wherever its unit runs; retried while nobody serves it,
+    /// until `timeout`. `call_id` is sent with every attempt (a new UUID if
+    /// none).
+    ///
+    /// # Errors
+    ///
+    /// [`ClusterCallError`]: a bad path, no reply in time, a malformed
+    /// reply. An agent's own error is an `Ok` reply whose `result` is
+    /// `Err`.
+    pub async fn call(
+        &self,
+        path: &str,
+        message: &str,
+        timeout: Duration,
+        call_id: Option<&str>,
+    ) -> Result<ClusterReply, ClusterCallError> {
+        let path = path.trim_matches('/');
+        if self.unit_of(path).is_none() {
+            return Err(ClusterCallError::BadPath(path.to_owned()));
+        }
+        let subject = call_subject(&self.names, path)
+            .ok_or_else(|| ClusterCallError::BadPath(path.to_owned()))?;
+        let call_id = call_id.map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
+        let deadline = Instant::now() + timeout;
+        let mut attempts = 0u32;
+        let mut pause = Duration::from_millis(5);
+        let mut last = String::from("none sent");
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ClusterCallError::Timeout {
+                    path: path.to_owned(),
+                    timeout,
+                    attempts,
+                    last,
+                });
+            }
+            let mut headers = HeaderMap::new();
+            headers.insert(CALL_ID_HEADER, call_id.as_str());
+            headers.insert(PATH_HEADER, path);
+            let request = async_nats::Request::new()
+                .headers(headers)
+                .payload(Bytes::copy_from_slice(message.as_bytes()))
+                .timeout(Some(left));
+            attempts += 1;
+            match self.client.send_request(subject.clone(), request).await {
+                Ok(reply) => return parse_reply(path, &reply),
+                Err(e) => match e.kind() {
+                    async_nats::RequestErrorKind::NoResponders => {
+                        last = "no host serves it (no responders)".into();
+                    }
+                    async_nats::RequestErrorKind::TimedOut => {
+                        last = "timed out".into();
+                    }
+                    _ => {
+                        return Err(ClusterCallError::Send {
+                            path: path.to_owned(),
+                            message: e.to_string(),
+                        });
+                    }
+                },
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            tokio::time::sleep(pause.min(left)).await;
+            pause = (pause * 2).min(Duration::from_millis(100));
+        }
+    }
+}
+
+fn parse_reply(path: &str, reply: &async_nats::Message) -> Result<ClusterReply, ClusterCallError> {
+    let bad = |message: String| ClusterCallError::BadReply {
+        path: path.to_owned(),
+        message,
+    };
+    if reply.payload.len() > MAX_REPLY_BYTES {
+        return Err(bad(format!("{} bytes", reply.payload.len())));
+    }
+    let body: ReplyBody =
+        serde_json::from_slice(&reply.payload).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let header = |name: &str| {
+        reply
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(name))
+            .map(|v| v.as_str().to_owned())
+    };
+    let incarnation = header(INCARNATION_HEADER).ok_or_else(|| bad("no incarnation".into()))?;
+    let revision = header(REVISION_HEADER)
+        .and_then(|r| r.parse().ok())
+        .ok_or_else(|| bad("no lease revision".into()))?;
+    let host = header(HOST_HEADER).unwrap_or_default();
+    let result = match (body.ok, body.error) {
+        (Some(ok), None) => Ok(ok),
+        (None, Some(error)) => Err(error),
+        _ => return Err(bad("neither `ok` nor `error`".into())),
+    };
+    Ok(ClusterReply {
+        result,
+        category: body.category,
+        incarnation,
+        revision,
+        host,
+    })
+}
+
+async fn connect(url: &str, name: &str) -> Result<async_nats::Client, JoinError> {
+    async_nats::ConnectOptions::new()
+        .name(name)
+        .connection_timeout(Duration::from_secs(5))
+        .request_timeout(Some(Duration::from_secs(5)))
+        .connect(url)
+        .await
+        .map_err(|source| JoinError::Connect {
+            url: url.to_owned(),
+            source,
+        })
+}
+
+/// What the lease manager asks a unit's runner to do.
+enum Command {
+    Start {
+        incarnation: String,
+        revision: u64,
+        gate: Arc<UnitGate>,
+    },
+    /// Stop the unit; answered once it stopped.
+    Stop { done: oneshot::Sender<()> },
+}
+
+/// What a runner tells the lease manager.
+enum RunnerNote {
+    StartFailed { unit: String },
+}
+
+/// A host of the cluster: the local part of the tree (the root supervisor
+/// and the units this host won), the lease manager and the call servers.
+pub struct ClusterHost {
+    tree: RunningTree,
+    client: ClusterClient,
+    host_id: String,
+    gates: Arc<Mutex<Gates>>,
+    events: broadcast::Sender<ClusterEvent>,
+    cancel: CancellationToken,
+    manager: Option<JoinHandle<()>>,
+    lease_ttl: Duration,
+}
+
+impl std::fmt::Debug for ClusterHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterHost")
+            .field("host_id", &self.host_id)
+            .field("root", &self.client.names.root)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Everything the lease manager works with.
+struct Manager {
+    leases: kv::Store,
+    host_id: String,
+    ttl: Duration,
+    units: Vec<UnitLease>,
+    notes: mpsc::Receiver<RunnerNote>,
+    events: broadcast::Sender<ClusterEvent>,
+    cancel: CancellationToken,
+}
+
+/// One unit as the lease manager sees it.
+struct UnitLease {
+    name: String,
+    key: String,
+    /// Whether this host may run it (labels).
+    eligible: bool,
+    state: LeaseState,
+    /// Not before this instant will this host try to take it (after a
+    /// failed start here).
+    cool_off_until: Option<Instant>,
+    /// The delay after expiry before this host tries (rendezvous rank).
+    delay: Duration,
+    gate: Arc<UnitGate>,
+    runner: mpsc::Sender<Command>,
+    runner_task: JoinHandle<()>,
+}
+
+enum LeaseState {
+    /// Nobody holds it: the revision of its delete marker (0 if the key
+    /// never existed).
+    Free { revision: u64 },
+    /// Another host holds it (or held it when we looked): its revision and
+    /// when this host saw that revision appear.
+    Other {
+        revision: u64,
+        seen: Instant,
+        host: String,
+    },
+    /// This host holds it.
+    Owned {
+        revision: u64,
+        incarnation: String,
+        record: Bytes,
+        /// When the last successful write (create or renewal) was sent.
+        sent: Instant,
+    },
+}
+
+impl ClusterHost {
+    /// Join the cluster at `options.url` with the tree `tree`: check that
+    /// the cluster runs the same tree file, start the root supervisor here
+    /// (without children), and start competing for the units' leases. The
+    /// agents' state is kept in the tree's state bucket (authoritative in
+    /// cluster mode), fenced by the units' leases.
+    ///
+    /// # Errors
+    ///
+    /// [`JoinError`]: a bad host id, no server, no JetStream, a different
+    /// tree file, components that do not load.
+    pub async fn join(
+        options: ClusterOptions,
+        tree: &TreeFile,
+        runtime: &Runtime,
+    ) -> Result<Self, JoinError> {
+        if !valid_label(&options.host_id) || options.host_id.len() > MAX_HOST_ID {
+            return Err(JoinError::HostId(options.host_id));
+        }
+        let names = ClusterNames::of(&tree.root.name);
+        let ttl = tree.cluster.lease_ttl;
+        let client = connect(&options.url, &format!("agent-host {}", options.host_id)).await?;
+        let mut lease_js = async_nats::jetstream::new(client.clone());
+        // A renewal that takes longer than T/8 is as good as lost.
+        lease_js.set_timeout((ttl / 8).max(Duration::from_millis(50)));
+        let mut state_js = async_nats::jetstream::new(client.clone());
+        state_js.set_timeout(Duration::from_secs(5));
+        let leases = bucket(&lease_js, &names.leases, 1).await?;
+        let state_bucket = bucket(&state_js, &names.state, 1).await?;
+        check_tree_hash(&leases, tree, &names).await?;
+
+        let gates = Arc::new(Mutex::new(Gates::default()));
+        let state = Arc::new(KvStateStore::new(
+            state_bucket,
+            tokio::runtime::Handle::current(),
+            gates.clone(),
+            StateQuota::default(),
+        ));
+        let (root, units) = tree.build_units(runtime, state.clone())?;
+        let running = RunningTree::start(root).await?;
+        let handle = running.handle();
+        let (events, _) = broadcast::channel(1024);
+        let cancel = CancellationToken::new();
+        let cluster_client = ClusterClient {
+            client: client.clone(),
+            names: names.clone(),
+        };
+        let (notes_tx, notes_rx) = mpsc::channel(64);
+        let mut unit_leases = Vec::with_capacity(units.len());
+        for (name, spec) in units {
+            let gate = Arc::new(UnitGate::default());
+            gates
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .by_unit
+                .insert(name.clone(), gate.clone());
+            state.register_spec(&name, &spec);
+            let (tx, rx) = mpsc::channel(8);
+            let runner = Runner {
+                unit: name.clone(),
+                spec,
+                tree: handle.clone(),
+                client: client.clone(),
+                names: names.clone(),
+                host_id: options.host_id.clone(),
+                events: events.clone(),
+                notes: notes_tx.clone(),
+            };
+            let runner_task = tokio::spawn(runner.run(rx));
+            let required = tree.cluster.placement.get(&name);
+            let eligible = required.is_none_or(|labels| {
+                labels
+                    .iter()
+                    .all(|(k, v)| options.labels.get(k).is_some_and(|ours| ours == v))
+            });
+            let delay = rendezvous_delay(&name, &options.host_id, ttl);
+            unit_leases.push(UnitLease {
+                key: lease_key(&name),
+                name,
+                eligible,
+                state: LeaseState::Free { revision: 0 },
+                cool_off_until: None,
+                delay,
+                gate,
+                runner: tx,
+                runner_task,
+            });
+        }
+        let manager = Manager {
+            leases,
+            host_id: options.host_id.clone(),
+            ttl,
+            units: unit_leases,
+            notes: notes_rx,
+            events: events.clone(),
+            cancel: cancel.clone(),
+        };
+        let manager = tokio::spawn(manager.run());
+        Ok(Self {
+            tree: running,
+            client: cluster_client,
+            host_id: options.host_id,
+            gates,
+            events,
+            cancel,
+            manager: Some(manager),
+            lease_ttl: ttl,
+        })
+    }
+
+    /// The local part of the tree: the root and the units this host runs.
+    pub fn tree(&self) -> TreeHandle {
+        self.tree.handle()
+    }
+
+    /// This host's id.
+    pub fn host_id(&self) -> &str {
+        &self.host_id
+    }
+
+    /// The lease time of the tree's units.
+    pub fn lease_ttl(&self) -> Duration {
+        self.lease_ttl
+    }
+
+    /// A client for calls by path anywhere in the cluster.
+    pub fn client(&self) -> &ClusterClient {
+        &self.client
+    }
+
+    /// The units' lease events on this host.
+    pub fn subscribe(&self) -> broadcast::Receiver<ClusterEvent> {
+        self.events.subscribe()
+    }
+
+    /// Call the agent at `path` (a full path, `root/unit/...`): in this
+    /// process if its unit runs here (and its lease is valid), otherwise
+    /// over NATS to the host that runs it.
+    ///
+    /// # Errors
+    ///
+    /// As [`ClusterClient::call`]; a local call's failure is
+    /// [`ClusterCallError::Local`].
+    pub async fn call(
+        &self,
+        path: &str,
+        message: &str,
+        timeout: Duration,
+    ) -> Result<String, ClusterCallError> {
+        let path = path.trim_matches('/');
+        let unit = self
+            .client
+            .unit_of(path)
+            .ok_or_else(|| ClusterCallError::BadPath(path.to_owned()))?;
+        let local = self
+            .gates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .gate(unit)
+            .is_some_and(|g| g.is_open());
+        if local {
+            let handle = self.tree.handle();
+            return match tokio::time::timeout(timeout, handle.call(path, message.to_owned())).await
+            {
+                Ok(result) => Ok(result?),
+                Err(_) => Err(ClusterCallError::Timeout {
+                    path: path.to_owned(),
+                    timeout,
+                    attempts: 1,
+                    last: "the local agent did not answer".into(),
+                }),
+            };
+        }
+        let reply = self.client.call(path, message, timeout, None).await?;
+        reply.result.map_err(|message| ClusterCallError::Send {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    /// Leave the cluster gracefully: stop every unit this host runs and
+    /// delete its lease, so that other hosts take it over at once; then
+    /// stop the local tree.
+    ///
+    /// # Errors
+    ///
+    /// The local tree's stop error, if any.
+    pub async fn shutdown(mut self) -> crate::SupervisionResult<()> {
+        self.cancel.cancel();
+        if let Some(manager) = self.manager.take() {
+            let _ = manager.await;
+        }
+        self.tree.stop().await
+    }
+}
+
+impl Drop for ClusterHost {
+    fn drop(&mut self) {
+        // Without `shutdown`, the manager stops renewing: the leases expire
+        // and other hosts take the units over.
+        self.cancel.cancel();
+        if let Some(manager) = self.manager.take() {
+            manager.abort();
+        }
+    }
+}
+
+/// A host's delay before it tries to take over an expired unit: its rank
+/// by rendezvous hashing, spread over `T/8`, so that the preferred host
+/// (the smallest hash) tries first and the others rarely collide with it.
+fn rendezvous_delay(unit: &str, host: &str, ttl: Duration) -> Duration {
+    let digest = Sha256::digest(format!("{unit}\0{host}").as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    let fraction = u64::from_be_bytes(first) as f64 / u64::MAX as f64;
+    (ttl / 8).mul_f64(fraction)
+}
+
+/// The cluster's hosts must run the same tree file: its hash is kept under
+/// the key `tree` (the first host writes it).
+async fn check_tree_hash(
+    leases: &kv::Store,
+    tree: &TreeFile,
+    names: &ClusterNames,
+) -> Result<(), JoinError> {
+    let text = tokio::fs::read(&tree.path)
+        .await
+        .map_err(|source| JoinError::ReadTree {
+            path: tree.path.clone(),
+            source,
+        })?;
+    let ours: String = Sha256::digest(&text)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let bucket_error = |message: String| JoinError::Bucket {
+        bucket: names.leases.clone(),
+        message,
+    };
+    match leases.create("tree", Bytes::from(ours.clone())).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+            let theirs = leases
+                .get("tree")
+                .await
+                .map_err(|e| bucket_error(e.to_string()))?
+                .map(|v| String::from_utf8_lossy(&v).into_owned())
+                .unwrap_or_default();
+            if theirs == ours {
+                Ok(())
+            } else {
+                Err(JoinError::TreeDiffers {
+                    ours,
+                    theirs,
+                    bucket: names.leases.clone(),
+                })
+            }
+        }
+        Err(e) => Err(bucket_error(e.to_string())),
+    }
+}
+
+impl Manager {
+    async fn run(mut self) {
+        let tick = (self.ttl / 16).max(Duration::from_millis(10));
+        // The watch first, then the current values: no change is missed.
+        let mut watch = match self.leases.watch_all().await {
+            Ok(watch) => Some(watch),
+            Err(e) => {
+                tracing::warn!("cluster: cannot watch the leases: {e}; retrying");
+                None
+            }
+        };
+        self.read_all().await;
+        let mut interval = tokio::time::interval(tick);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = self.cancel.cancelled() => break,
+                _ = interval.tick() => {
+                    if watch.is_none()
+                        && let Ok(w) = self.leases.watch_all().await
+                    {
+                        watch = Some(w);
+                        self.read_all().await;
+                    }
+                    self.step().await;
+                }
+                note = self.notes.recv() => {
+                    if let Some(RunnerNote::StartFailed { unit }) = note {
+                        self.release(&unit, true).await;
+                    }
+                }
+                entry = next_entry(&mut watch) => match entry {
+                    Some(Ok(entry)) => self.saw(&entry),
+                    Some(Err(e)) => {
+                        tracing::warn!("cluster: the leases watch failed: {e}; watching again");
+                        watch = None;
+                    }
+                    None => watch = None,
+                },
+            }
+        }
+        // Graceful: stop each unit run here, then delete its lease.
+        let names: Vec<String> = self
+            .units
+            .iter()
+            .filter(|u| matches!(u.state, LeaseState::Owned { .. }))
+            .map(|u| u.name.clone())
+            .collect();
+        for unit in names {
+            self.release(&unit, false).await;
+        }
+        for unit in self.units {
+            drop(unit.runner);
+            let _ = unit.runner_task.await;
+        }
+    }
+
+    /// Read every unit's lease (at start, and after the watch was lost).
+    async fn read_all(&mut self) {
+        let now = Instant::now();
+        for unit in &mut self.units {
+            if matches!(unit.state, LeaseState::Owned { .. }) {
+                continue;
+            }
+            match self.leases.entry(unit.key.clone()).await {
+                Ok(None) => unit.state = LeaseState::Free { revision: 0 },
+                Ok(Some(entry)) => unit.state = observed(&entry, now),
+                Err(e) => tracing::warn!("cluster: cannot read the lease of {}: {e}", unit.name),
+            }
+        }
+    }
+
+    /// A change of a lease seen on the watch.
+    fn saw(&mut self, entry: &kv::Entry) {
+        let Some(unit) = self.units.iter_mut().find(|u| u.key == entry.key) else {
+            return;
+        };
+        match &unit.state {
+            LeaseState::Owned { revision, .. } if entry.revision <= *revision => {}
+            LeaseState::Owned { incarnation, .. } => {
+                // Someone else wrote our lease: we lost it.
+                let incarnation = incarnation.clone();
+                unit.fence(&self.events, &incarnation, "another host wrote the lease");
+                unit.state = observed(entry, Instant::now());
+            }
+            LeaseState::Other { revision, .. } | LeaseState::Free { revision }
+                if entry.revision <= *revision => {}
+            _ => unit.state = observed(entry, Instant::now()),
+        }
+    }
+
+    /// Renew what is due, fence what could not be renewed in time, try to
+    /// take what is free or expired.
+    async fn step(&mut self) {
+        let ttl = self.ttl;
+        for i in 0..self.units.len() {
+            let now = Instant::now();
+            let unit = &mut self.units[i];
+            match &unit.state {
+                LeaseState::Owned {
+                    revision,
+                    incarnation,
+                    record,
+                    sent,
+                } => {
+                    if now >= *sent + ttl * 3 / 4 {
+                        let incarnation = incarnation.clone();
+                        unit.fence(
+                            &self.events,
+                            &incarnation,
+                            "the lease could not be renewed in time",
+                        );
+                        unit.state = LeaseState::Other {
+                            revision: *revision,
+                            seen: now,
+                            host: self.host_id.clone(),
+                        };
+                        continue;
+                    }
+                    if now < *sent + ttl / 4 {
+                        continue;
+                    }
+                    let (revision, record, incarnation) =
+                        (*revision, record.clone(), incarnation.clone());
+                    let sending = Instant::now();
+                    match self
+                        .leases
+                        .update(unit.key.clone(), record.clone(), revision)
+                        .await
+                    {
+                        Ok(new) => {
+                            unit.gate.set(Some(sending + ttl * 3 / 4));
+                            unit.state = LeaseState::Owned {
+                                revision: new,
+                                incarnation,
+                                record,
+                                sent: sending,
+                            };
+                        }
+                        Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                            unit.fence(&self.events, &incarnation, "another host holds the lease");
+                            unit.state = LeaseState::Other {
+                                revision,
+                                seen: Instant::now(),
+                                host: String::new(),
+                            };
+                        }
+                        Err(e) => {
+                            tracing::warn!("cluster: cannot renew the lease of {}: {e}", unit.name);
+                        }
+                    }
+                }
+                LeaseState::Free { revision } => {
+                    let revision = *revision;
+                    if unit.may_try(now) {
+                        self.acquire(i, revision, false).await;
+                    }
+                }
+                LeaseState::Other {
+                    revision,
+                    seen,
+                    host,
+                } => {
+                    let revision = *revision;
+                    let takeover = *host != self.host_id;
+                    if now >= *seen + ttl + unit.delay && unit.may_try(now) {
+                        self.acquire(i, revision, takeover).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Try to win unit `i`'s lease by compare-and-set on `revision`.
+    async fn acquire(&mut self, i: usize, revision: u64, takeover: bool) {
+        let ttl = self.ttl;
+        let unit = &mut self.units[i];
+        let incarnation = uuid::Uuid::new_v4().to_string();
+        let record = LeaseRecord {
+            host: self.host_id.clone(),
+            incarnation: incarnation.clone(),
+            ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+            since_ms: now_ms(),
+        };
+        let Ok(record) = serde_json::to_vec(&record) else {
+            return;
+        };
+        let record = Bytes::from(record);
+        let sending = Instant::now();
+        match self
+            .leases
+            .update(unit.key.clone(), record.clone(), revision)
+            .await
+        {
+            Ok(new) => {
+                unit.gate.set(Some(sending + ttl * 3 / 4));
+                unit.state = LeaseState::Owned {
+                    revision: new,
+                    incarnation: incarnation.clone(),
+                    record,
+                    sent: sending,
+                };
+                let _ = self.events.send(ClusterEvent::Acquired {
+                    unit: unit.name.clone(),
+                    incarnation: incarnation.clone(),
+                    revision: new,
+                    takeover,
+                });
+                let command = Command::Start {
+                    incarnation,
+                    revision: new,
+                    gate: unit.gate.clone(),
+                };
+                if unit.runner.send(command).await.is_err() {
+                    tracing::warn!("cluster: the runner of {} is gone", unit.name);
+                }
+            }
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                // Someone else won: the watch will say who.
+                if let Ok(Some(entry)) = self.leases.entry(unit.key.clone()).await
+                    && entry.revision > revision
+                {
+                    unit.state = observed(&entry, Instant::now());
+                }
+            }
+            Err(e) => tracing::debug!("cluster: cannot take the lease of {}: {e}", unit.name),
+        }
+    }
+
+    /// Stop unit `name` here and delete its lease (handover). After a
+    /// failed start, also keep away from it for a lease time.
+    async fn release(&mut self, name: &str, failed: bool) {
+        let ttl = self.ttl;
+        let Some(unit) = self.units.iter_mut().find(|u| u.name == name) else {
+            return;
+        };
+        let LeaseState::Owned {
+            revision,
+            incarnation,
+            ..
+        } = &unit.state
+        else {
+            return;
+        };
+        let (revision, incarnation) = (*revision, incarnation.clone());
+        unit.gate.set(None);
+        let (done, stopped) = oneshot::channel();
+        if unit.runner.send(Command::Stop { done }).await.is_ok() {
+            let _ = stopped.await;
+        }
+        let deleted = self
+            .leases
+            .delete_expect_revision(unit.key.clone(), Some(revision))
+            .await;
+        unit.state = LeaseState::Other {
+            revision,
+            seen: Instant::now(),
+            host: self.host_id.clone(),
+        };
+        if failed {
+            unit.cool_off_until = Some(Instant::now() + ttl);
+        }
+        if deleted.is_ok() {
+            let _ = self.events.send(ClusterEvent::Released {
+                unit: unit.name.clone(),
+                incarnation,
+            });
+        }
+    }
+}
+
+impl UnitLease {
+    fn may_try(&self, now: Instant) -> bool {
+        self.eligible && self.cool_off_until.is_none_or(|until| now >= until)
+    }
+
+    /// Close the gate at once and ask the runner to stop the unit.
+    fn fence(&self, events: &broadcast::Sender<ClusterEvent>, incarnation: &str, reason: &str) {
+        self.gate.set(None);
+        let _ = events.send(ClusterEvent::Fenced {
+            unit: self.name.clone(),
+            incarnation: incarnation.to_owned(),
+            reason: reason.to_owned(),
+        });
+        let (done, _) = oneshot::channel();
+        if self.runner.try_send(Command::Stop { done }).is_err() {
+            tracing::warn!(
+                "cluster: could not ask {} to stop (its runner is busy); it is fenced",
+                self.name
+            );
+        }
+    }
+}
+
+/// The state a lease entry shows, seen at `now`.
+fn observed(entry: &kv::Entry, now: Instant) -> LeaseState {
+    match entry.operation {
+        Operation::Delete | Operation::Purge => LeaseState::Free {
+            revision: entry.revision,
+        },
+        Operation::Put => LeaseState::Other {
+            revision: entry.revision,
+            seen: now,
+            host: serde_json::from_slice::<LeaseRecord>(&entry.value)
+                .map(|r| r.host)
+                .unwrap_or_default(),
+        },
+    }
+}
+
+async fn next_entry(watch: &mut Option<kv::Watch>) -> Option<Result<kv::Entry, kv::WatcherError>> {
+    match watch {
+        Some(w) => w.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Starts and stops one unit on this host, and serves its calls while it
+/// runs.
+struct Runner {
+    unit: String,
+    spec: ChildSpec,
+    tree: TreeHandle,
+    client: async_nats::Client,
+    names: ClusterNames,
+    host_id: String,
+    events: broadcast::Sender<ClusterEvent>,
+    notes: mpsc::Sender<RunnerNote>,
+}
+
+type Serving = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+impl Runner {
+    async fn run(self, mut commands: mpsc::Receiver<Command>) {
+        let mut serving: Option<Serving> = None;
+        let mut incarnation = String::new();
+        let path = format!("{}/{}", self.names.root, self.unit);
+        loop {
+            let command = tokio::select! {
+                command = commands.recv() => command,
+                () = async {
+                    match serving.as_mut() {
+                        Some(s) => s.await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    serving = None;
+                    continue;
+                }
+            };
+            match command {
+                None => break,
+                Some(Command::Start {
+                    incarnation: new,
+                    revision,
+                    gate,
+                }) => {
+                    incarnation = new;
+                    // A unit left over from an earlier incarnation here
+                    // (it cannot be: stops come first), removed to be sure.
+                    let _ = self.tree.terminate(&path).await;
+                    let _ = self.tree.delete(&path).await;
+                    match self
+                        .tree
+                        .add_child(&self.names.root, self.spec.clone())
+                        .await
+                    {
+                        Ok(_) => {
+                            match self.serve(&incarnation, revision, gate).await {
+                                Ok(s) => serving = Some(s),
+                                Err(e) => tracing::warn!(
+                                    "cluster: cannot serve the calls of {}: {e}",
+                                    self.unit
+                                ),
+                            }
+                            let _ = self.events.send(ClusterEvent::Started {
+                                unit: self.unit.clone(),
+                                incarnation: incarnation.clone(),
+                            });
+                        }
+                        Err(e) => {
+                            let _ = self.events.send(ClusterEvent::StartFailed {
+                                unit: self.unit.clone(),
+                                incarnation: incarnation.clone(),
+                                error: e.to_string(),
+                            });
+                            let _ = self
+                                .notes
+                                .send(RunnerNote::StartFailed {
+                                    unit: self.unit.clone(),
+                                })
+                                .await;
+                        }
+                    }
+                }
+                Some(Command::Stop { done }) => {
+                    // No more calls first, then the unit.
+                    let was_serving = serving.take().is_some();
+                    let terminated = self.tree.terminate(&path).await;
+                    let _ = self.tree.delete(&path).await;
+                    if was_serving || terminated.is_ok() {
+                        let _ = self.events.send(ClusterEvent::Stopped {
+                            unit: self.unit.clone(),
+                            incarnation: incarnation.clone(),
+                        });
+                    }
+                    let _ = done.send(());
+                }
+            }
+        }
+        drop(serving);
+        let _ = self.tree.terminate(&path).await;
+        let _ = self.tree.delete(&path).await;
+    }
+
+    /// Subscribe to the unit's call subjects; the future that answers them.
+    async fn serve(
+        &self,
+        incarnation: &str,
+        revision: u64,
+        gate: Arc<UnitGate>,
+    ) -> Result<Serving, async_nats::SubscribeError> {
+        let base = format!("{}.{}", self.names.calls, token(&self.unit));
+        let exact = self.client.subscribe(base.clone()).await?;
+        let nested = self.client.subscribe(format!("{base}.>")).await?;
+        let requests = futures_util::stream::select(exact, nested);
+        let context = Arc::new(ServeContext {
+            tree: self.tree.clone(),
+            client: self.client.clone(),
+            unit_path: format!("{}/{}", self.names.root, self.unit),
+            incarnation: incarnation.to_owned(),
+            revision: revision.to_string(),
+            host: self.host_id.clone(),
+            gate,
+        });
+        Ok(Box::pin(requests.for_each_concurrent(
+            CONCURRENT_CALLS_PER_UNIT,
+            move |message| {
+                let context = context.clone();
+                async move { context.answer(message).await }
+            },
+        )))
+    }
+}
+
+/// What the call server of one incarnation needs.
+struct ServeContext {
+    tree: TreeHandle,
+    client: async_nats::Client,
+    unit_path: String,
+    incarnation: String,
+    revision: String,
+    host: String,
+    gate: Arc<UnitGate>,
+}
+
+/// How long a served call may take at most (a caller waits no longer than
+/// its own deadline anyway; the agent's deadline bounds each call too).
+const MAX_SERVED_CALL: Duration = Duration::from_secs(300);
+
+impl ServeContext {
+    async fn answer(&self, message: async_nats::Message) {
+        let Some(reply_to) = message.reply.clone() else {
+            return;
+        };
+        if !self.gate.is_open() {
+            // Fenced: not a word from this incarnation.
+            return;
+        }
+        let path = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(PATH_HEADER))
+            .map(|v| v.as_str().to_owned());
+        let body = match path {
+            Some(path)
+                if path == self.unit_path
+                    || path
+                        .strip_prefix(&self.unit_path)
+                        .is_some_and(|rest| rest.starts_with('/')) =>
+            {
+                match std::str::from_utf8(&message.payload) {
+                    Ok(text) => {
+                        let call = self.tree.call(&path, text.to_owned());
+                        match tokio::time::timeout(MAX_SERVED_CALL, call).await {
+                            Ok(Ok(reply)) => ReplyBody {
+                                ok: Some(reply),
+                                error: None,
+                                category: None,
+                            },
+                            Ok(Err(e)) => ReplyBody {
+                                ok: None,
+                                category: Some(format!("{:?}", e.category())),
+                                error: Some(e.to_string()),
+                            },
+                            Err(_) => ReplyBody {
+                                ok: None,
+                                category: Some(format!("{:?}", ErrorCategory::Runtime)),
+                                error: Some(format!("{path} did not answer in time")),
+                            },
+                        }
+                    }
+                    Err(_) => ReplyBody {
+                        ok: None,
+                        category: Some(format!("{:?}", ErrorCategory::Serialization)),
+                        error: Some("the message is not UTF-8".into()),
+                    },
+                }
+            }
+            _ => ReplyBody {
+                ok: None,
+                category: Some(format!("{:?}", ErrorCategory::NotFound)),
+                error: Some(format!(
+                    "the request names no agent of {} (header {PATH_HEADER})",
+                    self.unit_path
+                )),
+            },
+        };
+        // Checked again: a reply computed by an incarnation that was fenced
+        // meanwhile is dropped (the caller retries, and reaches the next).
+        if !self.gate.is_open() {
+            return;
+        }
+        let Ok(payload) = serde_json::to_vec(&body) else {
+            return;
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(INCARNATION_HEADER, self.incarnation.as_str());
+        headers.insert(REVISION_HEADER, self.revision.as_str());
+        headers.insert(HOST_HEADER, self.host.as_str());
+        if let Err(e) = self
+            .client
+            .publish_with_headers(reply_to, headers, Bytes::from(payload))
+            .await
+        {
+            tracing::debug!("cluster: cannot send a reply: {e}");
+        }
+    }
+}
