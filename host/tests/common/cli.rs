@@ -244,6 +244,14 @@ impl RunningHost {
         }
     }
 
+    /// Take the stdout lines printed so far without waiting.
+    pub fn drain(&mut self) -> &[String] {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+        &self.seen
+    }
+
     /// The control socket its `--json` `listening` line names.
     pub fn socket(&mut self) -> PathBuf {
         self.wait_for("the listening line", |seen| {

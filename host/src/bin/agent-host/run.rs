@@ -1,6 +1,9 @@
 //! `agent-host run TREE.toml`: start a supervision tree from a file, print
 //! its lifecycle events, serve the control socket, and stop the tree in
-//! reverse start order on Ctrl-C or SIGTERM.
+//! reverse start order on Ctrl-C or SIGTERM. With `--cluster`, join the
+//! hosts that run the tree together ([`cluster`]).
+
+mod cluster;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -65,6 +68,16 @@ not that address are refused. The management calls (POST
 --http-allow-control, and only with the control token printed on stderr
 (also in <socket>.http-token, mode 0600) in the X-Agent-Host-Token header.
 
+With --cluster nats://HOST:PORT --host-id ID, this host joins the hosts
+that run the tree together through a NATS server with JetStream
+(`nats-server -js`): each child of the root (a unit, with its subtree)
+runs on one host at a time, the one that holds its lease; when that host
+dies, another takes the unit over once the lease expired (`[cluster]
+lease_ttl`, default 10s); Ctrl-C or SIGTERM hands its units over at once.
+--labels zone=a,disk=ssd: this host's labels, for units that require some
+(`placement = { labels = { zone = \"a\" } }`). The agents' state is kept in
+the cluster's JetStream bucket. See the README's \"Many hosts\".
+
 Ctrl-C (SIGINT) or SIGTERM stops the tree: every supervisor stops its
 children in reverse start order, each within its shutdown policy. A second
 Ctrl-C exits at once without waiting.
@@ -94,6 +107,16 @@ pub struct RunArgs {
     cache: CacheArgs,
     #[command(flatten)]
     http: HttpArgs,
+    /// Join the cluster of hosts that run this tree together: the NATS
+    /// server (with JetStream) they share.
+    #[arg(long, value_name = "nats://HOST:PORT")]
+    cluster: Option<String>,
+    /// This host's id in the cluster (unique; letters, digits, `-`, `_`, `.`).
+    #[arg(long, value_name = "ID", requires = "cluster")]
+    host_id: Option<String>,
+    /// This host's labels, matched against the units' `placement` labels.
+    #[arg(long, value_name = "NAME=VALUE,...", requires = "cluster")]
+    labels: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -131,6 +154,9 @@ pub async fn run(args: RunArgs) -> CliResult {
         Ok(file) => file,
         Err(_) => return Ok(ExitCode::from(EXIT_FAILURE)),
     };
+    if let Some(url) = args.cluster.clone() {
+        return cluster::run(args, file, url).await;
+    }
     let socket = control::socket_for(&args.tree, args.socket.as_deref())?;
     let runtime = args.cache.runtime()?;
     // The socket first: a second host of the tree is refused by it before
