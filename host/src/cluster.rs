@@ -80,6 +80,10 @@ pub const REVISION_HEADER: &str = "Agent-Host-Lease-Revision";
 /// The reply header naming the host that answered.
 pub const HOST_HEADER: &str = "Agent-Host-Host";
 
+/// The reply header of a host that no longer runs the unit (fenced or
+/// handing it over): no agent saw the call, try again (the next owner).
+pub const RETRY_HEADER: &str = "Agent-Host-Retry";
+
 /// Longest host id accepted (`--host-id`).
 pub const MAX_HOST_ID: usize = 64;
 
@@ -488,6 +492,14 @@ impl ClusterClient {
                 .timeout(Some(left));
             attempts += 1;
             match self.client.send_request(subject.clone(), request).await {
+                Ok(reply)
+                    if reply
+                        .headers
+                        .as_ref()
+                        .is_some_and(|h| h.get(RETRY_HEADER).is_some()) =>
+                {
+                    last = "the host no longer runs it (handover)".into();
+                }
                 Ok(reply) => return parse_reply(path, &reply),
                 Err(e) => match e.kind() {
                     async_nats::RequestErrorKind::NoResponders => {
@@ -506,7 +518,7 @@ impl ClusterClient {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             tokio::time::sleep(pause.min(left)).await;
-            pause = (pause * 2).min(Duration::from_millis(100));
+            pause = (pause * 2).min(Duration::from_millis(50));
         }
     }
 }
@@ -621,6 +633,9 @@ struct UnitLease {
     cool_off_until: Option<Instant>,
     /// The delay after expiry before this host tries (rendezvous rank).
     delay: Duration,
+    /// When this host last wrote (or tried to write) the lease, if that
+    /// failed or was a renewal: the next attempt waits a little.
+    last_try: Option<Instant>,
     gate: Arc<UnitGate>,
     runner: mpsc::Sender<Command>,
     runner_task: JoinHandle<()>,
@@ -730,6 +745,7 @@ impl ClusterHost {
                 state: LeaseState::Free { revision: 0 },
                 cool_off_until: None,
                 delay,
+                last_try: None,
                 gate,
                 runner: tx,
                 runner_task,
@@ -855,14 +871,15 @@ impl Drop for ClusterHost {
 }
 
 /// A host's delay before it tries to take over an expired unit: its rank
-/// by rendezvous hashing, spread over `T/8`, so that the preferred host
-/// (the smallest hash) tries first and the others rarely collide with it.
+/// by rendezvous hashing, spread over `T/40`, so that the preferred host
+/// (the smallest hash) tries first and the others rarely collide with it
+/// (a collision costs one failed compare-and-set, never two owners).
 fn rendezvous_delay(unit: &str, host: &str, ttl: Duration) -> Duration {
     let digest = Sha256::digest(format!("{unit}\0{host}").as_bytes());
     let mut first = [0u8; 8];
     first.copy_from_slice(&digest[..8]);
     let fraction = u64::from_be_bytes(first) as f64 / u64::MAX as f64;
-    (ttl / 8).mul_f64(fraction)
+    (ttl / 40).mul_f64(fraction)
 }
 
 /// The cluster's hosts must run the same tree file: its hash is kept under
@@ -921,12 +938,17 @@ impl Manager {
             }
         };
         self.read_all().await;
-        let mut interval = tokio::time::interval(tick);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // Wake at the next renewal, fence or expiry due (at least every
+            // `tick`, and never more often than every millisecond while an
+            // operation keeps failing at once).
+            let wake = self
+                .next_due()
+                .min(Instant::now() + tick)
+                .max(Instant::now() + Duration::from_millis(1));
             tokio::select! {
                 () = self.cancel.cancelled() => break,
-                _ = interval.tick() => {
+                () = tokio::time::sleep_until(wake.into()) => {
                     if watch.is_none()
                         && let Ok(w) = self.leases.watch_all().await
                     {
@@ -966,6 +988,30 @@ impl Manager {
         }
     }
 
+    /// When the next renewal, fence or takeover attempt is due.
+    fn next_due(&self) -> Instant {
+        let now = Instant::now();
+        let far = now + self.ttl;
+        // After a failed attempt, the next one waits a little.
+        let retry = self.ttl / 32;
+        self.units
+            .iter()
+            .map(|unit| {
+                let due = match &unit.state {
+                    LeaseState::Owned { sent, .. } => *sent + self.ttl / 4,
+                    _ if !unit.eligible => far,
+                    LeaseState::Free { .. } => unit.cool_off_until.unwrap_or(now),
+                    LeaseState::Other { seen, .. } => {
+                        let expiry = *seen + self.ttl + unit.delay;
+                        unit.cool_off_until.map_or(expiry, |c| c.max(expiry))
+                    }
+                };
+                unit.last_try.map_or(due, |t| due.max(t + retry))
+            })
+            .min()
+            .unwrap_or(far)
+    }
+
     /// Read every unit's lease (at start, and after the watch was lost).
     async fn read_all(&mut self) {
         let now = Instant::now();
@@ -996,7 +1042,10 @@ impl Manager {
             }
             LeaseState::Other { revision, .. } | LeaseState::Free { revision }
                 if entry.revision <= *revision => {}
-            _ => unit.state = observed(entry, Instant::now()),
+            _ => {
+                unit.state = observed(entry, Instant::now());
+                unit.last_try = None;
+            }
         }
     }
 
@@ -1034,12 +1083,14 @@ impl Manager {
                     let (revision, record, incarnation) =
                         (*revision, record.clone(), incarnation.clone());
                     let sending = Instant::now();
+                    unit.last_try = Some(sending);
                     match self
                         .leases
                         .update(unit.key.clone(), record.clone(), revision)
                         .await
                     {
                         Ok(new) => {
+                            unit.last_try = None;
                             unit.gate.set(Some(sending + ttl * 3 / 4));
                             unit.state = LeaseState::Owned {
                                 revision: new,
@@ -1098,6 +1149,7 @@ impl Manager {
         };
         let record = Bytes::from(record);
         let sending = Instant::now();
+        unit.last_try = Some(sending);
         match self
             .leases
             .update(unit.key.clone(), record.clone(), revision)
@@ -1239,7 +1291,15 @@ struct Runner {
     notes: mpsc::Sender<RunnerNote>,
 }
 
-type Serving = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+/// The call server of one incarnation: its future, and the signal that
+/// makes it unsubscribe, answer what was already on its way, and end.
+struct Serving {
+    calls: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    drain: CancellationToken,
+}
+
+/// How long a drained call server may take to answer what was on its way.
+const DRAIN_BOUND: Duration = Duration::from_secs(2);
 
 impl Runner {
     async fn run(self, mut commands: mpsc::Receiver<Command>) {
@@ -1251,7 +1311,7 @@ impl Runner {
                 command = commands.recv() => command,
                 () = async {
                     match serving.as_mut() {
-                        Some(s) => s.await,
+                        Some(s) => s.calls.as_mut().await,
                         None => std::future::pending().await,
                     }
                 } => {
@@ -1305,10 +1365,38 @@ impl Runner {
                     }
                 }
                 Some(Command::Stop { done }) => {
-                    // No more calls first, then the unit.
-                    let was_serving = serving.take().is_some();
-                    let terminated = self.tree.terminate(&path).await;
-                    let _ = self.tree.delete(&path).await;
+                    // The gate is closed: calls in flight and arriving meanwhile
+                    // are answered "try again" (not dropped, which would make
+                    // their callers wait for their deadline) while the unit
+                    // stops; then the subscriptions go.
+                    let terminated = {
+                        let stop = async {
+                            let terminated = self.tree.terminate(&path).await;
+                            let _ = self.tree.delete(&path).await;
+                            terminated
+                        };
+                        tokio::pin!(stop);
+                        match serving.as_mut() {
+                            Some(s) => tokio::select! {
+                                terminated = &mut stop => terminated,
+                                () = s.calls.as_mut() => {
+                                    serving = None;
+                                    stop.await
+                                }
+                            },
+                            None => stop.await,
+                        }
+                    };
+                    let was_serving = match serving.take() {
+                        Some(mut s) => {
+                            // Unsubscribed, and whatever the server sent
+                            // before that is answered "try again".
+                            s.drain.cancel();
+                            let _ = tokio::time::timeout(DRAIN_BOUND, s.calls.as_mut()).await;
+                            true
+                        }
+                        None => false,
+                    };
                     if was_serving || terminated.is_ok() {
                         let _ = self.events.send(ClusterEvent::Stopped {
                             unit: self.unit.clone(),
@@ -1334,7 +1422,6 @@ impl Runner {
         let base = format!("{}.{}", self.names.calls, token(&self.unit));
         let exact = self.client.subscribe(base.clone()).await?;
         let nested = self.client.subscribe(format!("{base}.>")).await?;
-        let requests = futures_util::stream::select(exact, nested);
         let context = Arc::new(ServeContext {
             tree: self.tree.clone(),
             client: self.client.clone(),
@@ -1344,13 +1431,52 @@ impl Runner {
             host: self.host_id.clone(),
             gate,
         });
-        Ok(Box::pin(requests.for_each_concurrent(
-            CONCURRENT_CALLS_PER_UNIT,
-            move |message| {
-                let context = context.clone();
-                async move { context.answer(message).await }
+        let drain = CancellationToken::new();
+        Ok(Serving {
+            calls: Box::pin(serve_calls(exact, nested, context, drain.clone())),
+            drain,
+        })
+    }
+}
+
+/// Answer the calls of two subscriptions, [`CONCURRENT_CALLS_PER_UNIT`] at
+/// a time (the others wait in the subscriptions), until both end. On
+/// `drain`, both are drained: unsubscribed, with what the server had sent
+/// before still delivered (and answered), so no call is silently dropped.
+async fn serve_calls(
+    mut exact: async_nats::Subscriber,
+    mut nested: async_nats::Subscriber,
+    context: Arc<ServeContext>,
+    drain: CancellationToken,
+) {
+    let mut inflight = futures_util::stream::FuturesUnordered::new();
+    let (mut exact_open, mut nested_open, mut draining) = (true, true, false);
+    let answer = |message: async_nats::Message| {
+        let context = context.clone();
+        async move { context.answer(message).await }
+    };
+    while exact_open || nested_open || !inflight.is_empty() {
+        let room = inflight.len() < CONCURRENT_CALLS_PER_UNIT;
+        tokio::select! {
+            message = exact.next(), if exact_open && room => match message {
+                Some(message) => inflight.push(answer(message)),
+                None => exact_open = false,
             },
-        )))
+            message = nested.next(), if nested_open && room => match message {
+                Some(message) => inflight.push(answer(message)),
+                None => nested_open = false,
+            },
+            Some(()) = inflight.next(), if !inflight.is_empty() => {}
+            () = drain.cancelled(), if !draining => {
+                draining = true;
+                if exact.drain().await.is_err() {
+                    exact_open = false;
+                }
+                if nested.drain().await.is_err() {
+                    nested_open = false;
+                }
+            }
+        }
     }
 }
 
@@ -1370,12 +1496,25 @@ struct ServeContext {
 const MAX_SERVED_CALL: Duration = Duration::from_secs(300);
 
 impl ServeContext {
+    /// Tell the caller to try again: this incarnation no longer answers.
+    /// Only a hint, carrying nothing from any agent (after a kill, the
+    /// caller's own retries on no responders do the same).
+    async fn retry(&self, reply_to: async_nats::Subject) {
+        let mut headers = HeaderMap::new();
+        headers.insert(RETRY_HEADER, "not-owner");
+        let _ = self
+            .client
+            .publish_with_headers(reply_to, headers, Bytes::new())
+            .await;
+    }
+
     async fn answer(&self, message: async_nats::Message) {
         let Some(reply_to) = message.reply.clone() else {
             return;
         };
         if !self.gate.is_open() {
-            // Fenced: not a word from this incarnation.
+            // Fenced: no agent sees it; the caller tries the next owner.
+            self.retry(reply_to).await;
             return;
         }
         let path = message
@@ -1430,6 +1569,7 @@ impl ServeContext {
         // Checked again: a reply computed by an incarnation that was fenced
         // meanwhile is dropped (the caller retries, and reaches the next).
         if !self.gate.is_open() {
+            self.retry(reply_to).await;
             return;
         }
         let Ok(payload) = serde_json::to_vec(&body) else {

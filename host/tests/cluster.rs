@@ -436,6 +436,8 @@ fn cluster_bench() {
     let mut current = prober.wait_for_new_incarnation(&old);
     let mut failover = Vec::new();
     let mut handover = Vec::new();
+    let mut failover_started = Vec::new();
+    let mut handover_started = Vec::new();
     for round in 0..2 * rounds {
         let how = if round % 2 == 0 { "KILL" } else { "TERM" };
         let owner = ids
@@ -444,15 +446,46 @@ fn cluster_bench() {
             .find(|id| *id == current.host)
             .expect("a known host answers");
         let host = hosts.remove(owner).expect("the owner runs");
+        // Anywhere between two renewals of the lease (T/4 = 1 s apart).
+        std::thread::sleep(Duration::from_millis(u64::from(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or_default()
+                % 1000,
+        )));
         let signalled = Instant::now();
+        let signalled_ms = unix_ms();
         host.signal(how);
         old.push(current.incarnation.clone());
         let (at, next) = prober.wait_for_new_incarnation_at(&old);
         let took = at.saturating_duration_since(signalled);
+        // By the new owner's own report: when the unit ran there.
+        let new_owner = hosts
+            .get_mut(next.host.as_str())
+            .expect("the new owner runs");
+        let started_line = |l: &String| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .filter(|v| {
+                    v["event"] == "started" && v["incarnation"] == next.incarnation.as_str()
+                })
+        };
+        new_owner.wait_for("the new incarnation's started line", |seen| {
+            seen.iter().any(|l| started_line(l).is_some())
+        });
+        let started = new_owner
+            .seen
+            .iter()
+            .find_map(started_line)
+            .and_then(|v| v["at_ms"].as_u64())
+            .map(|ms| Duration::from_millis((u128::from(ms).saturating_sub(signalled_ms)) as u64));
         if how == "KILL" {
             failover.push(took);
+            failover_started.extend(started);
         } else {
             handover.push(took);
+            handover_started.extend(started);
         }
         let _ = host.finish();
         current = next;
@@ -460,8 +493,22 @@ fn cluster_bench() {
     }
     let calls = prober.finish();
     let order = check_replies(&calls);
-    failover.sort();
-    handover.sort();
+    for v in [
+        &mut failover,
+        &mut handover,
+        &mut failover_started,
+        &mut handover_started,
+    ] {
+        v.sort();
+    }
+    let summary = |v: &[Duration]| {
+        serde_json::json!({
+            "n": v.len(),
+            "p50": ms(percentile(v, 0.5)),
+            "p99": ms(percentile(v, 0.99)),
+            "max": ms(percentile(v, 1.0)),
+        })
+    };
 
     // Calls: in the process against through loopback NATS, one host in
     // this process running a unit of its own tree.
@@ -475,14 +522,12 @@ fn cluster_bench() {
         "incarnations": order.len(),
         "double_activations": 0,
         "failover_after_kill_ms": {
-            "p50": ms(percentile(&failover, 0.5)),
-            "p99": ms(percentile(&failover, 0.99)),
-            "max": ms(percentile(&failover, 1.0)),
+            "to_first_reply": summary(&failover),
+            "to_unit_started": summary(&failover_started),
         },
         "graceful_handover_ms": {
-            "p50": ms(percentile(&handover, 0.5)),
-            "p99": ms(percentile(&handover, 0.99)),
-            "max": ms(percentile(&handover, 1.0)),
+            "to_first_reply": summary(&handover),
+            "to_unit_started": summary(&handover_started),
         },
         "call_latency_us": {
             "in_process_p50": local.as_secs_f64() * 1e6,
