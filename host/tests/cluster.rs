@@ -6,6 +6,9 @@
 //! unit over, that the counter continues from its last committed value and
 //! that two incarnations never answered at the same time.
 //!
+//! A third scenario pauses the owner (SIGSTOP) for 2T and resumes it: the
+//! stale incarnation must fence itself and never answer again.
+//!
 //! Each scenario is repeated `TERRAPHIM_CLUSTER_REPEAT` times (default 3;
 //! the README's longer run uses 100). Without `nats-server` the tests print
 //! `SKIPPED: ...` and pass, unless `TERRAPHIM_REQUIRE_NATS=1` (as in
@@ -72,8 +75,10 @@ fn unix_ms() -> u128 {
 /// A `nats-server -js` of the test's own, killed on drop.
 struct Nats {
     child: Child,
+    binary: PathBuf,
+    port: u16,
     url: String,
-    _store: TempDir,
+    store: TempDir,
 }
 
 impl Nats {
@@ -83,6 +88,17 @@ impl Nats {
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
+        let child = Self::spawn(binary, port, &store);
+        Self {
+            child,
+            binary: binary.clone(),
+            port,
+            url: format!("nats://127.0.0.1:{port}"),
+            store,
+        }
+    }
+
+    fn spawn(binary: &PathBuf, port: u16, store: &TempDir) -> Child {
         let child = Command::new(binary)
             .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
             .arg(store.path("js"))
@@ -96,18 +112,24 @@ impl Nats {
             assert!(Instant::now() < deadline, "nats-server did not listen");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Self {
-            child,
-            url: format!("nats://127.0.0.1:{port}"),
-            _store: store,
-        }
+        child
+    }
+
+    /// kill -9 the server.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Start it again on the same port with the same store.
+    fn restart(&mut self) {
+        self.child = Self::spawn(&self.binary, self.port, &self.store);
     }
 }
 
 impl Drop for Nats {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
@@ -323,6 +345,30 @@ fn failover(name: &str, how: &str) {
             .unwrap_or_else(|| panic!("the reply names an unknown host {:?}", current.host));
         let host = hosts.remove(owner).expect("the owner runs");
         let at = unix_ms();
+        if how == "STOP" {
+            // Paused for 2T: another host takes over; resumed, the stale
+            // incarnation must fence itself without a word or a write.
+            let paused = Instant::now();
+            host.signal("STOP");
+            let mut host = host;
+            old.push(current.incarnation.clone());
+            let next = prober.wait_for_new_incarnation(&old);
+            let two_t = Duration::from_secs(4);
+            std::thread::sleep(two_t.saturating_sub(paused.elapsed()));
+            host.signal("CONT");
+            let stale = current.incarnation.clone();
+            host.wait_for("the stale incarnation's fence", |seen| {
+                seen.iter()
+                    .any(|l| l.contains(r#""event":"fenced""#) && l.contains(stale.as_str()))
+            });
+            let lines = host.drain().to_vec();
+            record_lines(&lines, &mut seen);
+            ended_by_test.push((stale, at));
+            assert_ne!(next.host, owner, "round {round}: the paused host answered");
+            current = next;
+            hosts.insert(owner, host);
+            continue;
+        }
         host.signal(how);
         let (status, lines, stderr) = host.finish();
         record_lines(&lines, &mut seen);
@@ -394,6 +440,56 @@ fn kill_9_of_the_owner_moves_the_unit_to_another_host_without_overlap() {
 #[test]
 fn sigterm_of_the_owner_hands_the_unit_over() {
     failover("cluster-term", "TERM");
+}
+
+/// kill -9 of nats-server: the owner cannot renew and fences its unit;
+/// when the server is back (same store), a host wins the lease again and
+/// the counter continues from its last committed value.
+#[test]
+fn when_the_nats_server_dies_the_owner_fences_and_the_cluster_recovers() {
+    let Some(binary) = nats_server() else {
+        return;
+    };
+    let mut nats = Nats::start(&binary);
+    let dir = TempDir::new("cluster-nats-down");
+    let tree = dir.write("tree.toml", &tree(LEASE_TTL));
+    let ids = ["h1", "h2", "h3"];
+    let mut hosts: HashMap<&str, RunningHost> = ids
+        .iter()
+        .map(|id| (*id, start_host(&dir, &nats.url, id, &tree)))
+        .collect();
+    let prober = Prober::start(&nats.url);
+    let mut old = Vec::new();
+    let mut current = prober.wait_for_new_incarnation(&old);
+    for _ in 0..repeat().min(3) {
+        nats.kill();
+        let owner = hosts
+            .get_mut(current.host.as_str())
+            .expect("the owner runs");
+        let stale = current.incarnation.clone();
+        owner.wait_for("the owner's fence", |seen| {
+            seen.iter()
+                .any(|l| l.contains(r#""event":"fenced""#) && l.contains(stale.as_str()))
+        });
+        nats.restart();
+        old.push(stale);
+        current = prober.wait_for_new_incarnation(&old);
+    }
+    let calls = prober.finish();
+    let order = check_replies(&calls);
+    assert!(
+        order.len() > 1,
+        "no new incarnation after the server came back: {order:?}"
+    );
+    for (_, host) in hosts {
+        let (status, stderr) = host.stop();
+        assert!(status.success(), "a host did not stop cleanly: {stderr}");
+    }
+}
+
+#[test]
+fn a_paused_owner_is_fenced_and_its_stale_incarnation_never_answers_again() {
+    failover("cluster-stop", "STOP");
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -615,4 +711,24 @@ fn call_costs(url: &str, dir: &TempDir) -> (Duration, Duration, f64) {
             per_second,
         )
     })
+}
+
+/// The tree file of the README's "Many hosts" section is valid.
+#[test]
+fn the_readme_cluster_tree_validates() {
+    let readme = include_str!("../../README.md");
+    let section = readme
+        .find("## Many hosts")
+        .expect("the README has the section");
+    let start = section
+        + readme[section..]
+            .find("```toml\n")
+            .expect("the section has a toml block")
+        + "```toml\n".len();
+    let end = start + readme[start..].find("```").expect("the toml block ends");
+    let dir = TempDir::new("readme-cluster-tree");
+    let path = dir.write("tree.toml", &readme[start..end]);
+    let file = terraphim_agent_supervisor::tree::TreeFile::load(&path).expect("the tree is valid");
+    assert_eq!(file.cluster.lease_ttl, Duration::from_secs(10));
+    assert_eq!(file.cluster.placement["counter"]["zone"], "b");
 }
