@@ -42,6 +42,7 @@
 //! retried until the caller's deadline. A call to a unit this host runs
 //! stays in the process.
 
+mod history;
 mod kv_state;
 mod subject;
 
@@ -60,12 +61,15 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub use history::{HistoryEntry, HistoryError, MAX_ENTRIES, counted_within};
 pub use kv_state::KvStateStore;
 pub use subject::{call_subject, token};
 
 use crate::runtime::Runtime;
 use crate::tree::{TreeError, TreeFile, valid_label};
-use crate::{ChildSpec, ErrorCategory, RunningTree, StateQuota, TreeCallError, TreeHandle};
+use crate::{
+    ChildSpec, ErrorCategory, RestartIntensity, RunningTree, StateQuota, TreeCallError, TreeHandle,
+};
 
 /// The request header with the caller's call id (a UUID unless the caller
 /// chose one): the same id on every retry of one call.
@@ -150,6 +154,17 @@ pub enum JoinError {
         /// The leases bucket.
         bucket: String,
     },
+    /// The cluster's root supervisor gave up (its restart intensity was
+    /// exceeded by takeovers): the tree is down on every host.
+    #[error(
+        "the tree is down in this cluster: its root supervisor gave up ({reason}); to start it again, delete the key `halt` of the bucket `{bucket}`"
+    )]
+    Halted {
+        /// Why it gave up.
+        reason: String,
+        /// The leases bucket.
+        bucket: String,
+    },
     /// The tree's components could not be loaded.
     #[error(transparent)]
     Tree(#[from] TreeError),
@@ -229,6 +244,10 @@ pub struct LeaseRecord {
     /// When the incarnation began (milliseconds since the Unix epoch, the
     /// owner's clock; informative only).
     pub since_ms: u64,
+    /// The owner's session (one run of `agent-host`): the takeovers of the
+    /// units of one lost session count as one restart.
+    #[serde(default)]
+    pub session: String,
 }
 
 /// A unit's fence on this host: until when it may answer calls and write
@@ -284,6 +303,8 @@ pub struct ClusterNames {
     pub leases: String,
     /// The agents' state bucket.
     pub state: String,
+    /// The shared restart history's bucket.
+    pub history: String,
     /// The prefix of the call subjects.
     pub calls: String,
 }
@@ -296,6 +317,7 @@ impl ClusterNames {
             root: root.to_owned(),
             leases: format!("ah-{t}-leases"),
             state: format!("ah-{t}-state"),
+            history: format!("ah-{t}-history"),
             calls: format!("ah.{t}.call"),
         }
     }
@@ -436,6 +458,19 @@ impl ClusterClient {
             client,
             names: ClusterNames::of(root),
         })
+    }
+
+    /// The cluster's shared restart history (takeovers), oldest first.
+    ///
+    /// # Errors
+    ///
+    /// [`HistoryError`] if the bucket cannot be read.
+    pub async fn history(&self) -> Result<Vec<HistoryEntry>, HistoryError> {
+        let js = async_nats::jetstream::new(self.client.clone());
+        match js.get_key_value(&self.names.history).await {
+            Ok(store) => Ok(history::read(&store).await?.0),
+            Err(_) => Ok(Vec::new()),
+        }
     }
 
     /// The unit a path belongs to (`root/unit/...` -> `unit`).
@@ -599,6 +634,7 @@ pub struct ClusterHost {
     cancel: CancellationToken,
     manager: Option<JoinHandle<()>>,
     lease_ttl: Duration,
+    halted: tokio::sync::watch::Receiver<Option<String>>,
 }
 
 impl std::fmt::Debug for ClusterHost {
@@ -613,6 +649,13 @@ impl std::fmt::Debug for ClusterHost {
 /// Everything the lease manager works with.
 struct Manager {
     leases: kv::Store,
+    history: kv::Store,
+    intensity: RestartIntensity,
+    session: String,
+    /// Set once the root gave up, on any host.
+    halted: tokio::sync::watch::Sender<Option<String>>,
+    /// The restart-history writes in progress.
+    tasks: tokio::task::JoinSet<()>,
     host_id: String,
     ttl: Duration,
     units: Vec<UnitLease>,
@@ -636,6 +679,8 @@ struct UnitLease {
     /// When this host last wrote (or tried to write) the lease, if that
     /// failed or was a renewal: the next attempt waits a little.
     last_try: Option<Instant>,
+    /// What the lease held when this host last saw it held by another.
+    holder: Option<LeaseRecord>,
     gate: Arc<UnitGate>,
     runner: mpsc::Sender<Command>,
     runner_task: JoinHandle<()>,
@@ -691,7 +736,14 @@ impl ClusterHost {
         state_js.set_timeout(Duration::from_secs(5));
         let leases = bucket(&lease_js, &names.leases, 1).await?;
         let state_bucket = bucket(&state_js, &names.state, 1).await?;
+        let history = bucket(&state_js, &names.history, 1).await?;
         check_tree_hash(&leases, tree, &names).await?;
+        if let Ok(Some(reason)) = leases.get(history::HALT_KEY).await {
+            return Err(JoinError::Halted {
+                reason: String::from_utf8_lossy(&reason).into_owned(),
+                bucket: names.leases.clone(),
+            });
+        }
 
         let gates = Arc::new(Mutex::new(Gates::default()));
         let state = Arc::new(KvStateStore::new(
@@ -746,13 +798,20 @@ impl ClusterHost {
                 cool_off_until: None,
                 delay,
                 last_try: None,
+                holder: None,
                 gate,
                 runner: tx,
                 runner_task,
             });
         }
+        let (halted_tx, halted) = tokio::sync::watch::channel(None);
         let manager = Manager {
             leases,
+            history,
+            intensity: tree.root.policy.intensity.clone(),
+            session: uuid::Uuid::new_v4().to_string(),
+            halted: halted_tx,
+            tasks: tokio::task::JoinSet::new(),
             host_id: options.host_id.clone(),
             ttl,
             units: unit_leases,
@@ -770,6 +829,7 @@ impl ClusterHost {
             cancel,
             manager: Some(manager),
             lease_ttl: ttl,
+            halted,
         })
     }
 
@@ -791,6 +851,22 @@ impl ClusterHost {
     /// A client for calls by path anywhere in the cluster.
     pub fn client(&self) -> &ClusterClient {
         &self.client
+    }
+
+    /// Why the tree's root gave up on the cluster (on any host), if it did.
+    pub fn halted(&self) -> Option<String> {
+        self.halted.borrow().clone()
+    }
+
+    /// Wait until the tree's root gives up on the cluster; why. This host
+    /// has then stopped its units (call [`shutdown`](Self::shutdown)).
+    pub async fn wait_halted(&self) -> String {
+        let mut halted = self.halted.clone();
+        match halted.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone().unwrap_or_default(),
+            // The manager is gone: nothing will halt any more.
+            Err(_) => std::future::pending().await,
+        }
     }
 
     /// The units' lease events on this host.
@@ -946,6 +1022,10 @@ impl Manager {
                 .next_due()
                 .min(Instant::now() + tick)
                 .max(Instant::now() + Duration::from_millis(1));
+            while self.tasks.try_join_next().is_some() {}
+            if self.halted.borrow().is_some() {
+                break;
+            }
             tokio::select! {
                 () = self.cancel.cancelled() => break,
                 () = tokio::time::sleep_until(wake.into()) => {
@@ -982,6 +1062,7 @@ impl Manager {
         for unit in names {
             self.release(&unit, false).await;
         }
+        while self.tasks.join_next().await.is_some() {}
         for unit in self.units {
             drop(unit.runner);
             let _ = unit.runner_task.await;
@@ -1021,7 +1102,7 @@ impl Manager {
             }
             match self.leases.entry(unit.key.clone()).await {
                 Ok(None) => unit.state = LeaseState::Free { revision: 0 },
-                Ok(Some(entry)) => unit.state = observed(&entry, now),
+                Ok(Some(entry)) => unit.observe(&entry, now),
                 Err(e) => tracing::warn!("cluster: cannot read the lease of {}: {e}", unit.name),
             }
         }
@@ -1029,6 +1110,11 @@ impl Manager {
 
     /// A change of a lease seen on the watch.
     fn saw(&mut self, entry: &kv::Entry) {
+        if entry.key == history::HALT_KEY && entry.operation == Operation::Put {
+            let reason = String::from_utf8_lossy(&entry.value).into_owned();
+            self.halted.send_replace(Some(reason));
+            return;
+        }
         let Some(unit) = self.units.iter_mut().find(|u| u.key == entry.key) else {
             return;
         };
@@ -1038,12 +1124,12 @@ impl Manager {
                 // Someone else wrote our lease: we lost it.
                 let incarnation = incarnation.clone();
                 unit.fence(&self.events, &incarnation, "another host wrote the lease");
-                unit.state = observed(entry, Instant::now());
+                unit.observe(entry, Instant::now());
             }
             LeaseState::Other { revision, .. } | LeaseState::Free { revision }
                 if entry.revision <= *revision => {}
             _ => {
-                unit.state = observed(entry, Instant::now());
+                unit.observe(entry, Instant::now());
                 unit.last_try = None;
             }
         }
@@ -1143,6 +1229,7 @@ impl Manager {
             incarnation: incarnation.clone(),
             ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
             since_ms: now_ms(),
+            session: self.session.clone(),
         };
         let Ok(record) = serde_json::to_vec(&record) else {
             return;
@@ -1169,6 +1256,27 @@ impl Manager {
                     revision: new,
                     takeover,
                 });
+                // A unit whose host was lost restarts here: a restart of the
+                // root's, in the shared history.
+                if let Some(lost) = unit.holder.take().filter(|h| h.session != self.session) {
+                    let entry = HistoryEntry {
+                        at_ms: now_ms(),
+                        unit: unit.name.clone(),
+                        lost_host: lost.host,
+                        lost_session: lost.session,
+                        by_host: self.host_id.clone(),
+                        incarnation: incarnation.clone(),
+                        counted: false,
+                    };
+                    let (history, leases, intensity) = (
+                        self.history.clone(),
+                        self.leases.clone(),
+                        self.intensity.clone(),
+                    );
+                    self.tasks.spawn(async move {
+                        record_takeover(&history, &leases, entry, intensity).await;
+                    });
+                }
                 let command = Command::Start {
                     incarnation,
                     revision: new,
@@ -1183,7 +1291,7 @@ impl Manager {
                 if let Ok(Some(entry)) = self.leases.entry(unit.key.clone()).await
                     && entry.revision > revision
                 {
-                    unit.state = observed(&entry, Instant::now());
+                    unit.observe(&entry, Instant::now());
                 }
             }
             Err(e) => tracing::debug!("cluster: cannot take the lease of {}: {e}", unit.name),
@@ -1233,6 +1341,14 @@ impl Manager {
 }
 
 impl UnitLease {
+    /// Take in what the lease shows now.
+    fn observe(&mut self, entry: &kv::Entry, now: Instant) {
+        self.state = observed(entry, now);
+        if entry.operation == Operation::Put {
+            self.holder = serde_json::from_slice(&entry.value).ok();
+        }
+    }
+
     fn may_try(&self, now: Instant) -> bool {
         self.eligible && self.cool_off_until.is_none_or(|until| now >= until)
     }
@@ -1252,6 +1368,32 @@ impl UnitLease {
                 self.name
             );
         }
+    }
+}
+
+/// Add a takeover to the shared history; if it makes the root's restarts
+/// exceed its intensity, stop the tree on every host (the key `halt`).
+async fn record_takeover(
+    history: &kv::Store,
+    leases: &kv::Store,
+    entry: HistoryEntry,
+    intensity: RestartIntensity,
+) {
+    let unit = entry.unit.clone();
+    match history::record(history, entry, &intensity, now_ms()).await {
+        Ok(count) if count > intensity.max_restarts as usize => {
+            let reason = format!(
+                "{count} hosts lost within {} ms, more than max_restarts = {} (last: unit {unit} taken over)",
+                intensity.time_window.as_millis(),
+                intensity.max_restarts
+            );
+            tracing::error!("cluster: the root gives up: {reason}");
+            if let Err(e) = leases.put(history::HALT_KEY, Bytes::from(reason)).await {
+                tracing::error!("cluster: cannot stop the tree on every host: {e}");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cluster: {e}"),
     }
 }
 

@@ -141,6 +141,7 @@ lease_ttl = "{ttl}"
 
 [supervisor]
 name = "root"
+max_restarts = 10_000
 
 [[supervisor.children]]
 name = "counter"
@@ -731,4 +732,146 @@ fn the_readme_cluster_tree_validates() {
     let file = terraphim_agent_supervisor::tree::TreeFile::load(&path).expect("the tree is valid");
     assert_eq!(file.cluster.lease_ttl, Duration::from_secs(10));
     assert_eq!(file.cluster.placement["counter"]["zone"], "b");
+}
+
+/// A reply from `path` by an incarnation other than `not`, waiting for it
+/// (the hang guard bounds the wait).
+fn reply_from_new(url: &str, path: &str, not: Option<&str>) -> ClusterReply {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let client = ClusterClient::connect(url, "root").await.expect("connects");
+        let deadline = Instant::now() + TAKEOVER_GUARD;
+        loop {
+            if let Ok(reply) = client
+                .call(path, "hello", Duration::from_secs(1), None)
+                .await
+                && reply.result.is_ok()
+                && Some(reply.incarnation.as_str()) != not
+            {
+                return reply;
+            }
+            assert!(Instant::now() < deadline, "{path} was not taken over");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+}
+
+fn history(url: &str) -> Vec<terraphim_agent_supervisor::cluster::HistoryEntry> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let client = ClusterClient::connect(url, "root").await.expect("connects");
+        client.history().await.expect("the history reads")
+    })
+}
+
+/// A host lost with two units is one restart of the root in the shared
+/// history, with an entry per unit taken over.
+#[test]
+fn one_lost_host_counts_once_in_the_shared_restart_history() {
+    let Some(binary) = nats_server() else {
+        return;
+    };
+    let nats = Nats::start(&binary);
+    let dir = TempDir::new("cluster-history");
+    let text = format!(
+        "{}\n[[supervisor.children]]\nname = \"other\"\ncomponent = \"echo.wasm\"\n",
+        tree(LEASE_TTL)
+    );
+    let tree = dir.write("tree.toml", &text);
+    // h1 alone first: it wins both units.
+    let mut h1 = start_host(&dir, &nats.url, "h1", &tree);
+    h1.wait_for("both units started on h1", |seen| {
+        seen.iter()
+            .filter(|l| l.contains(r#""event":"started""#))
+            .count()
+            == 2
+    });
+    let a = reply_from_new(&nats.url, "root/counter", None);
+    let b = reply_from_new(&nats.url, "root/other", None);
+    assert_eq!((a.host.as_str(), b.host.as_str()), ("h1", "h1"));
+    let others: Vec<RunningHost> = ["h2", "h3"]
+        .iter()
+        .map(|id| start_host(&dir, &nats.url, id, &tree))
+        .collect();
+    h1.signal("KILL");
+    let _ = h1.finish();
+    let a2 = reply_from_new(&nats.url, "root/counter", Some(&a.incarnation));
+    let b2 = reply_from_new(&nats.url, "root/other", Some(&b.incarnation));
+    assert_ne!(a2.host, "h1");
+    assert_ne!(b2.host, "h1");
+    // Both takeovers recorded (each by the host that made it), one counted.
+    let deadline = Instant::now() + TAKEOVER_GUARD;
+    let entries = loop {
+        let entries = history(&nats.url);
+        if entries.len() >= 2 {
+            break entries;
+        }
+        assert!(Instant::now() < deadline, "history: {entries:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    assert!(entries.iter().all(|e| e.lost_host == "h1"), "{entries:?}");
+    assert_eq!(
+        entries.iter().filter(|e| e.counted).count(),
+        1,
+        "one lost host, one restart: {entries:?}"
+    );
+    let mut units: Vec<&str> = entries.iter().map(|e| e.unit.as_str()).collect();
+    units.sort();
+    assert_eq!(units, ["counter", "other"]);
+    for host in others {
+        let (status, stderr) = host.stop();
+        assert!(status.success(), "{stderr}");
+    }
+}
+
+/// Takeovers beyond the root's intensity (max_restarts = 1: the second
+/// lost host) stop the tree on every host, and a host that joins later is
+/// told the tree is down.
+#[test]
+fn lost_hosts_beyond_the_root_intensity_stop_the_tree_on_every_host() {
+    let Some(binary) = nats_server() else {
+        return;
+    };
+    let nats = Nats::start(&binary);
+    let dir = TempDir::new("cluster-escalation");
+    let text = tree(LEASE_TTL).replace(
+        "max_restarts = 10_000\n",
+        "max_restarts = 1\ntime_window_ms = 600_000\n",
+    );
+    assert!(text.contains("max_restarts = 1\n"));
+    let tree = dir.write("tree.toml", &text);
+    let ids = ["h1", "h2", "h3"];
+    let mut hosts: HashMap<&str, RunningHost> = ids
+        .iter()
+        .map(|id| (*id, start_host(&dir, &nats.url, id, &tree)))
+        .collect();
+    let first = reply_from_new(&nats.url, "root/counter", None);
+    let owner = hosts.remove(first.host.as_str()).expect("the owner runs");
+    owner.signal("KILL");
+    let _ = owner.finish();
+    // One lost host: within the intensity, the unit runs elsewhere.
+    let second = reply_from_new(&nats.url, "root/counter", Some(&first.incarnation));
+    let owner = hosts.remove(second.host.as_str()).expect("the owner runs");
+    owner.signal("KILL");
+    let _ = owner.finish();
+    // The second lost host is one too many: the last host stops the tree.
+    let (_, last) = hosts.into_iter().next().expect("one host left");
+    let (status, lines, stderr) = last.finish();
+    assert_eq!(status.code(), Some(1), "{stderr}\n{lines:?}");
+    assert!(stderr.contains("gave up on the cluster"), "{stderr}");
+    // A host that joins now is refused.
+    let out = dir.agent_host(&["run", "--cluster", &nats.url, "--host-id", "h4", &tree]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = common::cli::text(&out.stderr);
+    assert!(
+        stderr.contains("the tree is down in this cluster"),
+        "{stderr}"
+    );
 }

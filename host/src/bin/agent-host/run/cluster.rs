@@ -186,8 +186,13 @@ pub async fn run(args: RunArgs, file: TreeFile, url: String) -> CliResult {
         })
     };
 
+    let mut halted = None;
     let why = loop {
         tokio::select! {
+            reason = host.wait_halted() => {
+                halted = Some(reason);
+                break None;
+            }
             _ = sigint.recv() => break Some("SIGINT"),
             _ = sigterm.recv() => break Some("SIGTERM"),
             () = listener.serve_next(&handle) => {}
@@ -237,6 +242,13 @@ pub async fn run(args: RunArgs, file: TreeFile, url: String) -> CliResult {
         out.line("Stopped.");
     }
     stopped?;
+    if let Some(reason) = halted {
+        stderr_line!(
+            "error: the root supervisor `{}` gave up on the cluster ({reason}); the tree is down on every host",
+            handle.root_name()
+        );
+        return Ok(ExitCode::from(EXIT_FAILURE));
+    }
     if failed {
         stderr_line!(
             "error: the root supervisor `{}` gave up; this host's part of the tree is down",
