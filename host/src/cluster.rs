@@ -372,6 +372,9 @@ async fn bucket(
 pub struct ClusterClient {
     client: async_nats::Client,
     names: ClusterNames,
+    /// The tree's units, when known (a host's client): a call to a unit
+    /// that does not exist fails at once instead of at its deadline.
+    units: Arc<[String]>,
 }
 
 /// Why a call by path across hosts failed.
@@ -381,6 +384,14 @@ pub enum ClusterCallError {
     /// root's name and a child's).
     #[error("`{0}` is not the path of an agent of this tree: write root/unit[/...]")]
     BadPath(String),
+    /// The tree has no such unit.
+    #[error("no unit `{unit}` in this tree; its units are: {}", units.join(", "))]
+    NoSuchUnit {
+        /// The unit asked for.
+        unit: String,
+        /// The tree's units.
+        units: Vec<String>,
+    },
     /// Nobody answered before the deadline (no owner, or it did not reply).
     #[error("no reply from `{path}` within {timeout:?} ({attempts} attempts; last: {last})")]
     Timeout {
@@ -457,6 +468,7 @@ impl ClusterClient {
         Ok(Self {
             client,
             names: ClusterNames::of(root),
+            units: Arc::new([]),
         })
     }
 
@@ -498,8 +510,14 @@ impl ClusterClient {
         call_id: Option<&str>,
     ) -> Result<ClusterReply, ClusterCallError> {
         let path = path.trim_matches('/');
-        if self.unit_of(path).is_none() {
+        let Some(unit) = self.unit_of(path) else {
             return Err(ClusterCallError::BadPath(path.to_owned()));
+        };
+        if !self.units.is_empty() && !self.units.iter().any(|u| u == unit) {
+            return Err(ClusterCallError::NoSuchUnit {
+                unit: unit.to_owned(),
+                units: self.units.to_vec(),
+            });
         }
         let subject = call_subject(&self.names, path)
             .ok_or_else(|| ClusterCallError::BadPath(path.to_owned()))?;
@@ -760,6 +778,7 @@ impl ClusterHost {
         let cluster_client = ClusterClient {
             client: client.clone(),
             names: names.clone(),
+            units: units.iter().map(|(name, _)| name.clone()).collect(),
         };
         let (notes_tx, notes_rx) = mpsc::channel(64);
         let mut unit_leases = Vec::with_capacity(units.len());

@@ -875,3 +875,41 @@ fn lost_hosts_beyond_the_root_intensity_stop_the_tree_on_every_host() {
         "{stderr}"
     );
 }
+
+/// `agent-host call` through the control socket of a host that does not
+/// run the unit reaches it on the host that does.
+#[test]
+fn agent_host_call_through_any_host_reaches_the_unit() {
+    let Some(binary) = nats_server() else {
+        return;
+    };
+    let nats = Nats::start(&binary);
+    let dir = TempDir::new("cluster-call");
+    let tree = dir.write("tree.toml", &tree(LEASE_TTL));
+    let mut hosts: HashMap<&str, RunningHost> = ["h1", "h2"]
+        .iter()
+        .map(|id| (*id, start_host(&dir, &nats.url, id, &tree)))
+        .collect();
+    let owner = reply_from_new(&nats.url, "root/counter", None).host;
+    let other = if owner == "h1" { "h2" } else { "h1" };
+    let socket = hosts.get_mut(other).expect("the other host").socket();
+    let socket = socket.to_str().expect("UTF-8 path");
+    for (agent, reply) in [("counter", "echo: hi"), ("root/counter", "echo: hi")] {
+        let out = dir.agent_host(&["call", &tree, agent, "hi", "--socket", socket]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            common::cli::text(&out.stderr)
+        );
+        assert_eq!(common::cli::text(&out.stdout).trim(), reply);
+    }
+    let out = dir.agent_host(&["call", &tree, "nobody", "hi", "--socket", socket]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = common::cli::text(&out.stderr);
+    assert!(stderr.contains("no unit `nobody` in this tree"), "{stderr}");
+    for (_, host) in hosts {
+        let (status, stderr) = host.stop();
+        assert!(status.success(), "{stderr}");
+    }
+}

@@ -34,9 +34,10 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use terraphim_agent_supervisor::cluster::{ClusterCallError, ClusterClient};
 use terraphim_agent_supervisor::private_dir;
 use terraphim_agent_supervisor::text::fnv1a;
-use terraphim_agent_supervisor::{NodeKind, TreeHandle};
+use terraphim_agent_supervisor::{NodeKind, ResolveError, TreeCallError, TreeHandle};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -359,6 +360,9 @@ pub struct Listener {
     backoff: AcceptBackoff,
     /// No `accept` before this, after a failed one.
     resume_at: Option<Instant>,
+    /// In cluster mode: where a call to an agent that does not run here
+    /// goes (the host that runs it, over NATS).
+    cluster: Option<ClusterClient>,
 }
 
 impl Listener {
@@ -370,7 +374,14 @@ impl Listener {
             slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
             backoff: AcceptBackoff::default(),
             resume_at: None,
+            cluster: None,
         }
+    }
+
+    /// Forward calls to agents that do not run on this host to the
+    /// cluster (`run --cluster`).
+    pub fn set_cluster(&mut self, client: ClusterClient) {
+        self.cluster = Some(client);
     }
 
     /// Accept the next connection and serve it in a task of its own, or
@@ -405,8 +416,9 @@ impl Listener {
             }
         };
         let tree = tree.clone();
+        let cluster = self.cluster.clone();
         tokio::spawn(async move {
-            serve(stream, tree).await;
+            serve(stream, tree, cluster).await;
             drop(slot);
         });
     }
@@ -479,12 +491,45 @@ pub async fn listen(path: &Path, in_default_dir: bool) -> Result<Listener, Strin
 }
 
 /// Serve one client: answer each request line until it hangs up.
-async fn serve(stream: UnixStream, tree: TreeHandle) {
+async fn serve(stream: UnixStream, tree: TreeHandle, cluster: Option<ClusterClient>) {
     serve_with(stream, move |request| {
         let tree = tree.clone();
-        async move { answer(request, &tree).await }
+        let cluster = cluster.clone();
+        async move { answer(request, &tree, cluster.as_ref()).await }
     })
     .await;
+}
+
+/// How long a call forwarded to another host of the cluster may take.
+const CLUSTER_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A call to `agent` (a path, or a path below the root without the root's
+/// name) on whichever host of the cluster runs it.
+async fn cluster_call(
+    cluster: &ClusterClient,
+    root: &str,
+    agent: &str,
+    message: &str,
+) -> serde_json::Value {
+    let agent = agent.trim_matches('/');
+    let path = if agent.starts_with(&format!("{root}/")) {
+        agent.to_owned()
+    } else {
+        format!("{root}/{agent}")
+    };
+    match cluster
+        .call(&path, message, CLUSTER_CALL_TIMEOUT, None)
+        .await
+    {
+        Ok(reply) => match reply.result {
+            Ok(ok) => json!({ "ok": ok, "host": reply.host }),
+            Err(error) => json!({ "error": error, "category": reply.category, "host": reply.host }),
+        },
+        Err(e @ ClusterCallError::NoSuchUnit { .. }) => {
+            json!({ "error": e.to_string(), "category": "NotFound" })
+        }
+        Err(e) => json!({ "error": e.to_string(), "category": "Communication" }),
+    }
 }
 
 /// Serve one client with `handle`, which answers one request: answer each
@@ -559,12 +604,24 @@ fn answer_line(answer: &serde_json::Value) -> String {
     ))
 }
 
-async fn answer(request: Request, tree: &TreeHandle) -> serde_json::Value {
+async fn answer(
+    request: Request,
+    tree: &TreeHandle,
+    cluster: Option<&ClusterClient>,
+) -> serde_json::Value {
     match request {
-        Request::Call { agent, message } => match tree.call(&agent, message).await {
-            Ok(reply) => json!({ "ok": reply }),
-            Err(e) => json!({ "error": e.to_string(), "category": e.category() }),
-        },
+        Request::Call { agent, message } => {
+            // The message again for the cluster, only in cluster mode.
+            let forward = cluster.zip(cluster.is_some().then(|| message.clone()));
+            match (tree.call(&agent, message).await, forward) {
+                (Ok(reply), _) => json!({ "ok": reply }),
+                // Not on this host: on another of the cluster.
+                (Err(TreeCallError::NotFound(ResolveError::NotFound { .. })), Some((c, m))) => {
+                    cluster_call(c, tree.root_name(), &agent, &m).await
+                }
+                (Err(e), _) => json!({ "error": e.to_string(), "category": e.category() }),
+            }
+        }
         Request::Status => json!({ "ok": tree.status() }),
         Request::Crashes { agent } => match tree.crashes(&agent) {
             Ok(entries) => json!({ "ok": entries }),

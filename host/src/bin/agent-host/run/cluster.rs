@@ -121,6 +121,7 @@ pub async fn run(args: RunArgs, file: TreeFile, url: String) -> CliResult {
         labels: labels.clone(),
     };
     let host = ClusterHost::join(options, &file, &runtime).await?;
+    listener.set_cluster(host.client().clone());
     let out = Arc::new(Out::new(args.json));
     let units: Vec<&str> = file.root.children.iter().map(|c| c.name()).collect();
     if out.json() {
