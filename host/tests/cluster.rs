@@ -913,3 +913,26 @@ fn agent_host_call_through_any_host_reaches_the_unit() {
         assert!(status.success(), "{stderr}");
     }
 }
+
+/// A host whose tree file differs from the one the cluster runs is refused
+/// with an error that says so.
+#[test]
+fn a_host_with_a_different_tree_file_is_refused() {
+    let Some(binary) = nats_server() else {
+        return;
+    };
+    let nats = Nats::start(&binary);
+    let dir = TempDir::new("cluster-differs");
+    let tree_a = dir.write("a.toml", &tree(LEASE_TTL));
+    let tree_b = dir.write("b.toml", &tree("3s"));
+    let host = start_host(&dir, &nats.url, "h1", &tree_a);
+    let out = dir.agent_host(&["run", "--cluster", &nats.url, "--host-id", "h2", &tree_b]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = common::cli::text(&out.stderr);
+    assert!(
+        stderr.contains("differs from the one the cluster's hosts run"),
+        "{stderr}"
+    );
+    let (status, stderr) = host.stop();
+    assert!(status.success(), "{stderr}");
+}
