@@ -232,6 +232,17 @@ pub enum ClusterEvent {
     },
 }
 
+/// A unit and who holds its lease.
+#[derive(Debug, Clone, Serialize)]
+pub struct UnitStatus {
+    /// The unit.
+    pub unit: String,
+    /// The lease's holder, if it is held.
+    pub holder: Option<LeaseRecord>,
+    /// The lease's revision (0: never held).
+    pub revision: u64,
+}
+
 /// What a lease holds.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct LeaseRecord {
@@ -307,6 +318,8 @@ pub struct ClusterNames {
     pub history: String,
     /// The prefix of the call subjects.
     pub calls: String,
+    /// The prefix of the drain subjects (one per host).
+    pub drain: String,
 }
 
 impl ClusterNames {
@@ -319,6 +332,7 @@ impl ClusterNames {
             state: format!("ah-{t}-state"),
             history: format!("ah-{t}-history"),
             calls: format!("ah.{t}.call"),
+            drain: format!("ah.{t}.drain"),
         }
     }
 }
@@ -470,6 +484,78 @@ impl ClusterClient {
             names: ClusterNames::of(root),
             units: Arc::new([]),
         })
+    }
+
+    /// Ask host `host` to hand all its units over (and take none any
+    /// more); the units it handed over.
+    ///
+    /// # Errors
+    ///
+    /// [`ClusterCallError`]: no such host listening, no answer within
+    /// `timeout`, a malformed answer.
+    pub async fn drain(
+        &self,
+        host: &str,
+        timeout: Duration,
+    ) -> Result<Vec<String>, ClusterCallError> {
+        let subject = format!("{}.{}", self.names.drain, token(host));
+        let request = async_nats::Request::new().timeout(Some(timeout));
+        let what = format!("host {host}");
+        let reply = self
+            .client
+            .send_request(subject, request)
+            .await
+            .map_err(|e| ClusterCallError::Send {
+                path: what.clone(),
+                message: match e.kind() {
+                    async_nats::RequestErrorKind::NoResponders => {
+                        "no such host in the cluster (nobody listens)".into()
+                    }
+                    _ => e.to_string(),
+                },
+            })?;
+        serde_json::from_slice(&reply.payload).map_err(|e| ClusterCallError::BadReply {
+            path: what,
+            message: e.to_string(),
+        })
+    }
+
+    /// Who holds the lease of each of `units`, as the leases bucket says
+    /// now (a holder that died keeps it until it expires).
+    ///
+    /// # Errors
+    ///
+    /// [`JoinError::Bucket`] if the bucket cannot be read.
+    pub async fn units(&self, units: &[String]) -> Result<Vec<UnitStatus>, JoinError> {
+        let js = async_nats::jetstream::new(self.client.clone());
+        let bucket_error = |message: String| JoinError::Bucket {
+            bucket: self.names.leases.clone(),
+            message,
+        };
+        let store = js
+            .get_key_value(&self.names.leases)
+            .await
+            .map_err(|e| bucket_error(e.to_string()))?;
+        let mut out = Vec::with_capacity(units.len());
+        for unit in units {
+            let entry = store
+                .entry(lease_key(unit))
+                .await
+                .map_err(|e| bucket_error(e.to_string()))?;
+            let (holder, revision) = match entry {
+                Some(e) if e.operation == Operation::Put => {
+                    (serde_json::from_slice(&e.value).ok(), e.revision)
+                }
+                Some(e) => (None, e.revision),
+                None => (None, 0),
+            };
+            out.push(UnitStatus {
+                unit: unit.clone(),
+                holder,
+                revision,
+            });
+        }
+        Ok(out)
     }
 
     /// The cluster's shared restart history (takeovers), oldest first.
@@ -666,6 +752,10 @@ impl std::fmt::Debug for ClusterHost {
 
 /// Everything the lease manager works with.
 struct Manager {
+    client: async_nats::Client,
+    /// Where `agent-host cluster drain` asks this host to hand its units
+    /// over.
+    drain_subject: String,
     leases: kv::Store,
     history: kv::Store,
     intensity: RestartIntensity,
@@ -825,6 +915,8 @@ impl ClusterHost {
         }
         let (halted_tx, halted) = tokio::sync::watch::channel(None);
         let manager = Manager {
+            client: client.clone(),
+            drain_subject: format!("{}.{}", names.drain, token(&options.host_id)),
             leases,
             history,
             intensity: tree.root.policy.intensity.clone(),
@@ -1033,6 +1125,13 @@ impl Manager {
             }
         };
         self.read_all().await;
+        let mut drains = match self.client.subscribe(self.drain_subject.clone()).await {
+            Ok(drains) => Some(drains),
+            Err(e) => {
+                tracing::warn!("cluster: cannot listen for drain requests: {e}");
+                None
+            }
+        };
         loop {
             // Wake at the next renewal, fence or expiry due (at least every
             // `tick`, and never more often than every millisecond while an
@@ -1056,6 +1155,10 @@ impl Manager {
                     }
                     self.step().await;
                 }
+                request = next_message(&mut drains) => match request {
+                    Some(request) => self.drain(request).await,
+                    None => drains = None,
+                },
                 note = self.notes.recv() => {
                     if let Some(RunnerNote::StartFailed { unit }) = note {
                         self.release(&unit, true).await;
@@ -1317,6 +1420,28 @@ impl Manager {
         }
     }
 
+    /// `agent-host cluster drain`: hand every unit over and take none any
+    /// more; answer with the units handed over.
+    async fn drain(&mut self, request: async_nats::Message) {
+        for unit in &mut self.units {
+            unit.eligible = false;
+        }
+        let owned: Vec<String> = self
+            .units
+            .iter()
+            .filter(|u| matches!(u.state, LeaseState::Owned { .. }))
+            .map(|u| u.name.clone())
+            .collect();
+        for unit in &owned {
+            self.release(unit, false).await;
+        }
+        if let Some(reply) = request.reply
+            && let Ok(body) = serde_json::to_vec(&owned)
+        {
+            let _ = self.client.publish(reply, Bytes::from(body)).await;
+        }
+    }
+
     /// Stop unit `name` here and delete its lease (handover). After a
     /// failed start, also keep away from it for a lease time.
     async fn release(&mut self, name: &str, failed: bool) {
@@ -1429,6 +1554,15 @@ fn observed(entry: &kv::Entry, now: Instant) -> LeaseState {
                 .map(|r| r.host)
                 .unwrap_or_default(),
         },
+    }
+}
+
+async fn next_message(
+    subscriber: &mut Option<async_nats::Subscriber>,
+) -> Option<async_nats::Message> {
+    match subscriber {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -936,3 +936,65 @@ fn a_host_with_a_different_tree_file_is_refused() {
     let (status, stderr) = host.stop();
     assert!(status.success(), "{stderr}");
 }
+
+/// `agent-host cluster status` names each unit's host; `cluster drain HOST`
+/// hands that host's units over to another host.
+#[test]
+fn cluster_status_names_the_owner_and_drain_hands_its_units_over() {
+    let Some(binary) = nats_server() else {
+        return;
+    };
+    let nats = Nats::start(&binary);
+    let dir = TempDir::new("cluster-drain");
+    let tree = dir.write("tree.toml", &tree(LEASE_TTL));
+    let hosts: Vec<RunningHost> = ["h1", "h2"]
+        .iter()
+        .map(|id| start_host(&dir, &nats.url, id, &tree))
+        .collect();
+    let first = reply_from_new(&nats.url, "root/counter", None);
+    let out = dir.agent_host(&["cluster", "status", "--cluster", &nats.url, &tree]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        common::cli::text(&out.stderr)
+    );
+    let stdout = common::cli::text(&out.stdout);
+    assert!(
+        stdout.lines().any(|l| l.starts_with("counter")
+            && l.contains(&first.host)
+            && l.contains(&first.incarnation)),
+        "{stdout}"
+    );
+    let out = dir.agent_host(&[
+        "cluster",
+        "drain",
+        "--cluster",
+        &nats.url,
+        &tree,
+        &first.host,
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        common::cli::text(&out.stderr)
+    );
+    assert!(
+        common::cli::text(&out.stdout).contains("handed over: counter"),
+        "{}",
+        common::cli::text(&out.stdout)
+    );
+    let next = reply_from_new(&nats.url, "root/counter", Some(&first.incarnation));
+    assert_ne!(
+        next.host, first.host,
+        "the drained host took the unit again"
+    );
+    let out = dir.agent_host(&["cluster", "drain", "--cluster", &nats.url, &tree, "nobody"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(common::cli::text(&out.stderr).contains("no such host"));
+    for host in hosts {
+        let (status, stderr) = host.stop();
+        assert!(status.success(), "{stderr}");
+    }
+}

@@ -9,11 +9,13 @@
 //! - `validate`: does a `.wasm` file implement the agent world? Is a tree
 //!   file right?
 //! - `compile`: fill the compile cache ahead of time.
+//! - `cluster`: the units of a tree run by several hosts, and draining a host.
 //! - `bench`: measure the host's performance figures.
 
 mod bench;
 mod cache_arg;
 mod client;
+mod cluster_cmd;
 mod compile;
 mod control;
 mod demo;
@@ -101,6 +103,9 @@ enum Command {
     /// Compile agent components ahead of time into the compile cache.
     #[command(long_about = compile::LONG_ABOUT)]
     Compile(compile::CompileArgs),
+    /// Look at and steer the hosts that run a tree together (`run --cluster`).
+    #[command(long_about = cluster_cmd::LONG_ABOUT)]
+    Cluster(cluster_cmd::ClusterArgs),
     /// Measure restart latency, spawn rate, memory per agent, call throughput and cold start.
     #[command(long_about = bench::LONG_ABOUT)]
     Bench(bench::BenchArgs),
@@ -167,6 +172,7 @@ fn run_command(cli: Cli) -> ExitCode {
             Command::DeadLetters(args) => client::dead_letters(args).await,
             Command::Validate(args) => validate::run(&args),
             Command::Compile(args) => compile::run(&args),
+            Command::Cluster(args) => cluster_cmd::run(args).await,
             Command::Bench(args) => bench::run(args).await,
         }
     });
