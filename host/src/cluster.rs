@@ -186,7 +186,8 @@ pub enum ClusterEvent {
         incarnation: String,
         /// The lease revision (fencing token).
         revision: u64,
-        /// Whether another host held the lease before (a takeover).
+        /// Whether the lease had expired (its holder was lost): a takeover,
+        /// not a handover.
         takeover: bool,
     },
     /// The unit runs here, serving calls.
@@ -1332,9 +1333,15 @@ impl Manager {
                     host,
                 } => {
                     let revision = *revision;
-                    let takeover = *host != self.host_id;
+                    // The lease expired: its holder was lost (unless it was
+                    // this very session, fenced and coming back).
+                    let lost = unit
+                        .holder
+                        .as_ref()
+                        .is_none_or(|h| h.session != self.session)
+                        || *host != self.host_id;
                     if now >= *seen + ttl + unit.delay && unit.may_try(now) {
-                        self.acquire(i, revision, takeover).await;
+                        self.acquire(i, revision, lost).await;
                     }
                 }
             }
@@ -1380,7 +1387,8 @@ impl Manager {
                 });
                 // A unit whose host was lost restarts here: a restart of the
                 // root's, in the shared history.
-                if let Some(lost) = unit.holder.take().filter(|h| h.session != self.session) {
+                let holder = unit.holder.take();
+                if let Some(lost) = holder.filter(|h| takeover && h.session != self.session) {
                     let entry = HistoryEntry {
                         at_ms: now_ms(),
                         unit: unit.name.clone(),
@@ -1488,9 +1496,11 @@ impl UnitLease {
     /// Take in what the lease shows now.
     fn observe(&mut self, entry: &kv::Entry, now: Instant) {
         self.state = observed(entry, now);
-        if entry.operation == Operation::Put {
-            self.holder = serde_json::from_slice(&entry.value).ok();
-        }
+        // A deleted lease was handed over, not lost: no holder to count.
+        self.holder = match entry.operation {
+            Operation::Put => serde_json::from_slice(&entry.value).ok(),
+            Operation::Delete | Operation::Purge => None,
+        };
     }
 
     fn may_try(&self, now: Instant) -> bool {

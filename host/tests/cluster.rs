@@ -427,6 +427,24 @@ fn failover(name: &str, how: &str) {
             );
         }
     }
+    // The shared restart history: a handover is no restart; each lost
+    // host (killed, or paused past its lease) one.
+    let deadline = Instant::now() + TAKEOVER_GUARD;
+    let entries = loop {
+        let entries = history(&nats.url);
+        if how == "TERM" || entries.len() >= repeat() || Instant::now() > deadline {
+            break entries;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    match how {
+        "TERM" => assert!(entries.is_empty(), "handovers counted: {entries:?}"),
+        "KILL" => {
+            assert_eq!(entries.len(), repeat(), "{entries:?}");
+            assert!(entries.iter().all(|e| e.counted), "{entries:?}");
+        }
+        _ => assert_eq!(entries.len(), repeat(), "{entries:?}"),
+    }
     for (_, host) in hosts {
         let (status, stderr) = host.stop();
         assert!(status.success(), "a host did not stop cleanly: {stderr}");
