@@ -965,6 +965,33 @@ impl ClusterHost {
         &self.client
     }
 
+    /// The root supervisor gives up on every host of the cluster (as when
+    /// this host's root exceeded its restart intensity): the key `halt`
+    /// stops every host's units, and hosts that join later are refused.
+    ///
+    /// # Errors
+    ///
+    /// [`JoinError::Bucket`] if the key cannot be written.
+    pub async fn halt(&self, reason: &str) -> Result<(), JoinError> {
+        let js = async_nats::jetstream::new(self.client.client.clone());
+        let bucket_error = |message: String| JoinError::Bucket {
+            bucket: self.client.names.leases.clone(),
+            message,
+        };
+        let leases = js
+            .get_key_value(&self.client.names.leases)
+            .await
+            .map_err(|e| bucket_error(e.to_string()))?;
+        leases
+            .put(
+                history::HALT_KEY,
+                Bytes::from(format!("{reason} (on host {})", self.host_id)),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| bucket_error(e.to_string()))
+    }
+
     /// Why the tree's root gave up on the cluster (on any host), if it did.
     pub fn halted(&self) -> Option<String> {
         self.halted.borrow().clone()

@@ -1016,3 +1016,64 @@ fn cluster_status_names_the_owner_and_drain_hands_its_units_over() {
         assert!(status.success(), "{stderr}");
     }
 }
+
+/// A unit in a crash loop makes its host's root exceed its intensity: the
+/// root gives up on every host, rather than the unit moving on to crash on
+/// the next one.
+#[test]
+fn a_crash_loop_escalates_across_hosts() {
+    let Some(binary) = nats_server() else {
+        return;
+    };
+    let nats = Nats::start(&binary);
+    let dir = TempDir::new("cluster-crash-loop");
+    let tree = dir.write(
+        "tree.toml",
+        r#"
+[cluster]
+lease_ttl = "2s"
+
+[supervisor]
+name = "root"
+max_restarts = 2
+time_window_ms = 600_000
+
+[[supervisor.children]]
+name = "crasher"
+component = "crasher.wasm"
+"#,
+    );
+    let mut hosts: Vec<RunningHost> = ["h1", "h2", "h3"]
+        .iter()
+        .map(|id| start_host(&dir, &nats.url, id, &tree))
+        .collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let deadline = Instant::now() + TAKEOVER_GUARD;
+    rt.block_on(async {
+        let client = ClusterClient::connect(&nats.url, "root")
+            .await
+            .expect("connects");
+        // Crash it until the tree is down on every host.
+        while hosts.iter_mut().any(|h| !h.has_exited()) {
+            assert!(
+                Instant::now() < deadline,
+                "the crash loop did not stop the tree"
+            );
+            let _ = client
+                .call("root/crasher", "panic", Duration::from_millis(500), None)
+                .await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    for host in hosts {
+        let (status, lines, stderr) = host.finish();
+        assert_eq!(status.code(), Some(1), "{stderr}\n{lines:?}");
+        assert!(stderr.contains("gave up on the cluster"), "{stderr}");
+    }
+    let out = dir.agent_host(&["run", "--cluster", &nats.url, "--host-id", "h4", &tree]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(common::cli::text(&out.stderr).contains("the tree is down in this cluster"));
+}

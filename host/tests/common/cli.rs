@@ -244,6 +244,11 @@ impl RunningHost {
         }
     }
 
+    /// Whether it has exited.
+    pub fn has_exited(&mut self) -> bool {
+        self.child.try_wait().ok().flatten().is_some()
+    }
+
     /// Take the stdout lines printed so far without waiting.
     pub fn drain(&mut self) -> &[String] {
         while let Ok(line) = self.lines.try_recv() {

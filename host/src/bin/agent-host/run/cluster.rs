@@ -218,7 +218,21 @@ pub async fn run(args: RunArgs, file: TreeFile, url: String) -> CliResult {
             ));
         }
     }
-    let failed = matches!(handle.supervisor_status(), SupervisorStatus::Failed(_));
+    let failed = match handle.supervisor_status() {
+        SupervisorStatus::Failed(why) => Some(why.to_string()),
+        _ => None,
+    };
+    // The root gave up here: it gives up on every host (OTP: the tree is
+    // down), instead of its units moving on to crash elsewhere.
+    if let Some(why) = &failed
+        && halted.is_none()
+    {
+        let reason = format!("the root supervisor gave up ({why})");
+        if let Err(e) = host.halt(&reason).await {
+            stderr_line!("warning: could not stop the tree on the other hosts: {e}");
+        }
+        halted = Some(reason);
+    }
     let stopped = tokio::select! {
         stopped = host.shutdown() => stopped,
         _ = sigint.recv() => {
@@ -250,7 +264,7 @@ pub async fn run(args: RunArgs, file: TreeFile, url: String) -> CliResult {
         );
         return Ok(ExitCode::from(EXIT_FAILURE));
     }
-    if failed {
+    if failed.is_some() {
         stderr_line!(
             "error: the root supervisor `{}` gave up; this host's part of the tree is down",
             handle.root_name()
