@@ -435,6 +435,19 @@ pub enum ClusterCallError {
         /// What is wrong with it.
         message: String,
     },
+    /// The agent's host answered with an error (an application error, a
+    /// crash, an unknown path below the unit, ...).
+    #[error("{error} (on host {host})")]
+    Remote {
+        /// The agent.
+        path: String,
+        /// The error, as its host put it.
+        error: String,
+        /// Its category (`Runtime`, `NotFound`, ...), if given.
+        category: Option<String>,
+        /// The host that answered.
+        host: String,
+    },
     /// The local tree refused or failed the call.
     #[error(transparent)]
     Local(#[from] TreeCallError),
@@ -1052,9 +1065,11 @@ impl ClusterHost {
             };
         }
         let reply = self.client.call(path, message, timeout, None).await?;
-        reply.result.map_err(|message| ClusterCallError::Send {
+        reply.result.map_err(|error| ClusterCallError::Remote {
             path: path.to_owned(),
-            message,
+            error,
+            category: reply.category,
+            host: reply.host,
         })
     }
 

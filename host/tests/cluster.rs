@@ -1077,3 +1077,44 @@ component = "crasher.wasm"
     assert_eq!(out.status.code(), Some(1));
     assert!(common::cli::text(&out.stderr).contains("the tree is down in this cluster"));
 }
+
+/// A unit that requires labels runs only on a host that has them.
+#[test]
+fn placement_labels_choose_the_host() {
+    let Some(binary) = nats_server() else {
+        return;
+    };
+    let nats = Nats::start(&binary);
+    let dir = TempDir::new("cluster-labels");
+    let text = tree(LEASE_TTL).replace(
+        "component = \"echo.wasm\"\n",
+        "component = \"echo.wasm\"\nplacement = { labels = { zone = \"b\" } }\n",
+    );
+    assert!(text.contains("placement"));
+    let tree = dir.write("tree.toml", &text);
+    // h1 first, without the label: it must not take the unit.
+    let h1 = start_host(&dir, &nats.url, "h1", &tree);
+    let mut h2 = RunningHost::start(
+        &dir,
+        &[
+            "run",
+            "--json",
+            "--cluster",
+            &nats.url,
+            "--host-id",
+            "h2",
+            "--labels",
+            "zone=b,disk=ssd",
+            &tree,
+        ],
+    );
+    h2.wait_for("the unit started on h2", |seen| {
+        seen.iter().any(|l| l.contains(r#""event":"started""#))
+    });
+    let reply = reply_from_new(&nats.url, "root/counter", None);
+    assert_eq!(reply.host, "h2");
+    for host in [h1, h2] {
+        let (status, stderr) = host.stop();
+        assert!(status.success(), "{stderr}");
+    }
+}
