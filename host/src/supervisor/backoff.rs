@@ -31,6 +31,10 @@ pub enum Backoff {
     },
 }
 
+/// The longest delay, whatever the policy says (about a century): the
+/// restart is due at `now + delay`, which must stay a valid time.
+pub const MAX_DELAY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 fn yes() -> bool {
     true
 }
@@ -38,7 +42,8 @@ fn yes() -> bool {
 impl Backoff {
     /// The delay before the `streak`-th restart in a row (1 for the first),
     /// given `jitter` in `[0, 1)`: full jitter takes that fraction of the
-    /// exponential delay.
+    /// exponential delay. The delay is at most `cap`, and at most
+    /// [`MAX_DELAY`].
     pub fn delay(&self, streak: u32, jitter: f64) -> Duration {
         match *self {
             Backoff::Immediate => Duration::ZERO,
@@ -47,10 +52,24 @@ impl Backoff {
                 cap,
                 jitter: with_jitter,
             } => {
-                let doublings = streak.saturating_sub(1).min(31);
-                let full = base.checked_mul(1u32 << doublings).unwrap_or(cap).min(cap);
+                let cap = cap.min(MAX_DELAY);
+                // Doubled one step at a time: no streak overflows, and the
+                // loop ends at the cap (at most ~64 doublings from 1 ns).
+                let mut full = base.min(cap);
+                for _ in 1..streak {
+                    if full >= cap || full.is_zero() {
+                        break;
+                    }
+                    full = full.saturating_mul(2).min(cap);
+                }
                 if with_jitter {
-                    full.mul_f64(jitter.clamp(0.0, 1.0))
+                    let part = if jitter.is_nan() {
+                        0.0
+                    } else {
+                        jitter.clamp(0.0, 1.0)
+                    };
+                    // `min`: the float product may round above `full`.
+                    full.mul_f64(part).min(full)
                 } else {
                     full
                 }

@@ -15,6 +15,11 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+/// The longest a circuit stays open, whatever the policy says (about a
+/// century): the trial is due at `now + cool-down`, which must stay a
+/// valid time, here and as the wall-clock time the status shows.
+pub const MAX_PARK: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// When a child's circuit opens and for how long.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BreakerPolicy {
@@ -125,7 +130,10 @@ impl Breaker {
                 self.open(now)
             }
             Circuit::HalfOpen => {
-                self.cooldown = (self.cooldown * 2).min(self.policy.max_cooldown);
+                self.cooldown = self
+                    .cooldown
+                    .saturating_mul(2)
+                    .min(self.policy.max_cooldown);
                 self.open(now)
             }
             Circuit::Open { until } => Verdict::Park { until },
@@ -133,7 +141,7 @@ impl Breaker {
     }
 
     fn open(&mut self, now: Instant) -> Verdict {
-        let until = now + self.cooldown;
+        let until = now + self.cooldown.min(MAX_PARK);
         self.circuit = Circuit::Open { until };
         Verdict::Park { until }
     }

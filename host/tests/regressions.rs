@@ -1,0 +1,69 @@
+//! Regression tests of the defects found by the property tests
+//! (`tests/decision_model.rs`) and the fuzzers (`fuzz/`), end to end where
+//! the defect reached a running supervisor. The pure cases are next to their
+//! properties in `tests/decision_model.rs` and `tests/fuzz_inputs.rs`.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use common::wait_for;
+use serde_json::json;
+use terraphim_agent_supervisor::supervisor::breaker::MAX_PARK;
+use terraphim_agent_supervisor::tree::TreeFile;
+use terraphim_agent_supervisor::{
+    AgentSpec, AgentSupervisor, CircuitStatus, EventKind, RestartIntensity, RestartPolicy,
+    RestartStrategy, SupervisorConfig, SupervisorStatus, TestAgentFactory,
+};
+
+/// A tree file may set a cool-down of `i64::MAX` ms (some 292 million
+/// years). When such a circuit opened, the supervisor turned its trial time
+/// into a wall-clock date past chrono's last one and panicked: the whole
+/// level died. Found by `decision_model::the_breaker_survives_huge_policies`.
+/// Now the circuit stays open for at most `MAX_PARK` (about a century).
+#[tokio::test]
+async fn a_circuit_with_an_endless_cooldown_opens_without_killing_its_supervisor() {
+    let text = format!(
+        "[defaults.breaker]\nfailures = 1\ncooldown_ms = {max}\nmax_cooldown_ms = {max}\n\
+         [supervisor]\nname = \"root\"\nchildren = []\n",
+        max = i64::MAX
+    );
+    let tree = TreeFile::parse(Path::new("/nonexistent/tree.toml"), &text).expect("accepted");
+    let policy = tree.root.breaker.expect("the default breaker");
+    assert_eq!(policy.cooldown, Duration::from_millis(i64::MAX as u64));
+
+    let config = SupervisorConfig {
+        restart_policy: RestartPolicy::new(
+            RestartStrategy::OneForOne,
+            RestartIntensity::new(10, Duration::from_secs(60)),
+        ),
+        ..SupervisorConfig::default()
+    };
+    let spec = AgentSpec::new("test".into(), json!({})).with_breaker(policy);
+    let pid = spec.agent_id.clone();
+    let mut sup = AgentSupervisor::new(config, Arc::new(TestAgentFactory)).with_child(spec);
+    let mut events = sup.subscribe();
+    sup.start().await.expect("starts");
+    assert!(sup.call(&pid, "exit:crash".into()).await.is_err());
+    let opened = wait_for(&mut events, |e| {
+        matches!(e.kind, EventKind::CircuitOpened { .. })
+    })
+    .await;
+    let EventKind::CircuitOpened { until, .. } = opened.kind else {
+        unreachable!()
+    };
+    let longest = chrono::TimeDelta::from_std(MAX_PARK).expect("a century fits");
+    assert!(
+        until > Utc::now() && until <= Utc::now() + longest,
+        "{until}"
+    );
+    // The level is alive and answers.
+    assert_eq!(sup.status(), SupervisorStatus::Running);
+    let info = sup.get_children().await[0].1.clone();
+    assert_eq!(info.circuit, Some(CircuitStatus::Open { until }));
+    sup.stop().await.expect("stops");
+    assert_eq!(sup.status(), SupervisorStatus::Stopped);
+}
