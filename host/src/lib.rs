@@ -9,6 +9,8 @@
 //! - [`supervisor`]: supervision trees with OTP's strategies, restart types,
 //!   sliding-window intensity and escalation. The restart decision is the
 //!   plain, synchronously tested [`supervisor::decision`] module.
+//! - [`control_protocol`]: the wire format of `agent-host`'s control
+//!   socket (JSON lines), without the socket.
 //! - [`AgentFactory`] / [`SupervisedAgent`]: how agents are made and driven;
 //!   [`WasmAgentFactory`] makes WASM agents, [`TestAgentFactory`] native
 //!   test agents.
@@ -28,6 +30,7 @@ mod agent;
 pub mod bench;
 #[cfg(feature = "cluster")]
 pub mod cluster;
+pub mod control_protocol;
 pub mod dead_letters;
 mod error;
 pub mod observe;

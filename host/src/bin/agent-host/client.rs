@@ -223,7 +223,7 @@ pub async fn status(args: StatusArgs) -> CliResult {
         print_crashes(&Out::blocking(args.json), &entries);
         return Ok(ExitCode::SUCCESS);
     }
-    let rows = match control::request::<Vec<NodeStatus>>(stream, &Request::Status).await? {
+    let rows = match control::request::<Vec<NodeStatus>>(stream, &Request::Status {}).await? {
         Ok(rows) => rows,
         Err(failure) => return Ok(failed(&failure)),
     };

@@ -32,73 +32,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 use terraphim_agent_supervisor::cluster::{ClusterCallError, ClusterClient};
 use terraphim_agent_supervisor::private_dir;
 use terraphim_agent_supervisor::text::fnv1a;
 use terraphim_agent_supervisor::{NodeKind, ResolveError, TreeCallError, TreeHandle};
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+// The wire format (lines, requests, answers) is the library's, so that the
+// fuzz targets reach it.
+pub use terraphim_agent_supervisor::control_protocol::{Failure, Request};
+use terraphim_agent_supervisor::control_protocol::{
+    Line, MAX_LINE, MAX_MESSAGE_BYTES, answer_line, decode_answer, encode_request, failure_answer,
+    is_blank, max_line_text, parse_request, policy_line, read_line,
+};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, sleep_until, timeout};
-
-/// Largest message of a call, in bytes: the supervisors' `max_message_bytes`
-/// (a tree file cannot change it; a test checks that it is the library's
-/// default).
-pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
-
-/// JSON escaping turns one byte of a string into at most six (`\u0001`).
-const MAX_ESCAPED_BYTE: usize = 6;
-
-/// Room in a request line for everything but the escaped message:
-/// `{"op":"call","agent":"...","message":""}`, the agent's path included.
-const ENVELOPE_BYTES: usize = 64 << 10;
-
-/// Longest request or answer line, in bytes, newline included: the same
-/// limit on both sides of the socket.
-pub const MAX_LINE: usize = 16 << 20;
-
-// The largest legal call must fit in a line, however its message escapes.
-const _: () = assert!(
-    MAX_LINE >= MAX_MESSAGE_BYTES * MAX_ESCAPED_BYTE + ENVELOPE_BYTES,
-    "MAX_LINE must hold a call with the largest message, escaped at worst"
-);
-
-/// `16 MiB`, for messages about [`MAX_LINE`].
-fn max_line_text() -> String {
-    format!("{} MiB", MAX_LINE >> 20)
-}
-
-/// One line read from the control socket ([`read_line`]).
-#[derive(Debug, PartialEq)]
-enum Line {
-    /// A whole line, its newline included.
-    Whole(Vec<u8>),
-    /// The peer hung up in the middle of a line: what came of it.
-    Cut(Vec<u8>),
-    /// [`MAX_LINE`] bytes came and no newline among them.
-    TooLong,
-    /// The peer hung up between lines.
-    End,
-}
-
-/// Read one line of at most [`MAX_LINE`] bytes: how requests and answers
-/// are read, by the host and by its clients alike.
-async fn read_line<R: AsyncBufRead + Unpin>(reader: &mut R) -> io::Result<Line> {
-    let mut line = Vec::new();
-    let mut limited = reader.take(MAX_LINE as u64);
-    limited.read_until(b'\n', &mut line).await?;
-    Ok(if line.ends_with(b"\n") {
-        Line::Whole(line)
-    } else if line.len() >= MAX_LINE {
-        Line::TooLong
-    } else if line.is_empty() {
-        Line::End
-    } else {
-        Line::Cut(line)
-    })
-}
 
 /// Most clients served at once. One more is answered with a Policy error
 /// line ("too many connections") and closed. Each client may buffer a line
@@ -142,36 +91,6 @@ impl Default for AcceptBackoff {
     fn default() -> Self {
         Self { next: Self::FIRST }
     }
-}
-
-/// A failed request, as the control socket reports it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Failure {
-    /// What went wrong, for people.
-    pub error: String,
-    /// The library's `ErrorCategory` (`Runtime`, `NotFound`, ...).
-    pub category: String,
-}
-
-/// A request to a running host.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Request {
-    /// Send `message` to `agent` (a path such as `root/team/echo-a`, or a
-    /// unique name) and answer its reply.
-    Call { agent: String, message: String },
-    /// Answer the status of every node.
-    Status,
-    /// Answer the crash reports kept for `agent` (its restart-history
-    /// entries with a report).
-    Crashes { agent: String },
-    /// Answer the dead letters of `agent`, or of every agent.
-    DeadLetters { agent: Option<String> },
-    /// Take a dead letter out of quarantine, deliver it again, answer the
-    /// reply.
-    Replay { agent: String, hash: String },
-    /// Take a dead letter out of quarantine and drop it.
-    Discard { agent: String, hash: String },
 }
 
 /// The effective uid of this process: the user who owns its sockets.
@@ -274,15 +193,7 @@ pub async fn request<T: DeserializeOwned>(
     request: &Request,
 ) -> Result<Result<T, Failure>, String> {
     let (read, mut write) = stream.into_split();
-    let mut line = serde_json::to_string(request).map_err(|e| e.to_string())?;
-    line.push('\n');
-    if line.len() > MAX_LINE {
-        return Err(format!(
-            "the request is {} bytes once encoded, more than the control socket takes ({}); a message may have at most {MAX_MESSAGE_BYTES} bytes",
-            line.len(),
-            max_line_text()
-        ));
-    }
+    let line = encode_request(request)?;
     // If sending fails, the host may still have said why before it closed
     // the connection (a refusal): read that first.
     let sent = write.write_all(line.as_bytes()).await;
@@ -308,17 +219,7 @@ pub async fn request<T: DeserializeOwned>(
             );
         }
     };
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Answer<T> {
-        Ok { ok: T },
-        Err(Failure),
-    }
-    match serde_json::from_slice(&answer) {
-        Ok(Answer::Ok { ok }) => Ok(Ok(ok)),
-        Ok(Answer::Err(failure)) => Ok(Err(failure)),
-        Err(e) => Err(format!("the host's answer is not understood ({e})")),
-    }
+    decode_answer(&answer)
 }
 
 /// Whether a client of uid `peer` may use the socket of a host running as
@@ -331,13 +232,6 @@ fn check_peer(peer: u32, ours: u32) -> Result<(), String> {
     Err(format!(
         "this host runs as uid {ours} and serves only that user; you are uid {peer}"
     ))
-}
-
-/// One error line (`{"error":...,"category":"Policy"}`, newline included).
-fn policy_line(error: &str) -> String {
-    let mut line = json!({ "error": error, "category": "Policy" }).to_string();
-    line.push('\n');
-    line
 }
 
 /// Write `error` as one Policy error line to a just accepted client and
@@ -566,20 +460,15 @@ where
                 return;
             }
         };
-        if line.iter().all(u8::is_ascii_whitespace) {
+        if is_blank(&line) {
             if last {
                 return;
             }
             continue;
         }
-        let answer = match serde_json::from_slice::<Request>(&line) {
+        let answer = match parse_request(&line) {
             Ok(request) => handle(request).await,
-            Err(e) => json!({
-                "error": format!(
-                    "not a request ({e}); send {{\"op\":\"call\",\"agent\":\"...\",\"message\":\"...\"}} or {{\"op\":\"status\"}}, one per line"
-                ),
-                "category": "Serialization",
-            }),
+            Err(failure) => failure_answer(&failure),
         };
         let text = answer_line(&answer);
         let written = timeout(IDLE_TIMEOUT, write.write_all(text.as_bytes())).await;
@@ -587,21 +476,6 @@ where
             return;
         }
     }
-}
-
-/// `answer` as one line, newline included; a Policy error line instead if
-/// it would be longer than [`MAX_LINE`] (a client would not read it).
-fn answer_line(answer: &serde_json::Value) -> String {
-    let mut line = answer.to_string();
-    line.push('\n');
-    if line.len() <= MAX_LINE {
-        return line;
-    }
-    policy_line(&format!(
-        "the answer is {} bytes once encoded, more than the control socket takes ({}); it was not sent",
-        line.len(),
-        max_line_text()
-    ))
 }
 
 async fn answer(
@@ -622,7 +496,7 @@ async fn answer(
                 (Err(e), _) => json!({ "error": e.to_string(), "category": e.category() }),
             }
         }
-        Request::Status => json!({ "ok": tree.status() }),
+        Request::Status {} => json!({ "ok": tree.status() }),
         Request::Crashes { agent } => match tree.crashes(&agent) {
             Ok(entries) => json!({ "ok": entries }),
             Err(e) => json!({ "error": e.to_string(), "category": "NotFound" }),
@@ -664,6 +538,8 @@ async fn answer(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use terraphim_agent_supervisor::control_protocol::MAX_ESCAPED_BYTE;
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 
     #[test]
     fn the_message_limit_is_the_supervisors() {
@@ -739,7 +615,7 @@ mod tests {
             let huge = huge.clone();
             async move { json!({ "ok": huge }) }
         }));
-        match request::<String>(client, &Request::Status).await {
+        match request::<String>(client, &Request::Status {}).await {
             Ok(Err(failure)) => {
                 assert_eq!(failure.category, "Policy");
                 assert!(
@@ -764,7 +640,7 @@ mod tests {
             let _ = write.write_all(&answer).await;
             request
         });
-        let result = request::<String>(client, &Request::Status).await;
+        let result = request::<String>(client, &Request::Status {}).await;
         let request = host.await.expect("the host ended").expect("read");
         assert_eq!(request, Line::Whole(b"{\"op\":\"status\"}\n".to_vec()));
         result
