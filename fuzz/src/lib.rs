@@ -12,7 +12,9 @@
 use std::future::Future;
 use std::path::Path;
 use std::pin::pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use serde_json::json;
 use terraphim_agent_supervisor::control_protocol::{
@@ -20,7 +22,11 @@ use terraphim_agent_supervisor::control_protocol::{
     parse_request, read_line_limited,
 };
 use terraphim_agent_supervisor::tree::TreeFile;
-use terraphim_agent_supervisor::{LoadError, Runtime};
+use terraphim_agent_supervisor::{
+    AgentComponent, AgentInstance, AgentLimits, AgentPid, CallError, InitArgs, InstanceOptions,
+    LoadError, MAX_GUEST_TEXT, MemoryStateStore, Runtime, SupervisorId, TerminateReason,
+    WasiGrants,
+};
 
 /// Where the fuzzed tree files pretend to live: component paths resolve
 /// against a folder that does not exist.
@@ -61,11 +67,15 @@ pub fn tree_file(data: &[u8]) {
 }
 
 /// Check one component's bytes: `Runtime::load_bytes` loads it or says
-/// why not with a [`LoadError`] that names it, never panics.
+/// why not with a [`LoadError`] that names it, never panics. One that
+/// loads is run as a hostile guest would be ([`run_agent`]).
 pub fn component_loader(runtime: &Runtime, data: &[u8]) {
     const NAME: &str = "fuzzed.wasm";
     match runtime.load_bytes(NAME, data) {
-        Ok(component) => assert_eq!(component.name(), NAME),
+        Ok(component) => {
+            assert_eq!(component.name(), NAME);
+            run_agent(runtime, &component);
+        }
         Err(error) => {
             assert!(error.to_string().contains(NAME), "{error}");
             let header = data.len() >= 8 && data.starts_with(b"\0asm");
@@ -78,6 +88,78 @@ pub fn component_loader(runtime: &Runtime, data: &[u8]) {
             assert!(!matches!(error, LoadError::Io { .. }), "no file here");
         }
     }
+}
+
+/// Limits of a fuzzed agent: small and short, so that a guest that loops
+/// or grows is stopped quickly.
+pub fn fuzz_limits() -> AgentLimits {
+    AgentLimits {
+        fuel_per_call: Some(10_000_000),
+        deadline: Duration::from_secs(2),
+        memory_bytes: 4 << 20,
+        ..AgentLimits::default()
+    }
+}
+
+/// Run a loaded component through its whole life under [`fuzz_limits`]:
+/// instantiate, init, start, a few messages (those the WAT fixture knows),
+/// a health check, stop, terminate. Whatever the guest does, each step
+/// ends with its typed result (a fault, a call error), never a panic or a
+/// hang; after a trap the instance is dead and says so. The results of the
+/// steps after `instantiate`, in order (none if it did not instantiate).
+pub fn run_agent(runtime: &Runtime, component: &AgentComponent) -> Vec<Result<String, CallError>> {
+    let tokio = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("a tokio runtime");
+    tokio.block_on(async {
+        let options = InstanceOptions {
+            agent_id: "fuzzed".into(),
+            limits: fuzz_limits(),
+            grants: WasiGrants::default(),
+            state: Arc::new(MemoryStateStore::default()),
+            ..InstanceOptions::default()
+        };
+        let Ok(mut agent) = AgentInstance::instantiate(runtime, component, options).await else {
+            return Vec::new();
+        };
+        let args = InitArgs {
+            agent_id: AgentPid::new(),
+            supervisor_id: SupervisorId::new(),
+            config: json!({}),
+        };
+        let mut steps: Vec<Result<String, CallError>> = vec![
+            agent.init(&args).await.map(|()| String::new()),
+            agent.start().await.map(|()| String::new()),
+        ];
+        for message in [
+            "ping",
+            "grow-all 1",
+            "memory-sizes",
+            "grow-tables 1",
+            "table-sizes",
+        ] {
+            steps.push(agent.handle_message(message).await);
+        }
+        steps.push(agent.health_check().await.map(|()| String::new()));
+        steps.push(agent.stop().await.map(|()| String::new()));
+        let reason = TerminateReason::Normal;
+        steps.push(agent.terminate(&reason).await.map(|()| String::new()));
+        for step in &steps {
+            match step {
+                // A reply is copied out of the guest's memory: no larger.
+                Ok(reply) => assert!(reply.len() <= fuzz_limits().memory_bytes),
+                // What a guest says in an error is bounded where it enters.
+                Err(CallError::Application(text)) => assert!(text.len() <= MAX_GUEST_TEXT),
+                Err(CallError::Exited | CallError::Fault(_)) => {}
+            }
+        }
+        let died = steps
+            .iter()
+            .any(|s| s.as_ref().is_err_and(|e| !e.instance_alive()));
+        assert_eq!(agent.is_alive(), !died, "{steps:?}");
+        steps
+    })
 }
 
 /// Poll a future that never waits (reading from memory) to its end.

@@ -382,7 +382,12 @@ fn each_component_seed_reaches_its_branch() {
         common::runtime().load_bytes(name, &bytes)
     };
     for ok in ["agent.wasm", "agent.wat", "agent_memories_and_tables.wasm"] {
-        assert!(load(ok).is_ok(), "{ok}: {:?}", load(ok).err());
+        let component = load(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        // The whole life runs, as the fuzz target runs it.
+        let steps = checks::run_agent(common::runtime(), &component);
+        let replies: Vec<String> = steps.into_iter().map(|s| s.expect(ok)).collect();
+        assert_eq!(replies[2], "pong", "{ok}: {replies:?}");
+        assert_eq!(replies.len(), 10, "{ok}: {replies:?}");
     }
     let expect = |name: &str, want: fn(&terraphim_agent_supervisor::LoadError) -> bool| {
         let error = load(name).expect_err(name);
