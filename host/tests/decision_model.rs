@@ -580,7 +580,12 @@ fn huge_breaker_policy() -> impl Strategy<Value = BreakerPolicy> {
         (1..u64::MAX).prop_map(Duration::from_secs),
         (1..u64::MAX).prop_map(Duration::from_millis),
     ];
-    (1..4u32, big.clone(), big.clone(), big).prop_map(|(failures, window, a, b)| BreakerPolicy {
+    let window = prop_oneof![
+        big.clone(),
+        Just(MAX_PARK),
+        (1..=MAX_PARK.as_secs()).prop_map(Duration::from_secs)
+    ];
+    (1..4u32, window, big.clone(), big).prop_map(|(failures, window, a, b)| BreakerPolicy {
         failures,
         window,
         cooldown: a.min(b),
@@ -687,6 +692,8 @@ proptest! {
     ) {
         prop_assume!(policy.validate().is_ok());
         let mut now = Instant::now();
+        // The supervisor ends a trial's probation at `now + window`.
+        prop_assert!(now.checked_add(policy.window).is_some());
         let mut breaker = Breaker::new(policy);
         for step in steps {
             match step {

@@ -47,6 +47,13 @@ impl BreakerPolicy {
         if self.window.is_zero() || self.cooldown.is_zero() {
             return Err("a circuit breaker needs a window and a cool-down above 0".into());
         }
+        if self.window > MAX_PARK {
+            // A trial's probation ends at `now + window`: it must be a time.
+            return Err(format!(
+                "a circuit breaker's window ({:?}) must be at most {:?} (about a century)",
+                self.window, MAX_PARK
+            ));
+        }
         if self.max_cooldown < self.cooldown {
             return Err(format!(
                 "a circuit breaker's max_cooldown ({:?}) must be at least its cooldown ({:?})",
@@ -275,6 +282,18 @@ mod tests {
         };
         assert!(ok.validate().is_ok());
         assert!(BreakerPolicy { failures: 0, ..ok }.validate().is_err());
+        // Found by tests/decision_model.rs: a probation of Duration::MAX
+        // overflowed the supervisor's clock arithmetic.
+        let endless = BreakerPolicy {
+            window: Duration::MAX,
+            ..ok
+        };
+        assert!(endless.validate().unwrap_err().contains("at most"));
+        let longest = BreakerPolicy {
+            window: MAX_PARK,
+            ..ok
+        };
+        assert!(longest.validate().is_ok());
         assert!(
             BreakerPolicy {
                 max_cooldown: S / 2,
