@@ -21,7 +21,7 @@ use terraphim_agent_supervisor::control_protocol::{
     Failure, Line, Request, answer_line, decode_answer, encode_request, failure_answer, is_blank,
     parse_request, read_line_limited,
 };
-use terraphim_agent_supervisor::tree::TreeFile;
+use terraphim_agent_supervisor::tree::{TreeFile, TreeNode};
 use terraphim_agent_supervisor::{
     AgentComponent, AgentInstance, AgentLimits, AgentPid, CallError, InitArgs, InstanceOptions,
     LoadError, MAX_GUEST_TEXT, MemoryStateStore, Runtime, SupervisorId, TerminateReason,
@@ -46,9 +46,31 @@ pub fn tree_file(data: &[u8]) {
             let agents = tree.agents();
             assert!(agents.len() <= nodes.len());
             // Every agent's component resolves under the file's folder or
-            // is an absolute path of its own.
-            for (_, agent) in agents {
+            // is an absolute path of its own, and every value the file
+            // gave passes the checks the supervisor makes when it adds the
+            // child: a tree that `validate` accepts does not fail later.
+            for (field, agent) in agents {
                 assert!(agent.component.is_absolute());
+                let checks = [
+                    agent.limits.validate(),
+                    agent.health.validate(),
+                    agent.backoff.validate(),
+                    agent.breaker.map_or(Ok(()), |b| b.validate()),
+                ];
+                for check in checks {
+                    assert_eq!(check, Ok(()), "{field}");
+                }
+            }
+            let mut supervisors = vec![&tree.root];
+            while let Some(supervisor) = supervisors.pop() {
+                assert_eq!(supervisor.backoff.validate(), Ok(()));
+                assert_eq!(supervisor.breaker.map_or(Ok(()), |b| b.validate()), Ok(()));
+                assert!(supervisor.children.len() <= supervisor.max_children);
+                for child in &supervisor.children {
+                    if let TreeNode::Supervisor(nested) = child {
+                        supervisors.push(nested);
+                    }
+                }
             }
         }
         Err(error) => {

@@ -163,6 +163,8 @@ fn toml_value() -> impl Strategy<Value = String> {
         "\"a/b\"",
         "\"\"",
         "\"../../etc/passwd\"",
+        // A component file that exists, so that trees with agents parse.
+        concat!("\"", env!("CARGO_MANIFEST_DIR"), "/Cargo.toml\""),
         "true",
         "[]",
         "{}",
@@ -518,4 +520,17 @@ proptest! {
     fn components_edited_from_the_seeds(bytes in mutated("component_loader", 4)) {
         checks::component_loader(common::runtime(), &bytes);
     }
+}
+
+#[test]
+fn the_valid_tree_seed_parses() {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../fuzz/corpus/tree_file/valid_with_agents.toml"),
+    )
+    .expect("the seed");
+    let tree =
+        terraphim_agent_supervisor::tree::TreeFile::parse(Path::new(checks::TREE_PATH), &text)
+            .expect("valid");
+    assert_eq!(tree.agents().len(), 2);
 }
