@@ -4,6 +4,10 @@
 //! host is bounded where it enters.
 //!
 //! The supervision defects (kill paths, retries) are in `tests/kill_paths.rs`.
+//! Malformed and mutated components (the fuzz corpora, each loaded and, if
+//! it loads, run through its whole life under small limits) are replayed
+//! by `tests/fuzz_inputs.rs`; the defects the property tests and the
+//! fuzzers found are in `tests/regressions.rs` and listed in the README.
 
 mod common;
 
