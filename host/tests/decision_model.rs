@@ -59,7 +59,7 @@ struct Model {
 
 /// What the model says about one exit.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Verdict2 {
+enum Expected {
     NoRestart {
         remove: bool,
     },
@@ -106,7 +106,7 @@ impl Model {
         }
     }
 
-    fn decide(&mut self, failed: Id, exit: ExitKind, now: u64) -> Verdict2 {
+    fn decide(&mut self, failed: Id, exit: ExitKind, now: u64) -> Expected {
         let failed_at = self
             .specs
             .iter()
@@ -114,7 +114,7 @@ impl Model {
             .expect("the model only exits its own children");
         let restart_type = self.specs[failed_at].1;
         if !Self::wants_restart(restart_type, exit) {
-            return Verdict2::NoRestart {
+            return Expected::NoRestart {
                 remove: restart_type == RestartType::Temporary,
             };
         }
@@ -127,7 +127,7 @@ impl Model {
                     stop.push(self.specs[i].0);
                 }
             }
-            return Verdict2::Escalate { stop };
+            return Expected::Escalate { stop };
         }
         self.restarts.push(now);
         let (mut stop, mut remove, mut start) = (Vec::new(), Vec::new(), Vec::new());
@@ -146,7 +146,7 @@ impl Model {
                 start.push(id);
             }
         }
-        Verdict2::Restart {
+        Expected::Restart {
             stop,
             remove,
             start,
@@ -154,19 +154,19 @@ impl Model {
     }
 }
 
-fn as_model(decision: &Decision<Id>) -> Verdict2 {
+fn as_model(decision: &Decision<Id>) -> Expected {
     match decision.clone() {
-        Decision::NoRestart { remove } => Verdict2::NoRestart { remove },
+        Decision::NoRestart { remove } => Expected::NoRestart { remove },
         Decision::Restart {
             stop,
             remove,
             start,
-        } => Verdict2::Restart {
+        } => Expected::Restart {
             stop,
             remove,
             start,
         },
-        Decision::Escalate { stop } => Verdict2::Escalate { stop },
+        Decision::Escalate { stop } => Expected::Escalate { stop },
     }
 }
 
