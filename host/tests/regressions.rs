@@ -11,12 +11,15 @@ use std::time::Duration;
 
 use chrono::Utc;
 use common::wait_for;
+use common::wat::{Fixture, agent_component};
 use serde_json::json;
+use terraphim_agent_supervisor::runtime::MAX_DEADLINE;
 use terraphim_agent_supervisor::supervisor::breaker::MAX_PARK;
 use terraphim_agent_supervisor::tree::TreeFile;
 use terraphim_agent_supervisor::{
-    AgentSpec, AgentSupervisor, CircuitStatus, EventKind, RestartIntensity, RestartPolicy,
-    RestartStrategy, SupervisorConfig, SupervisorStatus, TestAgentFactory,
+    AgentInstance, AgentLimits, AgentPid, AgentSpec, AgentSupervisor, CircuitStatus, EventKind,
+    InitArgs, InstanceOptions, MemoryStateStore, RestartIntensity, RestartPolicy, RestartStrategy,
+    SupervisorConfig, SupervisorId, SupervisorStatus, TestAgentFactory, WasiGrants,
 };
 
 /// A tree file may set a cool-down of `i64::MAX` ms (some 292 million
@@ -66,4 +69,41 @@ async fn a_circuit_with_an_endless_cooldown_opens_without_killing_its_supervisor
     assert_eq!(info.circuit, Some(CircuitStatus::Open { until }));
     sup.stop().await.expect("stops");
     assert_eq!(sup.status(), SupervisorStatus::Stopped);
+}
+
+/// `AgentLimits { deadline: Duration::MAX }` (the public API takes it)
+/// overflowed `Instant` when the first call was armed: every call into the
+/// agent panicked. Now a deadline counts up to `MAX_DEADLINE`, and
+/// `AgentLimits::validate` (which the factories call on every spec)
+/// refuses a longer one. Found by reading the clock arithmetic the
+/// breaker's property test pointed at.
+#[tokio::test]
+async fn an_endless_deadline_does_not_overflow_the_clock() {
+    let limits = AgentLimits {
+        deadline: Duration::MAX,
+        ..common::test_limits()
+    };
+    assert!(limits.validate().is_err(), "refused at the door");
+    let runtime = common::runtime();
+    let component = runtime
+        .load_bytes("fixture", agent_component(&Fixture::default()).as_bytes())
+        .expect("the fixture loads");
+    let options = InstanceOptions {
+        agent_id: "endless".into(),
+        limits,
+        grants: WasiGrants::default(),
+        state: Arc::new(MemoryStateStore::default()),
+        ..InstanceOptions::default()
+    };
+    let mut agent = AgentInstance::instantiate(runtime, &component, options)
+        .await
+        .expect("instantiates");
+    let args = InitArgs {
+        agent_id: AgentPid::new(),
+        supervisor_id: SupervisorId::new(),
+        config: json!({}),
+    };
+    agent.init(&args).await.expect("init");
+    assert_eq!(agent.handle_message("ping").await.expect("a reply"), "pong");
+    assert!(MAX_DEADLINE >= Duration::from_secs(3600 * 24 * 365));
 }

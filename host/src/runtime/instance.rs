@@ -29,7 +29,7 @@ use super::crash::{self, CrashReport, OutputRing};
 use super::fault::{FaultHints, classify};
 use super::host::{DroppedLogs, HostState, LogMeter};
 use super::http::HttpGate;
-use super::limits::Limiter;
+use super::limits::{Limiter, MAX_DEADLINE};
 use super::timers::Timers;
 use super::{
     AgentComponent, AgentFault, AgentLimits, CallError, HttpGrants, LiveSlot, MAX_GUEST_TEXT,
@@ -126,7 +126,7 @@ fn arm(store: &mut Store<HostState>, fuel: u64, limits: &AgentLimits) -> Result<
     data.limiter.reset_hints();
     data.log.start_call();
     data.http_gate.start_call();
-    data.deadline = Instant::now() + limits.deadline;
+    data.deadline = Instant::now() + limits.deadline.min(MAX_DEADLINE);
     store.set_epoch_deadline(1);
     Ok(())
 }

@@ -58,6 +58,11 @@ pub struct AgentLimits {
     pub max_timers: u32,
 }
 
+/// The longest deadline of a call, whatever the limits say (about a
+/// century): a call must end by `now + deadline`, which must stay a valid
+/// time.
+pub const MAX_DEADLINE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 impl Default for AgentLimits {
     fn default() -> Self {
         Self {
@@ -96,6 +101,12 @@ impl AgentLimits {
         }
         if self.deadline.is_zero() {
             return Err("deadline must be greater than 0".into());
+        }
+        if self.deadline > MAX_DEADLINE {
+            return Err(format!(
+                "deadline must be at most {MAX_DEADLINE:?} (about a century), got {:?}",
+                self.deadline
+            ));
         }
         if self.max_timers > super::MAX_TIMERS_LIMIT {
             return Err(format!(
@@ -332,6 +343,25 @@ mod tests {
             l.table_growing(0, 50, None).unwrap(),
             "the failed 50 came back"
         );
+    }
+
+    #[test]
+    fn a_deadline_past_a_century_is_refused() {
+        let endless = AgentLimits {
+            deadline: Duration::MAX,
+            ..AgentLimits::default()
+        };
+        assert!(
+            endless
+                .validate()
+                .unwrap_err()
+                .starts_with("deadline must be at most")
+        );
+        let longest = AgentLimits {
+            deadline: MAX_DEADLINE,
+            ..AgentLimits::default()
+        };
+        assert_eq!(longest.validate(), Ok(()));
     }
 
     #[test]

@@ -51,7 +51,7 @@ pub use http::{
     MAX_HTTP_RESPONSE_BYTES,
 };
 pub use instance::{AgentInstance, InstanceOptions};
-pub use limits::AgentLimits;
+pub use limits::{AgentLimits, MAX_DEADLINE};
 pub use timers::{MAX_TIMER_DELAY, MAX_TIMER_MESSAGE_BYTES, MAX_TIMERS_LIMIT};
 pub use wasi::{Preopen, WasiGrants};
 
