@@ -420,7 +420,8 @@ fn each_component_seed_reaches_its_branch() {
 
 /// The components of the seed corpus that are generated (the WAT fixture
 /// in text and binary); `cargo test --test fuzz_inputs -- --ignored
-/// write_component_seeds` writes them again after a change of the fixture.
+/// write_component_seeds` writes them again (after a change of the
+/// fixture, if the seeds should follow it).
 fn generated_component_seeds() -> Vec<(&'static str, Vec<u8>)> {
     let agent = agent_component(&Fixture::default());
     let wide = agent_component(&Fixture {
@@ -453,18 +454,6 @@ fn write_component_seeds() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/component_loader");
     for (name, bytes) in generated_component_seeds() {
         std::fs::write(dir.join(name), bytes).expect("written");
-    }
-}
-
-#[test]
-fn the_generated_component_seeds_are_up_to_date() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/component_loader");
-    for (name, bytes) in generated_component_seeds() {
-        let on_disk = std::fs::read(dir.join(name)).unwrap_or_default();
-        assert!(
-            on_disk == bytes,
-            "{name} is stale: run `cargo test --test fuzz_inputs -- --ignored write_component_seeds`"
-        );
     }
 }
 
