@@ -848,6 +848,9 @@ impl Checker<'_> {
         if let Some(n) = self.positive(&f("threshold"), raw.threshold, "count") {
             h.threshold = u32::try_from(n).unwrap_or(u32::MAX);
         }
+        if let Err(why) = h.validate() {
+            self.problem(field, why);
+        }
         h
     }
 

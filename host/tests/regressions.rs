@@ -15,11 +15,13 @@ use common::wat::{Fixture, agent_component};
 use serde_json::json;
 use terraphim_agent_supervisor::runtime::MAX_DEADLINE;
 use terraphim_agent_supervisor::supervisor::breaker::MAX_PARK;
+use terraphim_agent_supervisor::supervisor::health::MAX_HEALTH_INTERVAL;
 use terraphim_agent_supervisor::tree::TreeFile;
 use terraphim_agent_supervisor::{
     AgentInstance, AgentLimits, AgentPid, AgentSpec, AgentSupervisor, CircuitStatus, EventKind,
-    InitArgs, InstanceOptions, MemoryStateStore, RestartIntensity, RestartPolicy, RestartStrategy,
-    SupervisorConfig, SupervisorId, SupervisorStatus, TestAgentFactory, WasiGrants,
+    HealthPolicy, InitArgs, InstanceOptions, MemoryStateStore, RestartIntensity, RestartPolicy,
+    RestartStrategy, SupervisionError, SupervisorConfig, SupervisorId, SupervisorStatus,
+    TestAgentFactory, WasiGrants,
 };
 
 /// A tree file may set a cool-down of `i64::MAX` ms (some 292 million
@@ -106,4 +108,56 @@ async fn an_endless_deadline_does_not_overflow_the_clock() {
     agent.init(&args).await.expect("init");
     assert_eq!(agent.handle_message("ping").await.expect("a reply"), "pong");
     assert!(MAX_DEADLINE >= Duration::from_secs(3600 * 24 * 365));
+}
+
+/// A `HealthPolicy` built through the library (not a tree file) with an
+/// interval of `Duration::MAX` was taken as it was, and the child's task
+/// panicked arming its first check (`now + interval` overflowed
+/// `Instant`). Now the supervisor refuses the spec when the child is
+/// added, with a typed error, as it does a bad backoff or breaker; and a
+/// tree file with such a policy is refused when it is checked.
+#[tokio::test]
+async fn an_endless_health_interval_is_refused_when_the_child_is_added() {
+    let endless = HealthPolicy {
+        interval: Duration::MAX,
+        ..HealthPolicy::OFF
+    };
+    assert!(endless.validate().is_err());
+    let longest = HealthPolicy {
+        interval: MAX_HEALTH_INTERVAL,
+        ..HealthPolicy::OFF
+    };
+    assert!(longest.validate().is_ok());
+
+    let mut sup = AgentSupervisor::new(SupervisorConfig::default(), Arc::new(TestAgentFactory));
+    sup.start().await.expect("starts");
+    let spec = AgentSpec::new("test".into(), json!({})).with_health(endless);
+    match sup.spawn_agent(spec).await {
+        Err(SupervisionError::InvalidAgentSpec(why)) => {
+            assert!(why.contains("health check interval"), "{why}")
+        }
+        other => panic!("expected InvalidAgentSpec, got {other:?}"),
+    }
+    // The supervisor is alive and takes a sound child.
+    assert_eq!(sup.status(), SupervisorStatus::Running);
+    let pid = sup
+        .spawn_agent(AgentSpec::new("test".into(), json!({})))
+        .await
+        .expect("a sound child is added");
+    assert_eq!(sup.call(&pid, "hi".into()).await.expect("a reply"), "hi");
+    sup.stop().await.expect("stops");
+
+    let text = format!(
+        "[supervisor]\nname = \"root\"\n\n[[supervisor.children]]\nname = \"a\"\n\
+         component = \"a.wasm\"\nhealth = {{ interval_ms = {max} }}\n",
+        max = i64::MAX
+    );
+    let Err(problems) = TreeFile::parse(Path::new("/nonexistent/tree.toml"), &text) else {
+        panic!("a tree with an endless health interval was accepted");
+    };
+    let problems = problems.to_string();
+    assert!(
+        problems.contains("health") && problems.contains("at most"),
+        "{problems}"
+    );
 }

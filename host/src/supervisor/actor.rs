@@ -44,8 +44,9 @@ use super::decision::{
 };
 use super::view::{ChildView, Route, Shared};
 use super::{
-    ChildCount, ChildSpec, CircuitStatus, EventKind, ExitCause, HealthStatus, RestartAction,
-    RestartEntry, SupervisorConfig, SupervisorEvent, SupervisorHandle, SupervisorStatus,
+    ChildCount, ChildSpec, CircuitStatus, EventKind, ExitCause, HealthPolicy, HealthStatus,
+    RestartAction, RestartEntry, SupervisorConfig, SupervisorEvent, SupervisorHandle,
+    SupervisorStatus,
 };
 use crate::dead_letters::{DeadLetter, DeadLetters};
 use crate::runtime::{CrashReport, MAX_GUEST_TEXT};
@@ -627,10 +628,17 @@ impl Actor {
             }
             ChildSpec::Supervisor(_) => None,
         };
+        let health = match &spec {
+            ChildSpec::Agent(agent) => agent
+                .health
+                .unwrap_or_else(|| self.shared.config.health_policy()),
+            ChildSpec::Supervisor(_) => HealthPolicy::OFF,
+        };
         if let Err(why) = spec
             .backoff()
             .validate()
             .and_then(|()| spec.breaker().map_or(Ok(()), |breaker| breaker.validate()))
+            .and_then(|()| health.validate())
         {
             return Err(SupervisionError::InvalidAgentSpec(format!("{path}: {why}")));
         }

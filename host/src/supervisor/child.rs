@@ -342,7 +342,9 @@ fn crashed(
 /// interval after the start).
 fn health_checks(policy: &HealthPolicy) -> Option<Interval> {
     policy.is_on().then(|| {
-        let start = tokio::time::Instant::now() + policy.interval;
+        // Validated to at most a century; saturating all the same.
+        let now = tokio::time::Instant::now();
+        let start = now.checked_add(policy.interval).unwrap_or(now);
         let mut checks = tokio::time::interval_at(start, policy.interval);
         checks.set_missed_tick_behavior(MissedTickBehavior::Delay);
         checks

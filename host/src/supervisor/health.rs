@@ -14,6 +14,10 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+/// The longest interval between, and timeout of, health checks (about a
+/// century): [`HealthPolicy::validate`] refuses longer ones.
+pub const MAX_HEALTH_INTERVAL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// How an agent's health is checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HealthPolicy {
@@ -40,13 +44,27 @@ impl HealthPolicy {
         !self.interval.is_zero()
     }
 
-    /// Check the policy for values that can never work.
+    /// Check the policy for values that can never work: checks on without
+    /// a timeout or threshold, or an interval or timeout past
+    /// [`MAX_HEALTH_INTERVAL`] (the first check is due `now + interval`,
+    /// which must stay a valid time).
+    ///
+    /// # Errors
+    ///
+    /// What is wrong with it, for people.
     pub fn validate(&self) -> Result<(), String> {
         if self.is_on() && (self.timeout.is_zero() || self.threshold == 0) {
             return Err(format!(
                 "health checks need a timeout above 0 and a threshold of at least 1, got {:?} and {}",
                 self.timeout, self.threshold
             ));
+        }
+        for (name, value) in [("interval", self.interval), ("timeout", self.timeout)] {
+            if value > MAX_HEALTH_INTERVAL {
+                return Err(format!(
+                    "the health check {name} must be at most {MAX_HEALTH_INTERVAL:?} (about a century), got {value:?}"
+                ));
+            }
         }
         Ok(())
     }
