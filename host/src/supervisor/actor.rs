@@ -315,9 +315,14 @@ enum Wake {
 }
 
 /// The wall-clock time of `at`.
+/// Saturating: a time past chrono's last date is that date (a far-future
+/// `at` must not panic the supervisor).
 fn wall(at: Instant) -> chrono::DateTime<Utc> {
     let ahead = at.saturating_duration_since(Instant::now());
-    Utc::now() + chrono::Duration::from_std(ahead).unwrap_or(chrono::TimeDelta::MAX)
+    chrono::Duration::from_std(ahead)
+        .ok()
+        .and_then(|ahead| Utc::now().checked_add_signed(ahead))
+        .unwrap_or(chrono::DateTime::<Utc>::MAX_UTC)
 }
 
 /// Sleep until `due`; never without one.
@@ -1604,5 +1609,25 @@ impl Actor {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `wall` of an instant further ahead than chrono's last date used to
+    /// overflow `Utc::now() + TimeDelta::MAX` and panic the supervisor.
+    #[test]
+    fn wall_saturates_far_in_the_future() {
+        let now = Instant::now();
+        let far = [u64::MAX / 2, u64::MAX / 1024, 1 << 40]
+            .into_iter()
+            .find_map(|secs| now.checked_add(Duration::from_secs(secs)))
+            .expect("some far instant is representable");
+        assert_eq!(wall(far), chrono::DateTime::<Utc>::MAX_UTC);
+        let soon = wall(now + Duration::from_secs(60));
+        assert!(soon > Utc::now() && soon < chrono::DateTime::<Utc>::MAX_UTC);
+        assert!(wall(now) <= Utc::now());
     }
 }
