@@ -28,6 +28,8 @@
 mod agent;
 #[cfg(feature = "bundled-examples")]
 pub mod bench;
+#[cfg(feature = "bundled-examples")]
+pub mod chaos;
 #[cfg(feature = "cluster")]
 pub mod cluster;
 pub mod control_protocol;
