@@ -11,9 +11,11 @@
 //! - `compile`: fill the compile cache ahead of time.
 //! - `cluster`: the units of a tree run by several hosts, and draining a host.
 //! - `bench`: measure the host's performance figures.
+//! - `chaos`: a seeded storm of faults, then the supervision invariants checked.
 
 mod bench;
 mod cache_arg;
+mod chaos;
 mod client;
 mod cluster_cmd;
 mod compile;
@@ -109,6 +111,9 @@ enum Command {
     /// Measure restart latency, spawn rate, memory per agent, call throughput and cold start.
     #[command(long_about = bench::LONG_ABOUT)]
     Bench(bench::BenchArgs),
+    /// Inject a seeded storm of faults into a large tree and check the supervision invariants.
+    #[command(long_about = chaos::LONG_ABOUT)]
+    Chaos(chaos::ChaosArgs),
 }
 
 /// Logs go to stderr through the non-blocking, lossy queue of
@@ -174,6 +179,7 @@ fn run_command(cli: Cli) -> ExitCode {
             Command::Compile(args) => compile::run(&args),
             Command::Cluster(args) => cluster_cmd::run(args).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::Chaos(args) => chaos::run(args).await,
         }
     });
     // No task writes output after this (bounded: a task stuck in a guest
