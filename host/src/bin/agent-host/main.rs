@@ -119,13 +119,16 @@ enum Command {
 /// Logs go to stderr through the non-blocking, lossy queue of
 /// [`output`]: a guest's `log` import formats its record and returns, even
 /// while nobody reads stderr.
-fn init_tracing() {
+///
+/// `default` is the filter without `RUST_LOG`: `warn`, but `error` for
+/// `chaos`, whose hostile agents flood their logs with warnings on purpose.
+fn init_tracing(default: &str) {
     let filter = match std::env::var("RUST_LOG") {
         Ok(spec) if !spec.trim().is_empty() => EnvFilter::try_new(&spec).unwrap_or_else(|e| {
-            stderr_line!("warning: ignoring RUST_LOG={spec:?} ({e}); logging warnings only");
-            EnvFilter::new("warn")
+            stderr_line!("warning: ignoring RUST_LOG={spec:?} ({e}); logging {default} only");
+            EnvFilter::new(default)
         }),
-        _ => EnvFilter::new("warn"),
+        _ => EnvFilter::new(default),
     };
     // Fails only if a global subscriber is already set, which it is not.
     let _ = tracing_subscriber::fmt()
@@ -144,7 +147,10 @@ const RUNTIME_SHUTDOWN: Duration = Duration::from_secs(2);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    init_tracing(match cli.command {
+        Command::Chaos(_) => "error",
+        _ => "warn",
+    });
     let code = run_command(cli);
     // The writer threads of stdout and stderr, and their tracing-appender
     // `WorkerGuard`s, live in `output` from the first line until here.
