@@ -73,6 +73,9 @@ pub struct ChaosConfig {
     /// Restarts after the warm-up below which memory growth is reported
     /// but not judged (too few to tell growth from noise).
     pub min_restarts_to_judge_memory: u64,
+    /// The fault classes drawn from (empty: every class), to narrow a
+    /// finding down.
+    pub classes: Vec<FaultClass>,
 }
 
 impl Default for ChaosConfig {
@@ -86,6 +89,7 @@ impl Default for ChaosConfig {
             settle: Duration::from_secs(60),
             max_growth_per_1000_restarts: 1 << 20,
             min_restarts_to_judge_memory: 5_000,
+            classes: Vec::new(),
         }
     }
 }
@@ -200,6 +204,21 @@ impl FaultClass {
     }
 }
 
+impl std::str::FromStr for FaultClass {
+    type Err = String;
+
+    /// A class by its name (`fuel-exhaustion`).
+    fn from_str(name: &str) -> Result<Self, String> {
+        FaultClass::ALL
+            .into_iter()
+            .find(|c| c.name() == name)
+            .ok_or_else(|| {
+                let names: Vec<&str> = FaultClass::ALL.iter().map(|c| c.name()).collect();
+                format!("`{name}` is not a fault class; one of {}", names.join(", "))
+            })
+    }
+}
+
 impl fmt::Display for FaultClass {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
@@ -261,6 +280,9 @@ pub struct ChaosReport {
     /// Resident memory growth per 1,000 restarts after the warm-up, in bytes
     /// (negative: it shrank).
     pub growth_per_1000_restarts: Option<f64>,
+    /// The same over the last quarter of the storm only: where the growth
+    /// is heading (not judged).
+    pub growth_last_quarter_per_1000_restarts: Option<f64>,
     /// Every invariant and whether it held.
     pub invariants: Vec<Invariant>,
 }
@@ -321,6 +343,8 @@ impl ChaosReport {
         for (kind, n) in &self.messages_errored {
             let _ = writeln!(out, "  error {kind:<20} {n:>8}");
         }
+        let kib =
+            |g: Option<f64>| g.map_or_else(|| "n/a".into(), |g| format!("{:.1} KiB", g / 1024.0));
         let mib = |b: Option<u64>| {
             b.map_or_else(
                 || "n/a".into(),
@@ -329,13 +353,13 @@ impl ChaosReport {
         };
         let _ = writeln!(
             out,
-            "\nresident memory: start {}, after warm-up ({} restarts) {}, end {}; growth per 1,000 restarts after warm-up: {}",
+            "\nresident memory: start {}, after warm-up ({} restarts) {}, end {}; growth per 1,000 restarts after warm-up: {}, in the last quarter: {}",
             mib(self.rss[0]),
             self.restarts_at_warmup,
             mib(self.rss[1]),
             mib(self.rss[2]),
-            self.growth_per_1000_restarts
-                .map_or_else(|| "n/a".into(), |g| format!("{:.1} KiB", g / 1024.0))
+            kib(self.growth_per_1000_restarts),
+            kib(self.growth_last_quarter_per_1000_restarts)
         );
         let _ = writeln!(out, "\ninvariants:");
         for i in &self.invariants {
@@ -940,9 +964,10 @@ fn pick<'a>(
 fn schedule(
     rng: &mut fastrand::Rng,
     nodes: &[PlannedNode],
+    classes: &[FaultClass],
     serial: usize,
 ) -> (FaultClass, Option<Action>) {
-    let class = FaultClass::ALL[rng.usize(..FaultClass::ALL.len())];
+    let class = classes[rng.usize(..classes.len())];
     let agent = |rng: &mut fastrand::Rng, t: &str, poison: bool| {
         pick(rng, nodes, |n| {
             n.kind == NodeKind::Agent && n.what == t && n.poison == poison
@@ -1228,6 +1253,11 @@ pub async fn run(
         let (handle, calls, stop, nodes) =
             (handle.clone(), calls.clone(), stop.clone(), nodes.clone());
         let (seed, rate) = (config.seed, config.faults_per_second);
+        let classes = if config.classes.is_empty() {
+            FaultClass::ALL.to_vec()
+        } else {
+            config.classes.clone()
+        };
         tokio::spawn(async move {
             let mut rng = fastrand::Rng::with_seed(seed);
             let in_flight = Arc::new(Semaphore::new(64));
@@ -1237,7 +1267,7 @@ pub async fn run(
                 // Uniform gaps around the mean of 1 / rate.
                 let gap = Duration::from_secs_f64(rng.f64() * 2.0 / rate);
                 tokio::time::sleep(gap).await;
-                let (class, action) = schedule(&mut rng, &nodes, serial);
+                let (class, action) = schedule(&mut rng, &nodes, &classes, serial);
                 serial += 1;
                 let Some(action) = action else { continue };
                 *lock(&calls.faults).entry(class).or_default() += 1;
@@ -1257,12 +1287,16 @@ pub async fn run(
     let started = Instant::now();
     let warmup = config.duration / 4;
     let mut warm: Option<(Option<u64>, u64)> = None;
+    let mut last_quarter: Option<(Option<u64>, u64)> = None;
     let mut next_progress = started + progress_every;
     while started.elapsed() < config.duration {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let restarts = lock(&ledger).restarts;
         if warm.is_none() && started.elapsed() >= warmup {
             warm = Some((resident_bytes(), restarts));
+        }
+        if last_quarter.is_none() && started.elapsed() >= config.duration - warmup {
+            last_quarter = Some((resident_bytes(), restarts));
         }
         if Instant::now() >= next_progress {
             next_progress += progress_every;
@@ -1431,6 +1465,12 @@ pub async fn run(
         rss: [rss_start, rss_warm, rss_end],
         restarts_at_warmup,
         growth_per_1000_restarts: growth,
+        growth_last_quarter_per_1000_restarts: match last_quarter {
+            Some((Some(a), r)) if restarts_end > r => {
+                rss_end.map(|b| (b as f64 - a as f64) * 1000.0 / (restarts_end - r) as f64)
+            }
+            _ => None,
+        },
         invariants,
     };
     Ok(report)

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
-use terraphim_agent_supervisor::chaos::{self, ChaosConfig};
+use terraphim_agent_supervisor::chaos::{self, ChaosConfig, FaultClass};
 
 use crate::output::stderr_line;
 use crate::{CliResult, EXIT_FAILURE};
@@ -61,6 +61,9 @@ pub struct ChaosArgs {
     /// A progress line on stderr this often.
     #[arg(long, value_name = "TIME", default_value = "10s", value_parser = parse_duration)]
     progress: Duration,
+    /// Only these fault classes (comma-separated names, as in the summary), to narrow a finding down.
+    #[arg(long, value_name = "CLASS,...", value_delimiter = ',')]
+    only: Vec<FaultClass>,
     /// Print the report as one JSON object instead of the summary.
     #[arg(long)]
     json: bool,
@@ -97,6 +100,7 @@ pub async fn run(args: ChaosArgs) -> CliResult {
         callers: args.callers,
         settle: args.settle,
         max_growth_per_1000_restarts: args.max_growth_kib.saturating_mul(1024),
+        classes: args.only,
         ..ChaosConfig::default()
     };
     stderr_line!(
