@@ -658,6 +658,8 @@ struct Ledger {
     count_breaks: Vec<String>,
     temporary_restarted: Vec<String>,
     violations: u64,
+    /// Events applied so far (to tell when the stream has gone quiet).
+    applied: u64,
 }
 
 fn exit_class(reason: &ExitReason) -> String {
@@ -697,6 +699,7 @@ impl Ledger {
     }
 
     fn apply(&mut self, event: &SupervisorEvent) {
+        self.applied += 1;
         let path = event.path.clone();
         match &event.kind {
             EventKind::ChildStarted { .. } => {
@@ -1324,10 +1327,23 @@ pub async fn run(
 
     // Settle: every child that should run runs, no restart is due.
     let settle_start = Instant::now();
+    // Settled also means quiet: no event since the last look, and the
+    // events seen agree with the restart counts the status shows (a supervisor
+    // updates its status just before it emits the event, so a look between
+    // the two is not a verdict).
+    let mut applied_before = None;
     let settled = eventually(config.settle, || {
         let l = lock(&ledger);
-        not_running(&handle, &nodes, &l).is_empty()
+        let quiet = applied_before.replace(l.applied) == Some(l.applied);
+        quiet
+            && not_running(&handle, &nodes, &l).is_empty()
             && !l.nodes.iter().any(|(p, s)| s.pending_restart && !l.gone(p))
+            && handle.status().iter().all(|node| {
+                node.status != AgentStatus::Running
+                    || l.nodes
+                        .get(&node.path)
+                        .is_none_or(|state| state.restart_count == node.restart_count)
+            })
     })
     .await;
     let settled_in = settle_start.elapsed();
