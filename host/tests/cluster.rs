@@ -20,7 +20,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -43,19 +42,11 @@ fn nats_server() -> Option<PathBuf> {
         .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")])
         .map(|dir| dir.join("nats-server"))
         .find(|p| p.is_file());
-    if found.is_none() {
-        let why = "SKIPPED: cluster: no nats-server (install Debian's `nats-server` package, as .ci/run does)";
-        assert!(
-            std::env::var("TERRAPHIM_REQUIRE_NATS").as_deref() != Ok("1"),
-            "{why}, and TERRAPHIM_REQUIRE_NATS=1"
-        );
-        let _ = writeln!(std::io::stderr().lock(), "{why}");
-        let _ = std::fs::OpenOptions::new()
-            .write(true)
-            .open("/dev/tty")
-            .and_then(|mut tty| writeln!(tty, "{why}"));
-    }
-    found
+    common::tool_or_skip(
+        found,
+        "SKIPPED: cluster: no nats-server (install Debian's `nats-server` package, as .ci/run does)",
+        "TERRAPHIM_REQUIRE_NATS",
+    )
 }
 
 fn repeat() -> usize {

@@ -13,6 +13,30 @@ use terraphim_agent_supervisor::{
     MemoryStateStore, Runtime, StateStore, SupervisorId, WasiGrants,
 };
 
+/// `found` (a tool a test needs), or `None` after saying why the test
+/// skips: `why` on stderr and the terminal (past the test harness's
+/// capture, so that a plain run shows it). With `require_env` set to `1`
+/// (as CI sets it) a missing tool fails the test instead.
+pub fn tool_or_skip(
+    found: Option<std::path::PathBuf>,
+    why: &str,
+    require_env: &str,
+) -> Option<std::path::PathBuf> {
+    use std::io::Write;
+    if found.is_none() {
+        assert!(
+            std::env::var(require_env).as_deref() != Ok("1"),
+            "{why}, and {require_env}=1"
+        );
+        let _ = writeln!(std::io::stderr().lock(), "{why}");
+        let _ = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/tty")
+            .and_then(|mut tty| writeln!(tty, "{why}"));
+    }
+    found
+}
+
 /// One runtime (engine) shared by every test of a test binary.
 pub fn runtime() -> &'static Runtime {
     static RUNTIME: OnceLock<Runtime> = OnceLock::new();
