@@ -226,7 +226,7 @@ pub async fn run(
 ) -> Result<BenchReport> {
     // A pool for the idle agents that this machine cannot hold is refused
     // now, not after minutes of measuring.
-    drop(sized(options.idle_agents.max(options.spawn_agents))?);
+    crate::runtime::check_pool_fits(pool_size(options.idle_agents.max(options.spawn_agents)))?;
     let runtime = Runtime::new()?;
     progress("raw wasmtime");
     let raw = raw(options, &runtime).await?;
@@ -472,10 +472,15 @@ async fn supervised_calls(factory: &Arc<WasmAgentFactory>, n: usize) -> Result<f
     Ok(rate)
 }
 
+/// The pool slots for `agents` instances, with a few to spare.
+fn pool_size(agents: usize) -> u32 {
+    u32::try_from(agents + 16).unwrap_or(u32::MAX)
+}
+
 /// A runtime and an echo-only factory with room for `agents` instances.
 fn sized(agents: usize) -> Result<Arc<WasmAgentFactory>> {
     let runtime = Runtime::with_config(RuntimeConfig {
-        max_instances: u32::try_from(agents + 16).unwrap_or(u32::MAX),
+        max_instances: pool_size(agents),
         // The agents' own default limit: the pool reserves no more.
         max_memory_bytes: AgentLimits::default().memory_bytes,
         ..RuntimeConfig::default()

@@ -227,6 +227,12 @@ fn max_map_count() -> Option<u64> {
         .ok()
 }
 
+/// Refuse a pool of `max_instances` slots that this machine's limit on
+/// memory mappings would cut short (see [`check_map_count`]).
+pub(crate) fn check_pool_fits(max_instances: u32) -> Result<(), RuntimeError> {
+    check_map_count(max_instances, max_map_count())
+}
+
 /// Refuse a pool that the kernel's limit on memory mappings (`limit`, if
 /// known) would cut short: without this check the pool fails to be created,
 /// or agents fail to start one by one with `ENOMEM` once it is reached.
@@ -267,7 +273,7 @@ impl Runtime {
     pub fn with_config(config: RuntimeConfig) -> Result<Self, RuntimeError> {
         let err = |e: wasmtime::Error| RuntimeError(format!("{e:#}"));
         let n = config.max_instances;
-        check_map_count(n, max_map_count())?;
+        check_pool_fits(n)?;
         let per = |share: u32| n.saturating_mul(share.max(1));
         let mut pool = PoolingAllocationConfig::new();
         pool.total_component_instances(n)
