@@ -79,16 +79,22 @@ pub trait SupervisedAgent: Send {
         None
     }
 
-    /// The message of the agent's next timer, once it is due (a message
-    /// the agent sends itself later; see the WIT `timers` interface). Its
-    /// worker delivers it through [`handle_message`](Self::handle_message)
-    /// like any other message, and drops the reply. The default has no
-    /// timers: it never returns.
-    ///
-    /// Must be cancel-safe: the worker drops it whenever a request comes
-    /// first, and no timer may be lost then.
-    async fn next_timer(&mut self) -> String {
-        std::future::pending().await
+    /// When the agent's earliest timer is due (a message the agent sends
+    /// itself later; see the WIT `timers` interface), if it has one. Its
+    /// worker sleeps until then, takes the message with
+    /// [`take_due_timer`](Self::take_due_timer) and delivers it through
+    /// [`handle_message`](Self::handle_message) like any other message,
+    /// dropping the reply. Read after every call: must be cheap and must not
+    /// block. The default has no timers.
+    fn next_timer_due(&self) -> Option<tokio::time::Instant> {
+        None
+    }
+
+    /// Remove and return the message of the earliest timer if it is due at
+    /// `now` (each timer's message is taken once). The default has none.
+    fn take_due_timer(&mut self, now: tokio::time::Instant) -> Option<String> {
+        let _ = now;
+        None
     }
 
     /// What the agent consumes now, if it can tell cheaply (a WASM agent

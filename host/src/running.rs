@@ -561,7 +561,8 @@ impl TreeHandle {
     }
 
     /// Send `message` to the agent at `target` (a path or a unique name) and
-    /// return its reply. The call goes straight to the agent's task.
+    /// return its reply. The agent runs it in the caller's task (see
+    /// [`SupervisorHandle::call`](crate::SupervisorHandle::call)).
     ///
     /// # Errors
     ///

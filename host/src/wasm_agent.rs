@@ -274,8 +274,12 @@ impl SupervisedAgent for WasmAgent {
         self.instance.crash_report()
     }
 
-    async fn next_timer(&mut self) -> String {
-        self.instance.next_timer().await
+    fn next_timer_due(&self) -> Option<tokio::time::Instant> {
+        self.instance.next_timer_due()
+    }
+
+    fn take_due_timer(&mut self, now: tokio::time::Instant) -> Option<String> {
+        self.instance.take_due_timer(now)
     }
 
     fn stats(&self) -> Option<AgentStats> {

@@ -1,7 +1,10 @@
 //! The supervision defects of the hardening issue, with native agents that
 //! record when each incarnation lives: every kill path cascades and is
 //! awaited (never two incarnations of one child alive), and a failing
-//! restart never blocks its supervisor's mailbox.
+//! restart never blocks its supervisor's mailbox. Calls run in their
+//! callers' tasks: a kill ends a call under way before the successor
+//! starts, a call whose caller gave up is still handled whole, and one
+//! caller's casts and calls reach the agent in order.
 
 mod common;
 
@@ -33,10 +36,17 @@ struct Log {
     max_inits: usize,
     /// Incarnations created, by agent name.
     created: HashMap<String, usize>,
+    /// Every message handed to an agent, in the order they arrived.
+    messages: Vec<String>,
+    /// Messages an agent was handling when it stopped waiting (`gate`,
+    /// `hang`), and those it finished.
+    entered_calls: usize,
+    finished_calls: usize,
 }
 
+/// The log, and the gate that `gate` messages wait at.
 #[derive(Default)]
-struct Registry(Mutex<Log>);
+struct Registry(Mutex<Log>, tokio::sync::Notify);
 
 impl Registry {
     fn log(&self) -> std::sync::MutexGuard<'_, Log> {
@@ -143,7 +153,22 @@ impl SupervisedAgent for Tracked {
         Ok(())
     }
 
+    /// `gate` waits until the test opens the gate; `hang` never ends;
+    /// anything else is echoed. Each is logged when it arrives.
     async fn handle_message(&mut self, message: String) -> SupervisionResult<String> {
+        self.registry.log().messages.push(message.clone());
+        match message.as_str() {
+            "gate" => {
+                self.registry.log().entered_calls += 1;
+                self.registry.1.notified().await;
+            }
+            "hang" => {
+                self.registry.log().entered_calls += 1;
+                std::future::pending::<()>().await;
+            }
+            _ => return Ok(message),
+        }
+        self.registry.log().finished_calls += 1;
         Ok(message)
     }
 }
@@ -395,5 +420,100 @@ async fn a_start_that_times_out_is_killed_before_the_next_one_begins() {
     }
     assert_eq!(registry.log().max_inits, 1, "never two inits at once");
     assert_eq!(registry.max_alive("slow"), 1);
+    sup.stop().await.unwrap();
+}
+
+/// A root over one worker `w` (killed brutally when stopped).
+async fn one_worker() -> (AgentSupervisor, AgentPid, Arc<Registry>) {
+    let registry = Arc::new(Registry::default());
+    let factory = Arc::new(Factory(registry.clone()));
+    let worker = agent("worker", "w").with_shutdown(ShutdownPolicy::BrutalKill);
+    let pid = worker.agent_id.clone();
+    let mut sup = AgentSupervisor::new(config(10), factory).with_child(worker);
+    sup.start().await.unwrap();
+    (sup, pid, registry)
+}
+
+/// Wait (bounded) until `done` holds of the log.
+async fn until(registry: &Registry, done: impl Fn(&Log) -> bool) {
+    for _ in 0..2000 {
+        if done(&registry.log()) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("the agents never got there");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_ends_the_call_under_way_before_the_successor_starts() {
+    let (mut sup, pid, registry) = one_worker().await;
+    let handle = sup.handle().unwrap();
+    let caller = {
+        let (handle, pid) = (handle.clone(), pid.clone());
+        tokio::spawn(async move { handle.call(&pid, "hang".into()).await })
+    };
+    until(&registry, |log| log.entered_calls == 1).await;
+    // The call runs in the caller's task; the kill must still reach it.
+    let killed = tokio::time::timeout(
+        Duration::from_secs(30),
+        sup.handle_agent_exit(pid.clone(), ExitReason::Error("reported".into())),
+    )
+    .await
+    .expect("the kill waits for nothing but the agent's end");
+    killed.unwrap();
+    assert_eq!(registry.created("w"), 2, "restarted");
+    assert_eq!(registry.max_alive("w"), 1, "never two incarnations of w");
+    let answer = caller.await.unwrap();
+    assert!(
+        matches!(answer, Err(SupervisionError::CommunicationFailed(_))),
+        "{answer:?}"
+    );
+    assert_eq!(handle.call(&pid, "ping".into()).await.unwrap(), "ping");
+    sup.terminate_child(&pid).await.unwrap();
+    assert_eq!(
+        registry.alive(),
+        0,
+        "a brutal kill returns once nothing runs"
+    );
+    sup.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_its_caller_gave_up_on_is_still_handled_whole() {
+    let (mut sup, pid, registry) = one_worker().await;
+    let handle = sup.handle().unwrap();
+    let caller = {
+        let (handle, pid) = (handle.clone(), pid.clone());
+        tokio::spawn(async move { handle.call(&pid, "gate".into()).await })
+    };
+    until(&registry, |log| log.entered_calls == 1).await;
+    caller.abort();
+    assert!(caller.await.unwrap_err().is_cancelled());
+    registry.1.notify_one();
+    until(&registry, |log| log.finished_calls == 1).await;
+    // And the agent was neither restarted nor left locked.
+    assert_eq!(handle.call(&pid, "next".into()).await.unwrap(), "next");
+    assert_eq!(registry.created("w"), 1);
+    sup.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn casts_and_calls_from_one_caller_arrive_in_order() {
+    let (mut sup, pid, registry) = one_worker().await;
+    let handle = sup.handle().unwrap();
+    for round in 0..50 {
+        let casts: Vec<String> = (0..3).map(|i| format!("cast {round}.{i}")).collect();
+        for cast in &casts {
+            handle.cast(&pid, cast.clone()).unwrap();
+        }
+        let call = format!("call {round}");
+        assert_eq!(handle.call(&pid, call.clone()).await.unwrap(), call);
+        let log = registry.log();
+        assert!(log.messages.len() >= 4, "round {round}: {:?}", log.messages);
+        let tail = &log.messages[log.messages.len() - 4..];
+        assert_eq!(tail[..3], casts[..], "round {round}: the casts first");
+        assert_eq!(tail[3], call, "round {round}: then the call");
+    }
     sup.stop().await.unwrap();
 }

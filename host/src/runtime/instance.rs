@@ -278,33 +278,24 @@ impl AgentInstance {
         self.store.data().timers.pending()
     }
 
-    /// Wait until the instance's earliest timer is due, remove it and
-    /// return its message, which the caller delivers through
-    /// [`handle_message`](Self::handle_message) (the supervisor's worker
-    /// does; the reply goes nowhere). Pending forever while there is no
-    /// timer, or once the instance is dead.
-    ///
-    /// Cancel-safe: dropped before it returns, it removes nothing. After a
-    /// delivery the next call yields once to its task before anything
-    /// else, so that a caller selecting between timers and requests lets
-    /// waiting requests in between timers that are always due.
-    pub async fn next_timer(&mut self) -> String {
+    /// When the instance's earliest timer is due; `None` without timers,
+    /// or once the instance is dead.
+    pub fn next_timer_due(&self) -> Option<tokio::time::Instant> {
         if self.dead {
-            return std::future::pending().await;
+            return None;
         }
-        let timers = &mut self.store.data_mut().timers;
-        if timers.yield_first() {
-            tokio::task::yield_now().await;
+        self.store.data().timers.next_due()
+    }
+
+    /// Remove and return the message of the earliest timer if it is due at
+    /// `now`; the caller delivers it through
+    /// [`handle_message`](Self::handle_message) (the supervisor's worker
+    /// does; the reply goes nowhere). `None` once the instance is dead.
+    pub fn take_due_timer(&mut self, now: tokio::time::Instant) -> Option<String> {
+        if self.dead {
+            return None;
         }
-        loop {
-            let Some(due) = timers.next_due() else {
-                return std::future::pending().await;
-            };
-            tokio::time::sleep_until(due).await;
-            if let Some(message) = timers.take_due(tokio::time::Instant::now()) {
-                return message;
-            }
-        }
+        self.store.data_mut().timers.take_due(now)
     }
 
     /// Arm the store for a call; the fuel budget given.

@@ -9,9 +9,11 @@
 //!   [`MAX_TIMER_MESSAGE_BYTES`], so a guest holds at most
 //!   `max_timers × 64 KiB` of host memory in timers.
 //! - A timer fires once: [`Timers::take_due`] removes it before its message
-//!   is delivered. Delivery is the worker's job (`next_timer` on the agent):
-//!   the message goes through `handle-message` like any other, and the reply
-//!   goes nowhere.
+//!   is delivered. Delivery is the worker's job (`next_timer_due` and
+//!   `take_due_timer` on the agent): the message goes through
+//!   `handle-message` like any other, and the reply goes nowhere. The
+//!   worker takes each timer under the agent's lock, behind the calls that
+//!   wait for it, so timers that are always due cannot starve calls.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -40,9 +42,6 @@ pub(crate) struct Timers {
     by_due: BTreeMap<(Instant, u64), String>,
     /// The due time of each pending timer, for `cancel`.
     due: HashMap<u64, Instant>,
-    /// A timer was just delivered: before the next one, let waiting
-    /// requests go first (see [`Timers::yield_first`]).
-    just_delivered: bool,
 }
 
 impl Timers {
@@ -52,7 +51,6 @@ impl Timers {
             next_id: 1,
             by_due: BTreeMap::new(),
             due: HashMap::new(),
-            just_delivered: false,
         }
     }
 
@@ -107,17 +105,7 @@ impl Timers {
             return None;
         }
         self.due.remove(&id);
-        let message = self.by_due.remove(&(at, id));
-        self.just_delivered = message.is_some();
-        message
-    }
-
-    /// Whether the caller should yield once before delivering the next
-    /// timer (a timer was delivered last): requests already waiting in the
-    /// mailbox then go first, so that timers that are always due (one that
-    /// re-arms itself with no delay) cannot starve them. Clears the flag.
-    pub fn yield_first(&mut self) -> bool {
-        std::mem::take(&mut self.just_delivered)
+        self.by_due.remove(&(at, id))
     }
 
     /// How many timers are pending.
@@ -185,16 +173,5 @@ mod tests {
             Err(TimerError::MessageTooLarge(_))
         ));
         assert_eq!(timers.pending(), 0, "refusals set nothing");
-    }
-
-    #[test]
-    fn after_a_delivery_the_next_one_yields_first() {
-        let t = Instant::now();
-        let mut timers = Timers::new(2);
-        timers.schedule(t, 0, "a".into()).unwrap();
-        assert!(!timers.yield_first());
-        assert!(timers.take_due(t).is_some());
-        assert!(timers.yield_first());
-        assert!(!timers.yield_first(), "once");
     }
 }

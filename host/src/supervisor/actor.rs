@@ -38,11 +38,12 @@ use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
 use super::backoff::{self, Backoff};
 use super::breaker::{Breaker, Circuit, Verdict};
+use super::cell::AgentCell;
 use super::child::{self, ChildExit, Ending as ChildEnding, HealthReport, Lineage, Started};
 use super::decision::{
     ChildRef, Decision, ExitKind, RestartWindow, decide, decide_failed_start, shutdown_order,
 };
-use super::view::{ChildView, Route, Shared};
+use super::view::{ChildView, Route, Shared, WorkerLink};
 use super::{
     ChildCount, ChildSpec, CircuitStatus, EventKind, ExitCause, HealthPolicy, HealthStatus,
     RestartAction, RestartEntry, SupervisorConfig, SupervisorEvent, SupervisorHandle,
@@ -111,6 +112,8 @@ struct Running {
     stop: oneshot::Sender<()>,
     /// For a nested supervisor: the tracker of its subtree's tasks.
     subtree: Option<TaskTracker>,
+    /// For an agent: the cell its callers run it in.
+    cell: Option<Arc<AgentCell>>,
 }
 
 impl Running {
@@ -119,8 +122,18 @@ impl Running {
     async fn kill(self) {
         self.task.abort();
         let _ = self.task.await;
-        settle(self.subtree).await;
+        end(self.cell, self.subtree).await;
     }
+}
+
+/// Once a child's task has ended: wait until no code of its agent runs any
+/// more (a call from a caller's task may still run it), or until every task
+/// of its subtree has ended.
+async fn end(cell: Option<Arc<AgentCell>>, subtree: Option<TaskTracker>) {
+    if let Some(cell) = cell {
+        cell.kill().await;
+    }
+    settle(subtree).await;
 }
 
 /// Wait until every task of a subtree has ended.
@@ -708,7 +721,7 @@ impl Actor {
         let (stop_tx, stop_rx) = oneshot::channel();
         let exits = self.exits_tx.clone();
         let lineage = Arc::new(Lineage::new(&self.tracker, self.lineage.clone()));
-        let (task, started, route, bound, subtree) = match &self.children[idx].spec {
+        let (task, started, route, bound, subtree, cell) = match &self.children[idx].spec {
             ChildSpec::Agent(spec) => {
                 let (tx, rx) = mpsc::channel(64);
                 let factory = self.factory.clone();
@@ -726,6 +739,8 @@ impl Actor {
                     reports: self.health_tx.clone(),
                     meter: self.shared.meter_of(&pid),
                 };
+                let cell = AgentCell::new(pid.clone(), setup.max_reply_bytes, setup.meter.clone());
+                let worker_cell = cell.clone();
                 let reaper = child::Reaper(lineage.clone());
                 let (task, started) =
                     child::spawn(pid.clone(), incarnation, exits, lineage, None, move |s| {
@@ -739,10 +754,14 @@ impl Actor {
                                 None => factory.create_agent(&spec).await,
                             }
                         };
-                        child::run_worker(create, args, setup, s, rx, stop_rx, reaper)
+                        child::run_worker(create, args, setup, worker_cell, s, rx, stop_rx, reaper)
                     });
                 let bound = Some(self.shared.config.agent_timeout);
-                (task, started, Route::Worker(tx), bound, None)
+                let route = Route::Worker(WorkerLink {
+                    cell: cell.clone(),
+                    mailbox: tx,
+                });
+                (task, started, route, bound, None, Some(cell))
             }
             ChildSpec::Supervisor(spec) => {
                 let subtree = TaskTracker::new();
@@ -767,7 +786,7 @@ impl Actor {
                     move |s| actor.run_boxed(initial, s, stop_rx),
                 );
                 let route = Route::Supervisor(handle);
-                (task, started, route, None, Some(subtree))
+                (task, started, route, None, Some(subtree), None)
             }
         };
         let mut task = AbortOnDropHandle::new(task);
@@ -786,7 +805,7 @@ impl Actor {
                     let error = failed(format!("it did not start within {bound:?}"));
                     task.abort();
                     let _ = (&mut task).await;
-                    settle(subtree).await;
+                    end(cell, subtree).await;
                     return Err(error);
                 }
             },
@@ -800,6 +819,7 @@ impl Actor {
                     task,
                     stop: stop_tx,
                     subtree,
+                    cell,
                 });
                 child.restarting = false;
                 child.started_at = Some(Instant::now());
@@ -817,7 +837,7 @@ impl Actor {
         };
         // The task ends by itself after a failed start; wait for it.
         let _ = task.await;
-        settle(subtree).await;
+        end(cell, subtree).await;
         Err(error)
     }
 
@@ -850,6 +870,7 @@ impl Actor {
             mut task,
             stop,
             subtree,
+            cell,
             ..
         } = running;
         // (whether the task has already been awaited to its end, killed)
@@ -876,7 +897,7 @@ impl Actor {
             // After an abort the task ends at its next await point.
             let _ = task.await;
         }
-        settle(subtree).await;
+        end(cell, subtree).await;
         self.update(idx, |info| info.status = AgentStatus::Stopped);
         self.emit_child(idx, EventKind::ChildStopped { agent: pid, killed });
     }

@@ -18,6 +18,10 @@
 //!   is left of an ended agent (its store) is released by a [`Reaper`] task
 //!   in the same lineage: no code of the agent runs any more, and whoever
 //!   waits for the subtree waits for the release;
+//! - a worker's agent lives in an [`AgentCell`] that callers lock to call
+//!   it from their own tasks; the worker serves the rest (casts, system
+//!   messages, health checks, timers), picks up an agent that a call ended,
+//!   and kills the cell when its task ends, however it ends;
 //! - a worker also delivers its agent's due timers ([`deliver_timer`]):
 //!   each as an ordinary message whose reply goes nowhere. Timers belong to
 //!   the agent (its instance), so they end with it;
@@ -41,6 +45,7 @@ use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use super::HealthPolicy;
+use super::cell::AgentCell;
 use super::meter::AgentMeter;
 use crate::runtime::{CrashReport, MAX_REPORT_MESSAGE};
 use crate::text::{bound, fnv1a};
@@ -51,7 +56,8 @@ use crate::{
 
 /// A request to a running worker.
 pub(crate) enum WorkerCommand {
-    /// Handle a message and reply.
+    /// Handle a message and reply: a cast (nobody waits for the reply), or a
+    /// call queued behind casts.
     Call(String, oneshot::Sender<SupervisionResult<String>>),
     /// Deliver a system message.
     System(SystemMessage, oneshot::Sender<SupervisionResult<()>>),
@@ -140,7 +146,7 @@ pub(crate) struct HealthReport {
     pub streak: u32,
 }
 
-fn panic_message(panic: Box<dyn Any + Send>) -> String {
+pub(super) fn panic_message(panic: Box<dyn Any + Send>) -> String {
     let text = panic
         .downcast_ref::<&str>()
         .map(|s| (*s).to_owned())
@@ -190,20 +196,26 @@ where
     (task, started_rx)
 }
 
-/// The body of a worker's task: create, init and start the agent, then
-/// serve requests until it exits or is asked to stop. `None` when it never
-/// started (the reason went to `started`).
+/// The body of a worker's task: create, init and start the agent, put it
+/// in its `cell`, then serve its timers, health checks and mailbox until it
+/// exits or is asked to stop. `None` when it never started (the reason went
+/// to `started`) or was killed. Calls reach the agent through the cell from
+/// their callers' tasks; see [`super::cell`].
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn run_worker(
     create: impl Future<Output = SupervisionResult<Box<dyn SupervisedAgent>>>,
     args: InitArgs,
     setup: WorkerSetup,
+    cell: Arc<AgentCell>,
     started: Started,
     commands: mpsc::Receiver<WorkerCommand>,
     stop: oneshot::Receiver<()>,
     reaper: Reaper,
 ) -> Option<Ending> {
+    // However the task ends (even aborted), the agent goes with it.
+    let _kill = KillOnDrop(&cell);
     let pid = args.agent_id.clone();
-    let mut agent = match start_agent(create, args).await {
+    let agent = match start_agent(create, args).await {
         Ok(agent) => agent,
         Err(e) => {
             let _ = started.send(Err(e));
@@ -211,15 +223,26 @@ pub(crate) async fn run_worker(
         }
     };
     setup.meter.started(agent.stats());
-    let ending = if started.send(Ok(())).is_err() {
+    cell.lock().await.agent = Some(agent);
+    if started.send(Ok(())).is_err() {
         // The supervisor gave up waiting (start timeout): nobody owns us.
-        let _ = agent.terminate(TerminateReason::Timeout).await;
-        None
-    } else {
-        serve(&mut *agent, &pid, &setup, commands, stop).await
-    };
-    reaper.reap(agent);
-    ending
+        let agent = cell.lock().await.agent.take();
+        if let Some(mut agent) = agent {
+            let _ = agent.terminate(TerminateReason::Timeout).await;
+            reaper.reap(agent);
+        }
+        return None;
+    }
+    serve(&cell, &pid, &setup, commands, stop, &reaper).await
+}
+
+/// Kills its cell when dropped: the worker's task ended or was aborted.
+struct KillOnDrop<'a>(&'a AgentCell);
+
+impl Drop for KillOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.kill_now();
+    }
 }
 
 /// What is left of an agent once it has ended (for a WASM agent: its store
@@ -229,8 +252,8 @@ pub(crate) async fn run_worker(
 pub(crate) struct Reaper(pub Arc<Lineage>);
 
 impl Reaper {
-    fn reap(self, agent: Box<dyn SupervisedAgent>) {
-        let Self(lineage) = self;
+    fn reap(&self, agent: Box<dyn SupervisedAgent>) {
+        let lineage = self.0.clone();
         tokio::spawn(async move {
             let _lineage = lineage;
             drop(agent);
@@ -238,81 +261,114 @@ impl Reaper {
     }
 }
 
-/// Serve requests, timers and health checks until the agent exits or is
-/// asked to stop; how it ended (`None`: its supervisor is gone).
+/// What woke a worker.
+enum Event {
+    /// A graceful stop (asked, or every handle of the agent is gone).
+    Stop,
+    /// The earliest timer is due.
+    Timer,
+    /// A message from the mailbox.
+    Command(WorkerCommand),
+    /// A health check is due.
+    Health,
+}
+
+/// Serve timers, health checks and the mailbox until the agent exits or is
+/// asked to stop; how it ended (`None`: its supervisor is gone, or it was
+/// killed).
 async fn serve(
-    agent: &mut dyn SupervisedAgent,
+    cell: &AgentCell,
     pid: &AgentPid,
     setup: &WorkerSetup,
     mut commands: mpsc::Receiver<WorkerCommand>,
     mut stop: oneshot::Receiver<()>,
+    reaper: &Reaper,
 ) -> Option<Ending> {
     let mut checks = health_checks(&setup.health);
     let mut streak = 0;
-    // Messages handled by this incarnation, for crash reports.
-    let mut sequence = 0;
     loop {
-        let command = tokio::select! {
+        let due = {
+            let mut slot = cell.lock().await;
+            if let Some((agent, ending)) = slot.ended.take() {
+                reaper.reap(agent);
+                return Some(ending);
+            }
+            slot.agent.as_ref()?.next_timer_due()
+        };
+        let event = tokio::select! {
             biased;
             asked = &mut stop => match asked {
-                Ok(()) => None,
+                Ok(()) => Event::Stop,
                 // The supervisor is gone: die without a graceful stop.
                 Err(_) => return None,
             },
-            message = agent.next_timer() => {
-                sequence += 1;
-                match deliver_timer(agent, pid, &setup.meter, message, sequence).await {
-                    Some(ending) => return Some(ending),
-                    None => continue,
-                }
-            }
-            command = commands.recv() => command,
-            () = tick(&mut checks) => {
-                match check_health(agent, pid, setup, &mut streak).await {
-                    Some(reason) => return Some(crashed(agent, reason, None)),
-                    None => continue,
-                }
-            }
+            () = cell.woken() => continue,
+            () = until(due) => Event::Timer,
+            command = commands.recv() => command.map_or(Event::Stop, Event::Command),
+            () = tick(&mut checks) => Event::Health,
         };
-        let Some(command) = command else {
-            let _ = agent.stop().await;
-            let _ = agent.terminate(TerminateReason::Shutdown).await;
-            return Some(ExitReason::Shutdown.into());
+        if let Event::Command(WorkerCommand::Call(message, reply)) = event {
+            let result = cell.handle(message).await;
+            cell.dequeued();
+            let _ = reply.send(result);
+            continue;
+        }
+        let mut slot = cell.lock().await;
+        let slot = &mut *slot;
+        if slot.ended.is_some() {
+            continue; // reaped and reported at the top
+        }
+        let Some(agent) = slot.agent.as_deref_mut() else {
+            return None; // killed
         };
-        let ending = match command {
-            WorkerCommand::Call(message, reply) => {
-                sequence += 1;
-                // Kept for its crash report and the quarantine: a crash
-                // consumes what the agent was given.
-                let kept = message.clone();
-                let result = agent
-                    .handle_message(message)
-                    .await
-                    .and_then(|reply| bounded_reply(reply, setup.max_reply_bytes));
-                setup.meter.observe(agent.stats());
-                answer(agent, pid, result, reply)
-                    .map(|reason| crashed(agent, reason, Some((kept, sequence))))
+        let ending = match event {
+            Event::Stop => {
+                let _ = agent.stop().await;
+                let _ = agent.terminate(TerminateReason::Shutdown).await;
+                Some(ExitReason::Shutdown.into())
             }
-            WorkerCommand::System(message, reply) => {
+            Event::Timer => match agent.take_due_timer(tokio::time::Instant::now()) {
+                Some(message) => {
+                    slot.sequence += 1;
+                    deliver_timer(agent, pid, &setup.meter, message, slot.sequence).await
+                }
+                None => None,
+            },
+            Event::Health => check_health(agent, pid, setup, &mut streak)
+                .await
+                .map(|reason| crashed(agent, reason, None)),
+            Event::Command(WorkerCommand::System(message, reply)) => {
                 let result = agent.handle_system_message(message).await;
                 answer(agent, pid, result, reply).map(|reason| crashed(agent, reason, None))
             }
-            WorkerCommand::Health(reply) => {
+            Event::Command(WorkerCommand::Health(reply)) => {
                 let result = agent.health_check().await;
                 setup.meter.observe(agent.stats());
                 answer(agent, pid, result, reply).map(|reason| crashed(agent, reason, None))
             }
+            Event::Command(WorkerCommand::Call(..)) => None, // handled above
         };
-        if ending.is_some() {
-            return ending;
+        if let Some(ending) = ending {
+            if let Some(agent) = slot.agent.take() {
+                reaper.reap(agent);
+            }
+            return Some(ending);
         }
+    }
+}
+
+/// Resolves at `due`; never without it.
+async fn until(due: Option<tokio::time::Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due).await,
+        None => std::future::pending().await,
     }
 }
 
 /// How an agent ended with `reason`, with a crash report if the exit is
 /// abnormal: the agent's own (a WASM agent's backtrace, output, fuel and
 /// memory) and the message it was handling with its sequence number.
-fn crashed(
+pub(super) fn crashed(
     agent: &dyn SupervisedAgent,
     reason: ExitReason,
     handling: Option<(String, u64)>,
@@ -444,7 +500,7 @@ async fn deliver_timer(
 }
 
 /// `reply`, if it is within `max` bytes; the agent lives either way.
-fn bounded_reply(reply: String, max: usize) -> SupervisionResult<String> {
+pub(super) fn bounded_reply(reply: String, max: usize) -> SupervisionResult<String> {
     if reply.len() > max {
         return Err(SupervisionError::ReplyTooLarge {
             len: reply.len(),
@@ -484,7 +540,11 @@ async fn start_agent(
 }
 
 /// The error a caller sees when the agent died handling its request.
-fn died(pid: &AgentPid, reason: &ExitReason, error: Option<SupervisionError>) -> SupervisionError {
+pub(super) fn died(
+    pid: &AgentPid,
+    reason: &ExitReason,
+    error: Option<SupervisionError>,
+) -> SupervisionError {
     match (reason, error) {
         (ExitReason::Fault(fault), _) => SupervisionError::AgentCrashed(pid.clone(), fault.clone()),
         (_, Some(error)) => error,

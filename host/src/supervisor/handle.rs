@@ -14,7 +14,7 @@ use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
 use super::actor::{self, Command, Placement, Prepared};
 use super::child::WorkerCommand;
-use super::view::{Route, Shared};
+use super::view::{Route, Shared, WorkerLink};
 use super::{
     ChildCount, ChildSpec, RestartEntry, SupervisorConfig, SupervisorEvent, SupervisorSpec,
     SupervisorStatus,
@@ -181,7 +181,7 @@ impl SupervisorHandle {
         }
     }
 
-    fn worker(&self, agent_id: &AgentPid) -> SupervisionResult<mpsc::Sender<WorkerCommand>> {
+    fn worker(&self, agent_id: &AgentPid) -> SupervisionResult<WorkerLink> {
         self.worker_for(agent_id, None)
     }
 
@@ -191,7 +191,7 @@ impl SupervisorHandle {
         &self,
         agent_id: &AgentPid,
         message: Option<&str>,
-    ) -> SupervisionResult<mpsc::Sender<WorkerCommand>> {
+    ) -> SupervisionResult<WorkerLink> {
         if let SupervisorStatus::Failed(_) = self.status() {
             return Err(self.gone());
         }
@@ -208,7 +208,7 @@ impl SupervisorHandle {
             }
         }
         match found.map(|(route, _)| route) {
-            Some(Route::Worker(tx)) => Ok(tx),
+            Some(Route::Worker(link)) => Ok(link),
             Some(Route::Down) => Err(SupervisionError::CommunicationFailed(format!(
                 "agent {agent_id} is not running (restarting or stopped)"
             ))),
@@ -231,7 +231,7 @@ impl SupervisorHandle {
         command: impl FnOnce(oneshot::Sender<SupervisionResult<T>>) -> WorkerCommand,
     ) -> SupervisionResult<T> {
         let worker = self.worker(agent_id)?;
-        self.exchange(agent_id, worker, command).await
+        self.exchange(agent_id, worker.mailbox, command).await
     }
 
     /// Send `command` to `worker` and wait for its answer, bounded by the
@@ -258,8 +258,11 @@ impl SupervisorHandle {
             .map_err(|_| SupervisionError::Timeout)?
     }
 
-    /// Send a message to an agent and return its reply. The call goes
-    /// straight to the agent's task, not through the supervisor task.
+    /// Send a message to an agent and return its reply. The agent runs the
+    /// message in the caller's task, under its lock, without going through
+    /// the supervisor's task or the agent's worker (behind the agent's
+    /// queued casts if there are any, to keep their order). Cancel-safe: a
+    /// call dropped once taken is finished in a task of its own.
     ///
     /// # Errors
     ///
@@ -288,8 +291,20 @@ impl SupervisorHandle {
             });
         }
         let worker = self.worker_for(agent_id, Some(&message))?;
-        self.exchange(agent_id, worker, |r| WorkerCommand::Call(message, r))
+        if worker.cell.has_queued() {
+            // Behind the casts in its mailbox, to keep their order.
+            // (A mailbox that is closed belongs to a dead cell: its count
+            // no longer matters.)
+            worker.cell.enqueue();
+            return self
+                .exchange(agent_id, worker.mailbox, |r| {
+                    WorkerCommand::Call(message, r)
+                })
+                .await;
+        }
+        timeout(self.shared.config.agent_timeout, worker.cell.call(message))
             .await
+            .map_err(|_| SupervisionError::Timeout)?
     }
 
     /// The dead letters of the agent `agent_id` (its quarantined messages,
@@ -358,9 +373,15 @@ impl SupervisorHandle {
             });
         }
         let (reply, _dropped) = oneshot::channel();
-        self.worker_for(agent_id, Some(&message))?
+        let worker = self.worker_for(agent_id, Some(&message))?;
+        // Counted before it is queued, so that a call made after this cast
+        // queues behind it.
+        worker.cell.enqueue();
+        worker
+            .mailbox
             .try_send(WorkerCommand::Call(message, reply))
             .map_err(|e| {
+                worker.cell.dequeued();
                 SupervisionError::CommunicationFailed(match e {
                     mpsc::error::TrySendError::Full(_) => {
                         format!("agent {agent_id}'s mailbox is full")

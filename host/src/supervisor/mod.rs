@@ -9,6 +9,7 @@
 mod actor;
 pub mod backoff;
 pub mod breaker;
+mod cell;
 mod child;
 pub mod decision;
 mod event;

@@ -11,6 +11,7 @@ use std::sync::{Arc, RwLock, Weak};
 
 use tokio::sync::{broadcast, mpsc, watch};
 
+use super::cell::AgentCell;
 use super::child::WorkerCommand;
 use super::meter::AgentMeter;
 use super::{RestartEntry, SupervisorConfig, SupervisorEvent, SupervisorHandle, SupervisorStatus};
@@ -18,11 +19,20 @@ use crate::dead_letters::DeadLetters;
 use crate::running::WaitGraph;
 use crate::{AgentFactory, AgentPid, SupervisedAgentInfo, SupervisorId};
 
+/// How to reach a running agent: calls lock its cell from the caller's
+/// task; casts, system messages and health checks go to its worker's
+/// mailbox.
+#[derive(Clone)]
+pub(crate) struct WorkerLink {
+    pub cell: Arc<AgentCell>,
+    pub mailbox: mpsc::Sender<WorkerCommand>,
+}
+
 /// How to reach a child, for calls that bypass the supervisor task.
 #[derive(Clone)]
 pub(crate) enum Route {
-    /// A running agent's request queue.
-    Worker(mpsc::Sender<WorkerCommand>),
+    /// A running agent: its cell, for calls, and its worker's mailbox.
+    Worker(WorkerLink),
     /// A running nested supervisor.
     Supervisor(SupervisorHandle),
     /// A known child that does not run now.
