@@ -27,11 +27,13 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use futures_util::FutureExt;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::timeout;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
@@ -121,8 +123,14 @@ impl Running {
     /// subtree, has ended.
     async fn kill(self) {
         self.task.abort();
-        let _ = self.task.await;
-        end(self.cell, self.subtree).await;
+        match self.cell {
+            // The abort releases the cell's lock if the worker held it.
+            Some(cell) => cell.kill().await,
+            None => {
+                let _ = self.task.await;
+                settle(self.subtree).await;
+            }
+        }
     }
 }
 
@@ -739,29 +747,58 @@ impl Actor {
                     reports: self.health_tx.clone(),
                     meter: self.shared.meter_of(&pid),
                 };
-                let cell = AgentCell::new(pid.clone(), setup.max_reply_bytes, setup.meter.clone());
-                let worker_cell = cell.clone();
+                // Created, initialised and started here, bounded by the
+                // agent timeout, without a hop to a task and back; a start
+                // that fails leaves nothing running (the agent is dropped).
+                let create = async move {
+                    match prepared {
+                        Some(Prepared::Ready(created)) => created,
+                        Some(Prepared::Later(created)) => match created.await {
+                            Ok(Ok(agent)) => Ok(agent),
+                            _ => factory.create_agent(&spec).await,
+                        },
+                        None => factory.create_agent(&spec).await,
+                    }
+                };
+                let bound = self.shared.config.agent_timeout;
+                let starting = AssertUnwindSafe(child::start_agent(create, args)).catch_unwind();
+                let agent = match timeout(bound, starting).await {
+                    Ok(Ok(Ok(agent))) => agent,
+                    Ok(Ok(Err(SupervisionError::AgentStartFailed(_, why)))) => {
+                        return Err(self.start_failed_error(idx, why));
+                    }
+                    Ok(Ok(Err(e))) => return Err(self.start_failed_error(idx, e.to_string())),
+                    Ok(Err(_)) => {
+                        let why = "it panicked while starting".to_owned();
+                        return Err(self.start_failed_error(idx, why));
+                    }
+                    Err(_) => {
+                        let why = format!("it did not start within {bound:?}");
+                        return Err(self.start_failed_error(idx, why));
+                    }
+                };
+                setup.meter.started(agent.stats());
+                let cell = AgentCell::new(
+                    (pid.clone(), incarnation),
+                    exits.clone(),
+                    &lineage,
+                    setup.max_reply_bytes,
+                    setup.meter.clone(),
+                );
+                cell.install(agent);
                 let reaper = child::Reaper(lineage.clone());
-                let (task, started) =
+                let worker_cell = cell.clone();
+                let worker_pid = pid.clone();
+                let (task, _started) =
                     child::spawn(pid.clone(), incarnation, exits, lineage, None, move |s| {
-                        let create = async move {
-                            match prepared {
-                                Some(Prepared::Ready(created)) => created,
-                                Some(Prepared::Later(created)) => match created.await {
-                                    Ok(Ok(agent)) => Ok(agent),
-                                    _ => factory.create_agent(&spec).await,
-                                },
-                                None => factory.create_agent(&spec).await,
-                            }
-                        };
-                        child::run_worker(create, args, setup, worker_cell, s, rx, stop_rx, reaper)
+                        let _ = s.send(Ok(()));
+                        child::run_worker(worker_pid, setup, worker_cell, rx, stop_rx, reaper)
                     });
-                let bound = Some(self.shared.config.agent_timeout);
                 let route = Route::Worker(WorkerLink {
                     cell: cell.clone(),
                     mailbox: tx,
                 });
-                (task, started, route, bound, None, Some(cell))
+                (task, None, route, None, None, Some(cell))
             }
             ChildSpec::Supervisor(spec) => {
                 let subtree = TaskTracker::new();
@@ -786,11 +823,10 @@ impl Actor {
                     move |s| actor.run_boxed(initial, s, stop_rx),
                 );
                 let route = Route::Supervisor(handle);
-                (task, started, route, None, Some(subtree), None)
+                (task, Some(started), route, None, Some(subtree), None)
             }
         };
         let mut task = AbortOnDropHandle::new(task);
-        let mut started = started;
         let failed = |why: String| {
             let path = &self.children[idx].info.path;
             SupervisionError::AgentStartFailed(
@@ -798,8 +834,10 @@ impl Actor {
                 format!("{path} failed to start: {why}"),
             )
         };
-        let outcome = match bound {
-            Some(bound) => match timeout(bound, &mut started).await {
+        let outcome = match (started, bound) {
+            // An agent: started above.
+            (None, _) => Ok(Ok(())),
+            (Some(mut started), Some(bound)) => match timeout(bound, &mut started).await {
                 Ok(answer) => answer,
                 Err(_) => {
                     let error = failed(format!("it did not start within {bound:?}"));
@@ -809,7 +847,7 @@ impl Actor {
                     return Err(error);
                 }
             },
-            None => started.await,
+            (Some(started), None) => started.await,
         };
         let error = match outcome {
             Ok(Ok(())) => {
@@ -839,6 +877,15 @@ impl Actor {
         let _ = task.await;
         end(cell, subtree).await;
         Err(error)
+    }
+
+    /// The error of the child at `idx` that failed to start for `why`.
+    fn start_failed_error(&self, idx: usize, why: String) -> SupervisionError {
+        let child = &self.children[idx];
+        SupervisionError::AgentStartFailed(
+            child.id().clone(),
+            format!("{} failed to start: {why}", child.info.path),
+        )
     }
 
     /// Stop the child at `idx` if it runs, under its shutdown policy, and
@@ -873,31 +920,55 @@ impl Actor {
             cell,
             ..
         } = running;
-        // (whether the task has already been awaited to its end, killed)
-        let (joined, killed) = match self.children[idx].spec.shutdown() {
-            ShutdownPolicy::BrutalKill => {
+        let shutdown = self.children[idx].spec.shutdown();
+        let killed = match cell {
+            // An agent is stopped here, through its cell: no hop to its
+            // worker and back. Its worker, holding nothing of it once the
+            // cell is stopped or killed, is aborted with `task`.
+            Some(cell) => {
+                let stopped = match shutdown {
+                    ShutdownPolicy::BrutalKill => false,
+                    ShutdownPolicy::Timeout(grace) => timeout(grace, cell.stop()).await.is_ok(),
+                    ShutdownPolicy::Infinity => {
+                        cell.stop().await;
+                        true
+                    }
+                };
                 task.abort();
-                (false, true)
+                // Returns once no code of the agent runs any more (the
+                // worker may have held the lock: its abort releases it).
+                cell.kill().await;
+                !stopped
             }
-            ShutdownPolicy::Timeout(grace) => {
-                let _ = stop.send(());
-                if timeout(grace, &mut task).await.is_ok() {
-                    (true, false)
-                } else {
-                    task.abort();
-                    (false, true)
+            None => {
+                // (whether the task has already been awaited to its end, killed)
+                let (joined, killed) = match shutdown {
+                    ShutdownPolicy::BrutalKill => {
+                        task.abort();
+                        (false, true)
+                    }
+                    ShutdownPolicy::Timeout(grace) => {
+                        let _ = stop.send(());
+                        if timeout(grace, &mut task).await.is_ok() {
+                            (true, false)
+                        } else {
+                            task.abort();
+                            (false, true)
+                        }
+                    }
+                    ShutdownPolicy::Infinity => {
+                        let _ = stop.send(());
+                        (false, false)
+                    }
+                };
+                if !joined {
+                    // After an abort the task ends at its next await point.
+                    let _ = task.await;
                 }
-            }
-            ShutdownPolicy::Infinity => {
-                let _ = stop.send(());
-                (false, false)
+                settle(subtree).await;
+                killed
             }
         };
-        if !joined {
-            // After an abort the task ends at its next await point.
-            let _ = task.await;
-        }
-        end(cell, subtree).await;
         self.update(idx, |info| info.status = AgentStatus::Stopped);
         self.emit_child(idx, EventKind::ChildStopped { agent: pid, killed });
     }
@@ -966,8 +1037,14 @@ impl Actor {
         if current != Some(exit.incarnation) {
             return Ok(()); // an incarnation we stopped ourselves
         }
-        if let Some(ended) = self.children[idx].running.take() {
-            // It sent its exit as its last act: this returns at once.
+        // An agent's end is reported by whoever ended it, under its cell's
+        // lock, once the agent was taken out of the cell: none of its code
+        // runs any more, and its worker (dropped and so aborted here) holds
+        // nothing of it. A supervisor's task sent its exit as its last act:
+        // awaiting it returns at once.
+        if let Some(ended) = self.children[idx].running.take()
+            && ended.cell.is_none()
+        {
             let _ = ended.task.await;
         }
         self.set_route(idx, Route::Down);

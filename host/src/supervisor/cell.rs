@@ -16,8 +16,11 @@
 //! - While messages wait in the worker's mailbox (casts), calls queue
 //!   behind them in the mailbox, so that a cast and a later call from the
 //!   same caller keep their order.
-//! - A call that ended the agent moves the agent to `ended` and wakes the
-//!   worker, which reaps it and reports the end: nobody runs it again.
+//! - Whoever ends the agent (a call it crashed in, or its worker) does so
+//!   under the lock: it takes the agent out, hands it to the reaper and
+//!   reports the end to the supervisor at once ([`AgentCell::end`]), with
+//!   no hop through the worker; nobody runs the agent again, and the worker
+//!   then ends without a report of its own.
 //! - Once the cell is killed ([`AgentCell::kill`], or its worker's task
 //!   dropped), whoever holds the lock drops the agent, and a call under way
 //!   drops its guest call at its next poll. `kill` returns once no code of
@@ -29,8 +32,8 @@
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 
 use tokio::sync::{Mutex, MutexGuard, Notify};
@@ -38,17 +41,31 @@ use tokio_util::sync::CancellationToken;
 
 use futures_util::FutureExt;
 
-use super::child::{Ending, bounded_reply, crashed, died, panic_message};
+use tokio::sync::mpsc;
+
+use super::child::{
+    ChildExit, Ending, Lineage, Reaper, bounded_reply, crashed, died, panic_message,
+};
 use super::meter::AgentMeter;
-use crate::{AgentPid, ExitReason, SupervisedAgent, SupervisionError, SupervisionResult};
+use crate::{
+    AgentPid, ExitReason, SupervisedAgent, SupervisionError, SupervisionResult, TerminateReason,
+};
 
 /// One incarnation's agent, as its worker and its callers share it.
 pub(crate) struct AgentCell {
     pid: AgentPid,
+    incarnation: u64,
     slot: Mutex<Slot>,
-    /// Wakes the worker: the agent ended in a call, or its timers changed.
+    /// Wakes the worker: the agent's timers changed.
     wake: Notify,
+    /// Cancelled once the agent ended or was killed.
     killed: CancellationToken,
+    /// Where the agent's end is reported.
+    exits: mpsc::UnboundedSender<ChildExit>,
+    /// The worker task's lineage, for the reaper of what is left of an
+    /// ended agent. Weak: a cell outlives its worker in the routes handles
+    /// read, and must not keep the worker's subtree counted after it.
+    lineage: Weak<Lineage>,
     /// Messages in the worker's mailbox not handled yet.
     queued: AtomicUsize,
     /// Largest reply passed on to a caller, in bytes.
@@ -61,26 +78,43 @@ pub(crate) struct AgentCell {
 pub(crate) struct Slot {
     /// The live agent; `None` before it started and after it ended.
     pub agent: Option<Box<dyn SupervisedAgent>>,
-    /// An agent that ended in a call, and how, for its worker to reap and
-    /// report.
-    pub ended: Option<(Box<dyn SupervisedAgent>, Ending)>,
     /// Messages this incarnation was given, for crash reports.
     pub sequence: u64,
 }
 
 impl AgentCell {
-    /// An empty cell for the agent `pid`: its worker installs the agent once
-    /// it started.
-    pub fn new(pid: AgentPid, max_reply_bytes: usize, meter: Arc<AgentMeter>) -> Arc<Self> {
+    /// An empty cell for the incarnation `incarnation` of the agent `pid`:
+    /// its worker installs the agent once it started. Its end goes to
+    /// `exits`; what is left of it is released in the worker's `lineage`.
+    pub fn new(
+        (pid, incarnation): (AgentPid, u64),
+        exits: mpsc::UnboundedSender<ChildExit>,
+        lineage: &Arc<Lineage>,
+        max_reply_bytes: usize,
+        meter: Arc<AgentMeter>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             pid,
+            incarnation,
             slot: Mutex::new(Slot::default()),
             wake: Notify::new(),
             killed: CancellationToken::new(),
+            exits,
+            lineage: Arc::downgrade(lineage),
             queued: AtomicUsize::new(0),
             max_reply_bytes,
             meter,
         })
+    }
+
+    /// Put the started agent in the cell, before anybody can reach it.
+    pub fn install(&self, agent: Box<dyn SupervisedAgent>) {
+        match self.slot.try_lock() {
+            Ok(mut slot) => slot.agent = Some(agent),
+            // Nobody holds a new cell's lock; if somebody did, the agent
+            // could not be reached: drop it as a kill would.
+            Err(_) => drop(agent),
+        }
     }
 
     /// Lock the cell (fair: in the order of arrival).
@@ -88,11 +122,29 @@ impl AgentCell {
         self.slot.lock().await
     }
 
-    /// Resolves when a call asks the worker to look at the cell again (the
-    /// agent ended, or its timers changed). A wake-up given while nobody
-    /// waited is kept for the next waiter.
+    /// Resolves when a call changed the agent's timers. A wake-up given
+    /// while nobody waited is kept for the next waiter.
     pub async fn woken(&self) {
         self.wake.notified().await;
+    }
+
+    /// Resolves once the agent ended or was killed.
+    pub async fn ended(&self) {
+        self.killed.cancelled().await;
+    }
+
+    /// End the agent in `slot` with `ending`: hand it to the reaper, and
+    /// report the end to the supervisor. Its worker ends without a report.
+    pub fn end(&self, slot: &mut Slot, ending: Ending) {
+        if let Some(agent) = slot.agent.take() {
+            self.release(agent);
+        }
+        self.killed.cancel();
+        let _ = self.exits.send(ChildExit {
+            pid: self.pid.clone(),
+            incarnation: self.incarnation,
+            ending,
+        });
     }
 
     /// Whether a call must queue in the mailbox behind messages there.
@@ -126,7 +178,7 @@ impl AgentCell {
     }
 
     /// Hand `message` to the agent and return its reply, once the lock is
-    /// free. An agent the message ended is moved to `ended` for the worker.
+    /// free. An agent the message ended is ended ([`end`](Self::end)).
     pub async fn handle(&self, message: String) -> SupervisionResult<String> {
         let mut slot = self.slot.lock().await;
         let slot = &mut *slot;
@@ -150,8 +202,7 @@ impl AgentCell {
                 let reason = ExitReason::Error(panic_message(panic));
                 let error = died(&self.pid, &reason, None);
                 let ending = crashed(&**agent, reason, Some((kept, slot.sequence)));
-                slot.ended = slot.agent.take().map(|agent| (agent, ending));
-                self.wake.notify_one();
+                self.end(slot, ending);
                 return Err(error);
             }
             None => {
@@ -164,8 +215,7 @@ impl AgentCell {
         if let Some(reason) = agent.exit_reason() {
             let error = died(&self.pid, &reason, result.err());
             let ending = crashed(&**agent, reason, Some((kept, slot.sequence)));
-            slot.ended = slot.agent.take().map(|agent| (agent, ending));
-            self.wake.notify_one();
+            self.end(slot, ending);
             return Err(error);
         }
         if agent.next_timer_due() != timers {
@@ -174,13 +224,37 @@ impl AgentCell {
         result
     }
 
+    /// Stop the agent gracefully, here: once the call under way (if any)
+    /// has ended, its `stop`, then its `terminate`; what is left of it goes
+    /// to the reaper. Nothing reaches it afterwards. Dropped midway (its
+    /// shutdown timeout), the agent is dropped with it: a kill.
+    pub async fn stop(&self) {
+        let mut slot = self.slot.lock().await;
+        self.killed.cancel();
+        let Some(mut agent) = slot.agent.take() else {
+            return;
+        };
+        let _ = agent.stop().await;
+        let _ = agent.terminate(TerminateReason::Shutdown).await;
+        drop(slot);
+        self.release(agent);
+    }
+
+    /// Release what is left of an ended agent in a task of its worker's
+    /// lineage (see [`Reaper`]), or here if its worker is gone.
+    fn release(&self, agent: Box<dyn SupervisedAgent>) {
+        match self.lineage.upgrade() {
+            Some(lineage) => Reaper(lineage).reap(agent),
+            // Its worker is gone already: nobody waits for the release.
+            None => drop(agent),
+        }
+    }
+
     /// Kill the agent: drop it, or have the call under way drop it, and
     /// return once none of its code runs any more.
     pub async fn kill(&self) {
         self.killed.cancel();
-        let mut slot = self.slot.lock().await;
-        slot.agent = None;
-        slot.ended = None;
+        self.slot.lock().await.agent = None;
     }
 
     /// Kill the agent without waiting: dropped now if the lock is free, else
@@ -189,7 +263,6 @@ impl AgentCell {
         self.killed.cancel();
         if let Ok(mut slot) = self.slot.try_lock() {
             slot.agent = None;
-            slot.ended = None;
         }
     }
 }

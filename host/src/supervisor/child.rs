@@ -196,43 +196,20 @@ where
     (task, started_rx)
 }
 
-/// The body of a worker's task: create, init and start the agent, put it
-/// in its `cell`, then serve its timers, health checks and mailbox until it
-/// exits or is asked to stop. `None` when it never started (the reason went
-/// to `started`) or was killed. Calls reach the agent through the cell from
-/// their callers' tasks; see [`super::cell`].
-#[allow(clippy::too_many_arguments)]
+/// The body of a worker's task, once its supervisor has started the agent
+/// and put it in its `cell`: serve its timers, health checks and mailbox
+/// until it exits or is asked to stop. Calls reach the agent through the
+/// cell from their callers' tasks; see [`super::cell`].
 pub(crate) async fn run_worker(
-    create: impl Future<Output = SupervisionResult<Box<dyn SupervisedAgent>>>,
-    args: InitArgs,
+    pid: AgentPid,
     setup: WorkerSetup,
     cell: Arc<AgentCell>,
-    started: Started,
     commands: mpsc::Receiver<WorkerCommand>,
     stop: oneshot::Receiver<()>,
     reaper: Reaper,
 ) -> Option<Ending> {
     // However the task ends (even aborted), the agent goes with it.
     let _kill = KillOnDrop(&cell);
-    let pid = args.agent_id.clone();
-    let agent = match start_agent(create, args).await {
-        Ok(agent) => agent,
-        Err(e) => {
-            let _ = started.send(Err(e));
-            return None;
-        }
-    };
-    setup.meter.started(agent.stats());
-    cell.lock().await.agent = Some(agent);
-    if started.send(Ok(())).is_err() {
-        // The supervisor gave up waiting (start timeout): nobody owns us.
-        let agent = cell.lock().await.agent.take();
-        if let Some(mut agent) = agent {
-            let _ = agent.terminate(TerminateReason::Timeout).await;
-            reaper.reap(agent);
-        }
-        return None;
-    }
     serve(&cell, &pid, &setup, commands, stop, &reaper).await
 }
 
@@ -252,7 +229,7 @@ impl Drop for KillOnDrop<'_> {
 pub(crate) struct Reaper(pub Arc<Lineage>);
 
 impl Reaper {
-    fn reap(&self, agent: Box<dyn SupervisedAgent>) {
+    pub(super) fn reap(&self, agent: Box<dyn SupervisedAgent>) {
         let lineage = self.0.clone();
         tokio::spawn(async move {
             let _lineage = lineage;
@@ -274,8 +251,9 @@ enum Event {
 }
 
 /// Serve timers, health checks and the mailbox until the agent exits or is
-/// asked to stop; how it ended (`None`: its supervisor is gone, or it was
-/// killed).
+/// asked to stop. `Some` after a graceful stop; `None` when the agent
+/// ended on its own (already reported through its cell), was killed, or
+/// its supervisor is gone.
 async fn serve(
     cell: &AgentCell,
     pid: &AgentPid,
@@ -288,12 +266,8 @@ async fn serve(
     let mut streak = 0;
     loop {
         let due = {
-            let mut slot = cell.lock().await;
-            if let Some((agent, ending)) = slot.ended.take() {
-                reaper.reap(agent);
-                return Some(ending);
-            }
-            slot.agent.as_ref()?.next_timer_due()
+            // `None`: ended (and reported) or killed.
+            cell.lock().await.agent.as_ref()?.next_timer_due()
         };
         let event = tokio::select! {
             biased;
@@ -302,6 +276,7 @@ async fn serve(
                 // The supervisor is gone: die without a graceful stop.
                 Err(_) => return None,
             },
+            () = cell.ended() => return None,
             () = cell.woken() => continue,
             () = until(due) => Event::Timer,
             command = commands.recv() => command.map_or(Event::Stop, Event::Command),
@@ -315,17 +290,17 @@ async fn serve(
         }
         let mut slot = cell.lock().await;
         let slot = &mut *slot;
-        if slot.ended.is_some() {
-            continue; // reaped and reported at the top
-        }
         let Some(agent) = slot.agent.as_deref_mut() else {
-            return None; // killed
+            return None; // ended (and reported) or killed
         };
         let ending = match event {
             Event::Stop => {
                 let _ = agent.stop().await;
                 let _ = agent.terminate(TerminateReason::Shutdown).await;
-                Some(ExitReason::Shutdown.into())
+                if let Some(agent) = slot.agent.take() {
+                    reaper.reap(agent);
+                }
+                return Some(ExitReason::Shutdown.into());
             }
             Event::Timer => match agent.take_due_timer(tokio::time::Instant::now()) {
                 Some(message) => {
@@ -349,10 +324,8 @@ async fn serve(
             Event::Command(WorkerCommand::Call(..)) => None, // handled above
         };
         if let Some(ending) = ending {
-            if let Some(agent) = slot.agent.take() {
-                reaper.reap(agent);
-            }
-            return Some(ending);
+            cell.end(slot, ending);
+            return None;
         }
     }
 }
@@ -529,7 +502,8 @@ fn answer<T>(
     }
 }
 
-async fn start_agent(
+/// Create, initialise and start an agent.
+pub(super) async fn start_agent(
     create: impl Future<Output = SupervisionResult<Box<dyn SupervisedAgent>>>,
     args: InitArgs,
 ) -> SupervisionResult<Box<dyn SupervisedAgent>> {
