@@ -61,14 +61,15 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use history::{HistoryEntry, HistoryError, MAX_ENTRIES, counted_within};
+pub use history::{HistoryEntry, HistoryError, MAX_ENTRIES, RestartKind, counted_within};
 pub use kv_state::KvStateStore;
 pub use subject::{call_subject, token};
 
 use crate::runtime::Runtime;
 use crate::tree::{TreeError, TreeFile, valid_label};
 use crate::{
-    ChildSpec, ErrorCategory, RestartIntensity, RunningTree, StateQuota, TreeCallError, TreeHandle,
+    ChildSpec, ErrorCategory, EventKind, RestartIntensity, RunningTree, StateQuota,
+    SupervisorEvent, TreeCallError, TreeHandle,
 };
 
 /// The request header with the caller's call id (a UUID unless the caller
@@ -778,6 +779,11 @@ struct Manager {
     halted: tokio::sync::watch::Sender<Option<String>>,
     /// The restart-history writes in progress.
     tasks: tokio::task::JoinSet<()>,
+    /// The root supervisor's name (the units' paths are `root/unit`).
+    root: String,
+    /// The local tree's events: the root's restarts of the units run here
+    /// go to the shared history.
+    tree_events: Option<broadcast::Receiver<SupervisorEvent>>,
     host_id: String,
     ttl: Duration,
     units: Vec<UnitLease>,
@@ -877,6 +883,8 @@ impl ClusterHost {
         let (root, units) = tree.build_units(runtime, state.clone())?;
         let running = RunningTree::start(root).await?;
         let handle = running.handle();
+        // Before any unit starts here: no restart of one is missed.
+        let tree_events = running.subscribe();
         let (events, _) = broadcast::channel(1024);
         let cancel = CancellationToken::new();
         let cluster_client = ClusterClient {
@@ -937,6 +945,8 @@ impl ClusterHost {
             session: uuid::Uuid::new_v4().to_string(),
             halted: halted_tx,
             tasks: tokio::task::JoinSet::new(),
+            root: names.root.clone(),
+            tree_events: Some(tree_events),
             host_id: options.host_id.clone(),
             ttl,
             units: unit_leases,
@@ -1202,6 +1212,10 @@ impl Manager {
                     Some(request) => self.drain(request).await,
                     None => drains = None,
                 },
+                event = next_tree_event(&mut self.tree_events) => match event {
+                    Some(event) => self.saw_tree_event(&event),
+                    None => self.tree_events = None,
+                },
                 note = self.notes.recv() => {
                     if let Some(RunnerNote::StartFailed { unit }) = note {
                         self.release(&unit, true).await;
@@ -1432,6 +1446,7 @@ impl Manager {
                 let holder = unit.holder.take();
                 if let Some(lost) = holder.filter(|h| takeover && h.session != self.session) {
                     let entry = HistoryEntry {
+                        kind: RestartKind::Takeover,
                         at_ms: now_ms(),
                         unit: unit.name.clone(),
                         lost_host: lost.host,
@@ -1446,7 +1461,7 @@ impl Manager {
                         self.intensity.clone(),
                     );
                     self.tasks.spawn(async move {
-                        record_takeover(&history, &leases, entry, intensity).await;
+                        record_restart(&history, &leases, entry, intensity).await;
                     });
                 }
                 let command = Command::Start {
@@ -1468,6 +1483,50 @@ impl Manager {
             }
             Err(e) => tracing::debug!("cluster: cannot take the lease of {}: {e}", unit.name),
         }
+    }
+
+    /// An event of the local tree: a unit run here that exited and was
+    /// restarted here by the local root is a restart of the cluster's root,
+    /// recorded in the shared history (so that the root's intensity is
+    /// judged once over the cluster). A bystander restarted with it is not
+    /// another restart (OTP counts the exit, not the children restarted).
+    fn saw_tree_event(&mut self, event: &SupervisorEvent) {
+        let EventKind::ChildRestarted {
+            bystander: false, ..
+        } = &event.kind
+        else {
+            return;
+        };
+        let Some(unit) = event
+            .path
+            .strip_prefix(self.root.as_str())
+            .and_then(|rest| rest.strip_prefix('/'))
+            .and_then(|name| self.units.iter().find(|u| u.name == name))
+        else {
+            return;
+        };
+        let incarnation = match &unit.state {
+            LeaseState::Owned { incarnation, .. } => incarnation.clone(),
+            _ => String::new(),
+        };
+        let entry = HistoryEntry {
+            kind: RestartKind::Crash,
+            at_ms: now_ms(),
+            unit: unit.name.clone(),
+            lost_host: self.host_id.clone(),
+            lost_session: self.session.clone(),
+            by_host: self.host_id.clone(),
+            incarnation,
+            counted: true,
+        };
+        let (history, leases, intensity) = (
+            self.history.clone(),
+            self.leases.clone(),
+            self.intensity.clone(),
+        );
+        self.tasks.spawn(async move {
+            record_restart(&history, &leases, entry, intensity).await;
+        });
     }
 
     /// `agent-host cluster drain`: hand every unit over and take none any
@@ -1567,19 +1626,29 @@ impl UnitLease {
     }
 }
 
-/// Add a takeover to the shared history; if it makes the root's restarts
-/// exceed its intensity, stop the tree on every host (the key `halt`).
-async fn record_takeover(
+/// Add a restart (a takeover or a crash) to the shared history; if it
+/// makes the root's restarts exceed its intensity, stop the tree on every
+/// host (the key `halt`).
+async fn record_restart(
     history: &kv::Store,
     leases: &kv::Store,
     entry: HistoryEntry,
     intensity: RestartIntensity,
 ) {
-    let unit = entry.unit.clone();
+    let last = match entry.kind {
+        RestartKind::Takeover => format!(
+            "unit {} taken over from host {} by {}",
+            entry.unit, entry.lost_host, entry.by_host
+        ),
+        RestartKind::Crash => format!(
+            "unit {} exited and was restarted on host {}",
+            entry.unit, entry.by_host
+        ),
+    };
     match history::record(history, entry, &intensity, now_ms()).await {
         Ok(count) if count > intensity.max_restarts as usize => {
             let reason = format!(
-                "{count} hosts lost within {} ms, more than max_restarts = {} (last: unit {unit} taken over)",
+                "{count} restarts of its units across the cluster (lost hosts and crashes) within {} ms, more than max_restarts = {} (last: {last})",
                 intensity.time_window.as_millis(),
                 intensity.max_restarts
             );
@@ -1615,6 +1684,28 @@ async fn next_message(
     match subscriber {
         Some(s) => s.next().await,
         None => std::future::pending().await,
+    }
+}
+
+/// The next event of the local tree (`None` once it is gone). Events
+/// missed because this host fell behind are not recorded in the shared
+/// history (the local root still counted them).
+async fn next_tree_event(
+    events: &mut Option<broadcast::Receiver<SupervisorEvent>>,
+) -> Option<SupervisorEvent> {
+    let Some(events) = events else {
+        return std::future::pending().await;
+    };
+    loop {
+        match events.recv().await {
+            Ok(event) => return Some(event),
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(
+                    "cluster: {n} events of the local tree missed; restarts among them are not in the shared history"
+                );
+            }
+            Err(broadcast::error::RecvError::Closed) => return None,
+        }
     }
 }
 

@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::cli::{RunningHost, TempDir};
-use terraphim_agent_supervisor::cluster::{ClusterClient, ClusterReply};
+use terraphim_agent_supervisor::cluster::{ClusterClient, ClusterReply, RestartKind};
 
 /// The lease time of the test tree: short, so that takeovers are quick.
 const LEASE_TTL: &str = "2s";
@@ -1108,4 +1108,156 @@ fn placement_labels_choose_the_host() {
         let (status, stderr) = host.stop();
         assert!(status.success(), "{stderr}");
     }
+}
+
+/// A tree of two crasher units pinned to two hosts by labels (`a` on h1,
+/// `b` on h2), with the root's `strategy` and at most `max_restarts`
+/// restarts in ten minutes.
+fn two_crashers(strategy: &str, max_restarts: u32) -> String {
+    format!(
+        r#"
+[cluster]
+lease_ttl = "2s"
+
+[supervisor]
+name = "root"
+strategy = "{strategy}"
+max_restarts = {max_restarts}
+time_window_ms = 600_000
+
+[[supervisor.children]]
+name = "a"
+component = "crasher.wasm"
+placement = {{ labels = {{ zone = "a" }} }}
+
+[[supervisor.children]]
+name = "b"
+component = "crasher.wasm"
+placement = {{ labels = {{ zone = "b" }} }}
+"#
+    )
+}
+
+fn start_labelled(dir: &TempDir, url: &str, id: &str, zone: &str, tree: &str) -> RunningHost {
+    let labels = format!("zone={zone}");
+    let mut host = RunningHost::start(
+        dir,
+        &[
+            "run",
+            "--json",
+            "--cluster",
+            url,
+            "--host-id",
+            id,
+            "--labels",
+            &labels,
+            tree,
+        ],
+    );
+    host.wait_for("the listening line", |seen| {
+        seen.iter().any(|l| l.contains(r#""kind":"listening""#))
+    });
+    host
+}
+
+/// Crash the crasher at `path` once (its call fails) and wait until it
+/// answers again (its host's root restarted it).
+fn crash_and_wait(client: &ClusterClient, rt: &tokio::runtime::Runtime, path: &str) {
+    rt.block_on(async {
+        let crashed = client
+            .call(path, "panic", Duration::from_secs(10), None)
+            .await;
+        assert!(
+            !matches!(&crashed, Ok(reply) if reply.result.is_ok()),
+            "{path} did not crash: {crashed:?}"
+        );
+        let deadline = Instant::now() + TAKEOVER_GUARD;
+        loop {
+            if let Ok(reply) = client
+                .call(path, "ping", Duration::from_secs(1), None)
+                .await
+                && reply.result.as_deref() == Ok("pong")
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{path} was not restarted");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+}
+
+/// The counted crashes in the shared history, once there are `n` of them.
+fn wait_for_crashes(url: &str, n: usize) -> Vec<terraphim_agent_supervisor::cluster::HistoryEntry> {
+    let deadline = Instant::now() + TAKEOVER_GUARD;
+    loop {
+        let crashes: Vec<_> = history(url)
+            .into_iter()
+            .filter(|e| e.kind == RestartKind::Crash)
+            .collect();
+        if crashes.len() >= n {
+            return crashes;
+        }
+        assert!(Instant::now() < deadline, "crashes recorded: {crashes:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The root's intensity is judged once over the cluster: restarts of
+/// units after crashes on two hosts count in one window. With
+/// `max_restarts = 2`, two crashes of `a` on h1 and one of `b` on h2 are
+/// one too many (each host's root alone saw at most 2) and stop the tree
+/// on every host.
+#[test]
+fn crashes_on_two_hosts_count_in_one_window_and_escalate_together() {
+    let Some(binary) = nats_server() else {
+        return;
+    };
+    let nats = Nats::start(&binary);
+    let dir = TempDir::new("cluster-one-window");
+    let tree = dir.write("tree.toml", &two_crashers("one_for_one", 2));
+    let mut hosts = [
+        start_labelled(&dir, &nats.url, "h1", "a", &tree),
+        start_labelled(&dir, &nats.url, "h2", "b", &tree),
+    ];
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let client = rt
+        .block_on(ClusterClient::connect(&nats.url, "root"))
+        .expect("connects");
+    for path in ["root/a", "root/b"] {
+        // Both units run (the reply is Ok).
+        let _ = reply_from_new(&nats.url, path, None);
+    }
+    crash_and_wait(&client, &rt, "root/a");
+    crash_and_wait(&client, &rt, "root/b");
+    let crashes = wait_for_crashes(&nats.url, 2);
+    assert_eq!(crashes.len(), 2, "{crashes:?}");
+    assert!(crashes.iter().all(|e| e.counted), "{crashes:?}");
+    let mut by: Vec<(&str, &str)> = crashes
+        .iter()
+        .map(|e| (e.unit.as_str(), e.by_host.as_str()))
+        .collect();
+    by.sort();
+    assert_eq!(by, [("a", "h1"), ("b", "h2")]);
+    // Within the intensity: both hosts still run.
+    assert!(hosts.iter_mut().all(|h| !h.has_exited()));
+    // The third restart in the window is one too many, over the cluster.
+    rt.block_on(async {
+        let _ = client
+            .call("root/a", "panic", Duration::from_secs(10), None)
+            .await;
+    });
+    for host in hosts {
+        let (status, lines, stderr) = host.finish();
+        assert_eq!(status.code(), Some(1), "{stderr}\n{lines:?}");
+        assert!(stderr.contains("gave up on the cluster"), "{stderr}");
+    }
+    let entries = history(&nats.url);
+    assert_eq!(
+        entries.iter().filter(|e| e.counted).count(),
+        3,
+        "{entries:?}"
+    );
 }
