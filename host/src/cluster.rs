@@ -41,13 +41,26 @@
 //! lease revision that produced it. No responders (no owner right now) is
 //! retried until the caller's deadline. A call to a unit this host runs
 //! stays in the process.
+//!
+//! **Supervision across hosts.** The root's restarts of its units (a
+//! takeover; a unit that exited and was restarted by its host's root) are
+//! recorded in a shared history (`ah-<tree>-history`) and judged against
+//! the root's intensity in one window over the cluster. Each host's local
+//! root is `one_for_one`; the root's `one_for_all` / `rest_for_one` is
+//! applied from the history, which every host watches: for each counted
+//! restart of a unit, each host restarts the units it runs that the
+//! strategy restarts with it (stopped last first, then started first
+//! first, keeping their leases). There is no barrier across hosts: the
+//! order holds within a host, and the unit that caused it runs again
+//! before any other restarts.
 
 mod history;
 mod kv_state;
 mod subject;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -68,8 +81,8 @@ pub use subject::{call_subject, token};
 use crate::runtime::Runtime;
 use crate::tree::{TreeError, TreeFile, valid_label};
 use crate::{
-    ChildSpec, ErrorCategory, EventKind, RestartIntensity, RunningTree, StateQuota,
-    SupervisorEvent, TreeCallError, TreeHandle,
+    ChildSpec, ErrorCategory, EventKind, RestartIntensity, RestartStrategy, RunningTree,
+    StateQuota, SupervisorEvent, TreeCallError, TreeHandle,
 };
 
 /// The request header with the caller's call id (a UUID unless the caller
@@ -223,6 +236,18 @@ pub enum ClusterEvent {
         unit: String,
         /// Its incarnation.
         incarnation: String,
+    },
+    /// The unit was restarted here, keeping its lease and incarnation (a
+    /// new local instance of its subtree), because the root's strategy
+    /// (`one_for_all`, `rest_for_one`) restarts it with `cause`, a unit
+    /// restarted somewhere in the cluster.
+    Restarted {
+        /// The unit.
+        unit: String,
+        /// Its incarnation (unchanged).
+        incarnation: String,
+        /// The unit whose restart (a crash or a takeover) caused this one.
+        cause: String,
     },
     /// The lease was deleted after the unit stopped: another host may take
     /// the unit over at once.
@@ -735,6 +760,20 @@ enum Command {
     },
     /// Stop the unit; answered once it stopped.
     Stop { done: oneshot::Sender<()> },
+    /// The first half of a restart by the root's strategy: stop the unit's
+    /// subtree (keeping the lease; calls meanwhile are told to try again),
+    /// if `incarnation` still runs it here. Answered once it stopped.
+    Halt {
+        incarnation: String,
+        done: oneshot::Sender<()>,
+    },
+    /// The second half: start the subtree again, if it was halted by
+    /// `Halt` for `incarnation` and nothing stopped the unit since.
+    Resume {
+        incarnation: String,
+        cause: String,
+        done: oneshot::Sender<()>,
+    },
 }
 
 /// What a runner tells the lease manager.
@@ -781,6 +820,17 @@ struct Manager {
     tasks: tokio::task::JoinSet<()>,
     /// The root supervisor's name (the units' paths are `root/unit`).
     root: String,
+    /// The root's strategy, applied across hosts (the local roots are
+    /// `one_for_one`: what a restart of a unit restarts with it is decided
+    /// here, from the shared history).
+    strategy: RestartStrategy,
+    /// The ids of the history's entries this host has seen (at most
+    /// [`MAX_ENTRIES`]: those in the history when last read).
+    restarts_seen: HashSet<String>,
+    /// The restarts by the root's strategy to do here, done one after
+    /// another (in the history's order) by a task of their own, so that
+    /// the leases are renewed meanwhile.
+    restart_queue: Option<mpsc::Sender<RestartGroup>>,
     /// The local tree's events: the root's restarts of the units run here
     /// go to the shared history.
     tree_events: Option<broadcast::Receiver<SupervisorEvent>>,
@@ -880,7 +930,12 @@ impl ClusterHost {
             gates.clone(),
             StateQuota::default(),
         ));
-        let (root, units) = tree.build_units(runtime, state.clone())?;
+        // The local root restarts only the unit that exited: the root's
+        // strategy is applied across hosts by the lease manager, from the
+        // shared history, to each host's units in the tree file's order.
+        let mut local = tree.clone();
+        local.root.policy.strategy = RestartStrategy::OneForOne;
+        let (root, units) = local.build_units(runtime, state.clone())?;
         let running = RunningTree::start(root).await?;
         let handle = running.handle();
         // Before any unit starts here: no restart of one is missed.
@@ -902,7 +957,7 @@ impl ClusterHost {
                 .by_unit
                 .insert(name.clone(), gate.clone());
             state.register_spec(&name, &spec);
-            let (tx, rx) = mpsc::channel(8);
+            let (tx, rx) = mpsc::channel(32);
             let runner = Runner {
                 unit: name.clone(),
                 spec,
@@ -946,6 +1001,9 @@ impl ClusterHost {
             halted: halted_tx,
             tasks: tokio::task::JoinSet::new(),
             root: names.root.clone(),
+            strategy: tree.root.policy.strategy,
+            restarts_seen: HashSet::new(),
+            restart_queue: None,
             tree_events: Some(tree_events),
             host_id: options.host_id.clone(),
             ttl,
@@ -1178,6 +1236,19 @@ impl Manager {
             }
         };
         self.read_all().await;
+        // The history's watch first, then what it holds now (seen before
+        // this host ran any unit: nothing of it is applied here).
+        let mut restarts = self.history.watch(history::ENTRIES_KEY).await.ok();
+        if let Ok((entries, _)) = history::read(&self.history).await {
+            self.restarts_seen = entries.into_iter().map(|e| e.id).collect();
+        }
+        let (queue, mut queued) = mpsc::channel::<RestartGroup>(MAX_ENTRIES);
+        self.restart_queue = Some(queue);
+        let restarter = tokio::spawn(async move {
+            while let Some(group) = queued.recv().await {
+                restart_group(group).await;
+            }
+        });
         let mut drains = match self.client.subscribe(self.drain_subject.clone()).await {
             Ok(drains) => Some(drains),
             Err(e) => {
@@ -1206,11 +1277,34 @@ impl Manager {
                         watch = Some(w);
                         self.read_all().await;
                     }
+                    if restarts.is_none()
+                        && let Ok(w) = self.history.watch(history::ENTRIES_KEY).await
+                    {
+                        restarts = Some(w);
+                        // What was written while the watch was lost.
+                        if let Ok((entries, _)) = history::read(&self.history).await {
+                            self.saw_history(entries);
+                        }
+                    }
                     self.step().await;
                 }
                 request = next_message(&mut drains) => match request {
                     Some(request) => self.drain(request).await,
                     None => drains = None,
+                },
+                entry = next_entry(&mut restarts) => match entry {
+                    Some(Ok(entry)) if entry.operation == Operation::Put => {
+                        match serde_json::from_slice(&entry.value) {
+                            Ok(entries) => self.saw_history(entries),
+                            Err(e) => tracing::warn!("cluster: the restart history is unreadable: {e}"),
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => {
+                        tracing::warn!("cluster: the restart history's watch failed: {e}; watching again");
+                        restarts = None;
+                    }
+                    None => restarts = None,
                 },
                 event = next_tree_event(&mut self.tree_events) => match event {
                     Some(event) => self.saw_tree_event(&event),
@@ -1242,6 +1336,9 @@ impl Manager {
             self.release(&unit, false).await;
         }
         while self.tasks.join_next().await.is_some() {}
+        // What is still queued finds its units stopped: nothing happens.
+        self.restart_queue = None;
+        let _ = restarter.await;
         for unit in self.units {
             drop(unit.runner);
             let _ = unit.runner_task.await;
@@ -1446,6 +1543,7 @@ impl Manager {
                 let holder = unit.holder.take();
                 if let Some(lost) = holder.filter(|h| takeover && h.session != self.session) {
                     let entry = HistoryEntry {
+                        id: uuid::Uuid::new_v4().to_string(),
                         kind: RestartKind::Takeover,
                         at_ms: now_ms(),
                         unit: unit.name.clone(),
@@ -1510,6 +1608,7 @@ impl Manager {
             _ => String::new(),
         };
         let entry = HistoryEntry {
+            id: uuid::Uuid::new_v4().to_string(),
             kind: RestartKind::Crash,
             at_ms: now_ms(),
             unit: unit.name.clone(),
@@ -1527,6 +1626,72 @@ impl Manager {
         self.tasks.spawn(async move {
             record_restart(&history, &leases, entry, intensity).await;
         });
+    }
+
+    /// The shared history as it is now: apply the root's strategy to each
+    /// counted restart this host has not seen yet.
+    fn saw_history(&mut self, entries: Vec<HistoryEntry>) {
+        let new: Vec<HistoryEntry> = entries
+            .iter()
+            .filter(|e| e.counted && !e.id.is_empty() && !self.restarts_seen.contains(&e.id))
+            .cloned()
+            .collect();
+        self.restarts_seen = entries.into_iter().map(|e| e.id).collect();
+        for entry in new {
+            self.restart_affected(&entry);
+        }
+    }
+
+    /// The root's strategy across hosts: `entry.unit` was restarted (it
+    /// crashed and its host restarted it, or it was taken over); restart
+    /// the units the strategy restarts with it that this host runs (every
+    /// other unit for `one_for_all`, those after it in the tree file for
+    /// `rest_for_one`): stopped in reverse start order, then started in
+    /// start order, each keeping its lease. Done by a task, so that the
+    /// leases are renewed meanwhile.
+    fn restart_affected(&mut self, entry: &HistoryEntry) {
+        let Some(at) = self.units.iter().position(|u| u.name == entry.unit) else {
+            return;
+        };
+        let affected = match self.strategy {
+            RestartStrategy::OneForOne => return,
+            RestartStrategy::OneForAll => 0..self.units.len(),
+            RestartStrategy::RestForOne => at + 1..self.units.len(),
+        };
+        let targets: Vec<RestartTarget> = affected
+            .filter(|&i| i != at)
+            .filter_map(|i| {
+                let unit = &self.units[i];
+                match &unit.state {
+                    LeaseState::Owned { incarnation, .. } => Some(RestartTarget {
+                        incarnation: incarnation.clone(),
+                        runner: unit.runner.clone(),
+                    }),
+                    _ => None,
+                }
+            })
+            .collect();
+        if targets.is_empty() {
+            return;
+        }
+        tracing::info!(
+            "cluster: restarting {} unit(s) here with {} ({:?})",
+            targets.len(),
+            entry.unit,
+            self.strategy
+        );
+        let group = RestartGroup {
+            targets,
+            cause: entry.unit.clone(),
+        };
+        if let Some(queue) = &self.restart_queue
+            && queue.try_send(group).is_err()
+        {
+            tracing::warn!(
+                "cluster: too many restarts queued here; the one with {} is not done",
+                entry.unit
+            );
+        }
     }
 
     /// `agent-host cluster drain`: hand every unit over and take none any
@@ -1662,6 +1827,46 @@ async fn record_restart(
     }
 }
 
+/// A unit this host runs, to be restarted with another.
+struct RestartTarget {
+    incarnation: String,
+    runner: mpsc::Sender<Command>,
+}
+
+/// The units this host runs that restart with `cause`, in the tree file's
+/// order.
+struct RestartGroup {
+    targets: Vec<RestartTarget>,
+    cause: String,
+}
+
+/// Restart a group as OTP does: every unit stopped, last first, then every
+/// one started, first first. A unit that was stopped or fenced meanwhile
+/// (its runner no longer runs that incarnation) is left alone.
+async fn restart_group(RestartGroup { targets, cause }: RestartGroup) {
+    for target in targets.iter().rev() {
+        let (done, stopped) = oneshot::channel();
+        let halt = Command::Halt {
+            incarnation: target.incarnation.clone(),
+            done,
+        };
+        if target.runner.send(halt).await.is_ok() {
+            let _ = stopped.await;
+        }
+    }
+    for target in &targets {
+        let (done, started) = oneshot::channel();
+        let resume = Command::Resume {
+            incarnation: target.incarnation.clone(),
+            cause: cause.clone(),
+            done,
+        };
+        if target.runner.send(resume).await.is_ok() {
+            let _ = started.await;
+        }
+    }
+}
+
 /// The state a lease entry shows, seen at `now`.
 fn observed(entry: &kv::Entry, now: Instant) -> LeaseState {
     match entry.operation {
@@ -1743,6 +1948,12 @@ impl Runner {
     async fn run(self, mut commands: mpsc::Receiver<Command>) {
         let mut serving: Option<Serving> = None;
         let mut incarnation = String::new();
+        // Whether `incarnation` runs here (started, not stopped since), and
+        // whether its subtree is stopped for a restart by the root's
+        // strategy (its calls are told to try again meanwhile).
+        let mut live = false;
+        let mut halted = false;
+        let paused = Arc::new(AtomicBool::new(false));
         let path = format!("{}/{}", self.names.root, self.unit);
         loop {
             let command = tokio::select! {
@@ -1765,6 +1976,8 @@ impl Runner {
                     gate,
                 }) => {
                     incarnation = new;
+                    halted = false;
+                    paused.store(false, Ordering::SeqCst);
                     // A unit left over from an earlier incarnation here
                     // (it cannot be: stops come first), removed to be sure.
                     let _ = self.tree.terminate(&path).await;
@@ -1775,7 +1988,11 @@ impl Runner {
                         .await
                     {
                         Ok(_) => {
-                            match self.serve(&incarnation, revision, gate).await {
+                            live = true;
+                            match self
+                                .serve(&incarnation, revision, gate, paused.clone())
+                                .await
+                            {
                                 Ok(s) => serving = Some(s),
                                 Err(e) => tracing::warn!(
                                     "cluster: cannot serve the calls of {}: {e}",
@@ -1802,7 +2019,59 @@ impl Runner {
                         }
                     }
                 }
+                Some(Command::Halt {
+                    incarnation: of,
+                    done,
+                }) => {
+                    if live && !halted && of == incarnation {
+                        paused.store(true, Ordering::SeqCst);
+                        halted = true;
+                        let _ = self.tree.terminate(&path).await;
+                        let _ = self.tree.delete(&path).await;
+                    }
+                    let _ = done.send(());
+                }
+                Some(Command::Resume {
+                    incarnation: of,
+                    cause,
+                    done,
+                }) => {
+                    if live && halted && of == incarnation {
+                        halted = false;
+                        match self
+                            .tree
+                            .add_child(&self.names.root, self.spec.clone())
+                            .await
+                        {
+                            Ok(_) => {
+                                paused.store(false, Ordering::SeqCst);
+                                let _ = self.events.send(ClusterEvent::Restarted {
+                                    unit: self.unit.clone(),
+                                    incarnation: incarnation.clone(),
+                                    cause,
+                                });
+                            }
+                            Err(e) => {
+                                // As a failed start: the lease is given up.
+                                let _ = self.events.send(ClusterEvent::StartFailed {
+                                    unit: self.unit.clone(),
+                                    incarnation: incarnation.clone(),
+                                    error: e.to_string(),
+                                });
+                                let _ = self
+                                    .notes
+                                    .send(RunnerNote::StartFailed {
+                                        unit: self.unit.clone(),
+                                    })
+                                    .await;
+                            }
+                        }
+                    }
+                    let _ = done.send(());
+                }
                 Some(Command::Stop { done }) => {
+                    live = false;
+                    halted = false;
                     // The gate is closed: calls in flight and arriving meanwhile
                     // are answered "try again" (not dropped, which would make
                     // their callers wait for their deadline) while the unit
@@ -1841,6 +2110,7 @@ impl Runner {
                             incarnation: incarnation.clone(),
                         });
                     }
+                    paused.store(false, Ordering::SeqCst);
                     let _ = done.send(());
                 }
             }
@@ -1856,6 +2126,7 @@ impl Runner {
         incarnation: &str,
         revision: u64,
         gate: Arc<UnitGate>,
+        paused: Arc<AtomicBool>,
     ) -> Result<Serving, async_nats::SubscribeError> {
         let base = format!("{}.{}", self.names.calls, token(&self.unit));
         let exact = self.client.subscribe(base.clone()).await?;
@@ -1868,6 +2139,7 @@ impl Runner {
             revision: revision.to_string(),
             host: self.host_id.clone(),
             gate,
+            paused,
         });
         let drain = CancellationToken::new();
         Ok(Serving {
@@ -1927,6 +2199,9 @@ struct ServeContext {
     revision: String,
     host: String,
     gate: Arc<UnitGate>,
+    /// Set while the unit's subtree is stopped for a restart by the root's
+    /// strategy: calls are told to try again.
+    paused: Arc<AtomicBool>,
 }
 
 /// How long a served call may take at most (a caller waits no longer than
@@ -1950,8 +2225,9 @@ impl ServeContext {
         let Some(reply_to) = message.reply.clone() else {
             return;
         };
-        if !self.gate.is_open() {
-            // Fenced: no agent sees it; the caller tries the next owner.
+        if !self.gate.is_open() || self.paused.load(Ordering::SeqCst) {
+            // Fenced (or restarting): no agent sees it; the caller tries
+            // again.
             self.retry(reply_to).await;
             return;
         }

@@ -1110,11 +1110,11 @@ fn placement_labels_choose_the_host() {
     }
 }
 
-/// A tree of two crasher units pinned to two hosts by labels (`a` on h1,
-/// `b` on h2), with the root's `strategy` and at most `max_restarts`
-/// restarts in ten minutes.
-fn two_crashers(strategy: &str, max_restarts: u32) -> String {
-    format!(
+/// A tree of crasher units, each pinned by labels to the hosts of its own
+/// zone (unit `a` to `zone=a`, ...), with the root's `strategy` and at
+/// most `max_restarts` restarts in ten minutes.
+fn crashers(strategy: &str, max_restarts: u32, units: &[&str]) -> String {
+    let mut text = format!(
         r#"
 [cluster]
 lease_ttl = "2s"
@@ -1124,18 +1124,14 @@ name = "root"
 strategy = "{strategy}"
 max_restarts = {max_restarts}
 time_window_ms = 600_000
-
-[[supervisor.children]]
-name = "a"
-component = "crasher.wasm"
-placement = {{ labels = {{ zone = "a" }} }}
-
-[[supervisor.children]]
-name = "b"
-component = "crasher.wasm"
-placement = {{ labels = {{ zone = "b" }} }}
 "#
-    )
+    );
+    for unit in units {
+        text.push_str(&format!(
+            "\n[[supervisor.children]]\nname = \"{unit}\"\ncomponent = \"crasher.wasm\"\nplacement = {{ labels = {{ zone = \"{unit}\" }} }}\n"
+        ));
+    }
+    text
 }
 
 fn start_labelled(dir: &TempDir, url: &str, id: &str, zone: &str, tree: &str) -> RunningHost {
@@ -1214,7 +1210,7 @@ fn crashes_on_two_hosts_count_in_one_window_and_escalate_together() {
     };
     let nats = Nats::start(&binary);
     let dir = TempDir::new("cluster-one-window");
-    let tree = dir.write("tree.toml", &two_crashers("one_for_one", 2));
+    let tree = dir.write("tree.toml", &crashers("one_for_one", 2, &["a", "b"]));
     let mut hosts = [
         start_labelled(&dir, &nats.url, "h1", "a", &tree),
         start_labelled(&dir, &nats.url, "h2", "b", &tree),
@@ -1260,4 +1256,142 @@ fn crashes_on_two_hosts_count_in_one_window_and_escalate_together() {
         3,
         "{entries:?}"
     );
+}
+
+/// The units a host's `restarted` events name, with their causes, in
+/// order.
+fn restarts(lines: &[String]) -> Vec<(String, String)> {
+    lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["kind"] == "cluster" && v["event"] == "restarted")
+        .map(|v| {
+            (
+                v["unit"].as_str().unwrap_or_default().to_owned(),
+                v["cause"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Wait until `host` has reported `n` restarts by the root's strategy.
+fn wait_for_restarts(host: &mut RunningHost, what: &str, n: usize) {
+    host.wait_for(what, |seen| restarts(seen).len() >= n);
+}
+
+fn pair(unit: &str, cause: &str) -> (String, String) {
+    (unit.to_owned(), cause.to_owned())
+}
+
+/// `one_for_all` at the root across hosts: a crash of `b` (on h2) and
+/// then the loss of b's host restart `a` (on h1) and `c` (on h3) where
+/// they run, each time; the host that restarted or took over `b` restarts
+/// nothing else (it runs nothing else).
+#[test]
+fn one_for_all_at_the_root_restarts_every_unit_wherever_it_runs() {
+    let Some(binary) = nats_server() else {
+        return;
+    };
+    let nats = Nats::start(&binary);
+    let dir = TempDir::new("cluster-one-for-all");
+    let tree = dir.write("tree.toml", &crashers("one_for_all", 100, &["a", "b", "c"]));
+    let mut h1 = start_labelled(&dir, &nats.url, "h1", "a", &tree);
+    let h2 = start_labelled(&dir, &nats.url, "h2", "b", &tree);
+    let mut h3 = start_labelled(&dir, &nats.url, "h3", "c", &tree);
+    let b = reply_from_new(&nats.url, "root/b", None);
+    assert_eq!(b.host, "h2");
+    // A spare host for b, once h2 has it.
+    let h4 = start_labelled(&dir, &nats.url, "h4", "b", &tree);
+    for path in ["root/a", "root/c"] {
+        let _ = reply_from_new(&nats.url, path, None);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let client = rt
+        .block_on(ClusterClient::connect(&nats.url, "root"))
+        .expect("connects");
+    crash_and_wait(&client, &rt, "root/b");
+    wait_for_restarts(&mut h1, "a restarted with b's crash", 1);
+    wait_for_restarts(&mut h3, "c restarted with b's crash", 1);
+    // b's host is lost: h4 takes b over, and a and c restart again.
+    h2.signal("KILL");
+    let (_, h2_lines, _) = h2.finish();
+    let b2 = reply_from_new(&nats.url, "root/b", Some(&b.incarnation));
+    assert_eq!(b2.host, "h4");
+    wait_for_restarts(&mut h1, "a restarted with b's takeover", 2);
+    wait_for_restarts(&mut h3, "c restarted with b's takeover", 2);
+    // Both still answer (restarted, not stopped).
+    for path in ["root/a", "root/c"] {
+        let _ = reply_from_new(&nats.url, path, None);
+    }
+    let mut lines = HashMap::new();
+    for (id, host) in [("h1", h1), ("h3", h3), ("h4", h4)] {
+        host.signal("INT");
+        let (status, seen, stderr) = host.finish();
+        assert!(status.success(), "{id}: {stderr}");
+        lines.insert(id, seen);
+    }
+    assert_eq!(restarts(&lines["h1"]), [pair("a", "b"), pair("a", "b")]);
+    assert_eq!(restarts(&lines["h3"]), [pair("c", "b"), pair("c", "b")]);
+    assert_eq!(restarts(&lines["h4"]), []);
+    assert_eq!(restarts(&h2_lines), []);
+    let entries = history(&nats.url);
+    let kinds: Vec<RestartKind> = entries.iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        [RestartKind::Crash, RestartKind::Takeover],
+        "{entries:?}"
+    );
+}
+
+/// `rest_for_one` at the root across hosts: a crash of `b` restarts `c`
+/// (after it in the tree file), not `a`; a crash of `c` restarts nothing
+/// else; a crash of `a` restarts `b` and `c`, each on its own host.
+#[test]
+fn rest_for_one_at_the_root_restarts_the_later_units_wherever_they_run() {
+    let Some(binary) = nats_server() else {
+        return;
+    };
+    let nats = Nats::start(&binary);
+    let dir = TempDir::new("cluster-rest-for-one");
+    let tree = dir.write(
+        "tree.toml",
+        &crashers("rest_for_one", 100, &["a", "b", "c"]),
+    );
+    let mut hosts = [
+        start_labelled(&dir, &nats.url, "h1", "a", &tree),
+        start_labelled(&dir, &nats.url, "h2", "b", &tree),
+        start_labelled(&dir, &nats.url, "h3", "c", &tree),
+    ];
+    for path in ["root/a", "root/b", "root/c"] {
+        let _ = reply_from_new(&nats.url, path, None);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let client = rt
+        .block_on(ClusterClient::connect(&nats.url, "root"))
+        .expect("connects");
+    crash_and_wait(&client, &rt, "root/b");
+    wait_for_restarts(&mut hosts[2], "c restarted with b", 1);
+    crash_and_wait(&client, &rt, "root/c");
+    crash_and_wait(&client, &rt, "root/a");
+    wait_for_restarts(&mut hosts[1], "b restarted with a", 1);
+    wait_for_restarts(&mut hosts[2], "c restarted with a", 2);
+    let _ = wait_for_crashes(&nats.url, 3);
+    let mut lines = Vec::new();
+    for host in hosts {
+        host.signal("INT");
+        let (status, seen, stderr) = host.finish();
+        assert!(status.success(), "{stderr}");
+        lines.push(seen);
+    }
+    assert_eq!(restarts(&lines[0]), []);
+    assert_eq!(restarts(&lines[1]), [pair("b", "a")]);
+    // The crash of c came before a's: every host applies the history in
+    // its order.
+    assert_eq!(restarts(&lines[2]), [pair("c", "b"), pair("c", "a")]);
 }

@@ -39,6 +39,10 @@ pub enum RestartKind {
 /// One restart of a unit by the root supervisor.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HistoryEntry {
+    /// The entry's id (a UUID; empty in entries written before ids were):
+    /// each host applies the root's strategy to each entry once.
+    #[serde(default)]
+    pub id: String,
     /// A takeover or a crash (entries written before crashes were recorded
     /// are takeovers).
     #[serde(default)]
@@ -142,6 +146,7 @@ mod tests {
 
     fn entry(session: &str, at_ms: u64, counted: bool) -> HistoryEntry {
         HistoryEntry {
+            id: format!("{session}-{at_ms}"),
             kind: RestartKind::Takeover,
             at_ms,
             unit: "u".into(),

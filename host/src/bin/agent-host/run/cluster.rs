@@ -303,6 +303,9 @@ fn print_event(out: &Out, host_id: &str, event: &ClusterEvent) {
             format!("cluster: unit {unit} fenced ({reason}); stopping it")
         }
         ClusterEvent::Stopped { unit, .. } => format!("cluster: unit {unit} stopped here"),
+        ClusterEvent::Restarted { unit, cause, .. } => {
+            format!("cluster: unit {unit} restarted here with {cause} (the root's strategy)")
+        }
         ClusterEvent::Released { unit, .. } => {
             format!("cluster: lease of unit {unit} released for another host")
         }
