@@ -288,6 +288,49 @@ pub struct LeaseRecord {
     pub session: String,
 }
 
+/// What a host says about itself while it is in the cluster: the key
+/// `host.<id>` of the leases bucket, written when it joins and renewed with
+/// its leases (every `T/4`), deleted when it leaves gracefully.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HostRecord {
+    /// Its host id.
+    pub host: String,
+    /// Its labels (`--labels`).
+    pub labels: BTreeMap<String, String>,
+    /// Its session (one run of `agent-host`).
+    pub session: String,
+    /// The lease time: a record not renewed for that long is a host gone
+    /// silent (killed, paused, cut off from the server).
+    pub ttl_ms: u64,
+    /// When it was last renewed (milliseconds since the Unix epoch, the
+    /// host's clock).
+    pub at_ms: u64,
+    /// Whether it was drained (`cluster drain`): it takes no unit.
+    #[serde(default)]
+    pub draining: bool,
+}
+
+/// A host of the cluster as [`ClusterClient::hosts`] sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostStatus {
+    /// What it last said about itself.
+    #[serde(flatten)]
+    pub record: HostRecord,
+    /// Whether it renewed its record within its lease time, by this
+    /// process's clock (clocks are assumed roughly in step).
+    pub live: bool,
+    /// The units whose lease it holds (none: an idle host).
+    pub units: Vec<String>,
+}
+
+/// Most host records read by [`ClusterClient::hosts`].
+pub const MAX_HOSTS: usize = 1024;
+
+/// The key of a host's record.
+fn host_key(host: &str) -> String {
+    format!("host.{}", token(host))
+}
+
 /// A unit's fence on this host: until when it may answer calls and write
 /// state, by this host's clock. Closed unless this host holds the lease.
 #[derive(Debug, Default)]
@@ -598,6 +641,68 @@ impl ClusterClient {
         Ok(out)
     }
 
+    /// The hosts that have said they are in the cluster (at most
+    /// [`MAX_HOSTS`]), by host id, each with the units of `units` it holds
+    /// (from [`units`](Self::units)). A host that stopped gracefully has
+    /// deleted its record; one that was killed is listed, not live, until
+    /// a host of that id joins again.
+    ///
+    /// # Errors
+    ///
+    /// [`JoinError::Bucket`] if the bucket cannot be read.
+    pub async fn hosts(&self, units: &[UnitStatus]) -> Result<Vec<HostStatus>, JoinError> {
+        let js = async_nats::jetstream::new(self.client.clone());
+        let bucket_error = |message: String| JoinError::Bucket {
+            bucket: self.names.leases.clone(),
+            message,
+        };
+        let store = js
+            .get_key_value(&self.names.leases)
+            .await
+            .map_err(|e| bucket_error(e.to_string()))?;
+        let mut keys = store
+            .keys()
+            .await
+            .map_err(|e| bucket_error(e.to_string()))?;
+        let mut host_keys = Vec::new();
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(|e| bucket_error(e.to_string()))?;
+            if key.starts_with("host.") {
+                host_keys.push(key);
+                if host_keys.len() >= MAX_HOSTS {
+                    break;
+                }
+            }
+        }
+        let now = now_ms();
+        let mut out = Vec::with_capacity(host_keys.len());
+        for key in host_keys {
+            let Some(value) = store
+                .get(key)
+                .await
+                .map_err(|e| bucket_error(e.to_string()))?
+            else {
+                continue;
+            };
+            let Ok(record) = serde_json::from_slice::<HostRecord>(&value) else {
+                continue;
+            };
+            let live = now.saturating_sub(record.at_ms) <= record.ttl_ms;
+            let held = units
+                .iter()
+                .filter(|u| u.holder.as_ref().is_some_and(|h| h.host == record.host))
+                .map(|u| u.unit.clone())
+                .collect();
+            out.push(HostStatus {
+                record,
+                live,
+                units: held,
+            });
+        }
+        out.sort_by(|a, b| a.record.host.cmp(&b.record.host));
+        Ok(out)
+    }
+
     /// The cluster's shared restart history (takeovers), oldest first.
     ///
     /// # Errors
@@ -835,6 +940,12 @@ struct Manager {
     /// go to the shared history.
     tree_events: Option<broadcast::Receiver<SupervisorEvent>>,
     host_id: String,
+    /// This host's labels, for its record.
+    labels: BTreeMap<String, String>,
+    /// When this host's record was last written (renewed every `T/4`).
+    presence_sent: Option<Instant>,
+    /// Whether this host was drained (it takes no unit).
+    draining: bool,
     ttl: Duration,
     units: Vec<UnitLease>,
     notes: mpsc::Receiver<RunnerNote>,
@@ -1006,6 +1117,9 @@ impl ClusterHost {
             restart_queue: None,
             tree_events: Some(tree_events),
             host_id: options.host_id.clone(),
+            labels: options.labels.clone(),
+            presence_sent: None,
+            draining: false,
             ttl,
             units: unit_leases,
             notes: notes_rx,
@@ -1236,6 +1350,7 @@ impl Manager {
             }
         };
         self.read_all().await;
+        self.renew_presence().await;
         // The history's watch first, then what it holds now (seen before
         // this host ran any unit: nothing of it is applied here).
         let mut restarts = self.history.watch(history::ENTRIES_KEY).await.ok();
@@ -1339,6 +1454,10 @@ impl Manager {
         // What is still queued finds its units stopped: nothing happens.
         self.restart_queue = None;
         let _ = restarter.await;
+        // Gone gracefully: no longer listed.
+        if self.presence_sent.is_some() {
+            let _ = self.leases.delete(host_key(&self.host_id)).await;
+        }
         for unit in self.units {
             drop(unit.runner);
             let _ = unit.runner_task.await;
@@ -1348,7 +1467,10 @@ impl Manager {
     /// When the next renewal, fence or takeover attempt is due.
     fn next_due(&self) -> Instant {
         let now = Instant::now();
-        let far = now + self.ttl;
+        let far = self
+            .presence_sent
+            .map_or(now, |sent| sent + self.ttl / 4)
+            .min(now + self.ttl);
         // After a failed attempt, the next one waits a little.
         let retry = self.ttl / 32;
         self.units
@@ -1411,9 +1533,40 @@ impl Manager {
         }
     }
 
+    /// Write this host's record (see [`HostRecord`]) if it is due.
+    async fn renew_presence(&mut self) {
+        let now = Instant::now();
+        if self
+            .presence_sent
+            .is_some_and(|sent| now < sent + self.ttl / 4)
+        {
+            return;
+        }
+        self.presence_sent = Some(now);
+        let record = HostRecord {
+            host: self.host_id.clone(),
+            labels: self.labels.clone(),
+            session: self.session.clone(),
+            ttl_ms: u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX),
+            at_ms: now_ms(),
+            draining: self.draining,
+        };
+        let Ok(bytes) = serde_json::to_vec(&record) else {
+            return;
+        };
+        if let Err(e) = self
+            .leases
+            .put(host_key(&self.host_id), Bytes::from(bytes))
+            .await
+        {
+            tracing::debug!("cluster: cannot renew this host's record: {e}");
+        }
+    }
+
     /// Renew what is due, fence what could not be renewed in time, try to
     /// take what is free or expired.
     async fn step(&mut self) {
+        self.renew_presence().await;
         let ttl = self.ttl;
         for i in 0..self.units.len() {
             let now = Instant::now();
@@ -1700,6 +1853,9 @@ impl Manager {
         for unit in &mut self.units {
             unit.eligible = false;
         }
+        self.draining = true;
+        self.presence_sent = None;
+        self.renew_presence().await;
         let owned: Vec<String> = self
             .units
             .iter()

@@ -1395,3 +1395,79 @@ fn rest_for_one_at_the_root_restarts_the_later_units_wherever_they_run() {
     // its order.
     assert_eq!(restarts(&lines[2]), [pair("c", "b"), pair("c", "a")]);
 }
+
+/// `agent-host cluster status` lists every live host with its labels and
+/// units, idle hosts included; a host that left is no longer listed.
+#[test]
+fn cluster_status_lists_every_live_host_idle_ones_too() {
+    let Some(binary) = nats_server() else {
+        return;
+    };
+    let nats = Nats::start(&binary);
+    let dir = TempDir::new("cluster-hosts");
+    let tree = dir.write("tree.toml", &tree(LEASE_TTL));
+    let mut hosts: HashMap<String, RunningHost> = ["a", "b", "c"]
+        .iter()
+        .map(|zone| {
+            let id = format!("h{zone}");
+            let host = start_labelled(&dir, &nats.url, &id, zone, &tree);
+            (id, host)
+        })
+        .collect();
+    let owner = reply_from_new(&nats.url, "root/counter", None).host;
+    let status = |json: bool| {
+        let mut args = vec!["cluster", "status", "--cluster", &nats.url, &tree];
+        if json {
+            args.push("--json");
+        }
+        let out = dir.agent_host(&args);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            common::cli::text(&out.stderr)
+        );
+        common::cli::text(&out.stdout)
+    };
+    // Each host writes its record when it joins: all three are listed.
+    let deadline = Instant::now() + TAKEOVER_GUARD;
+    let text = loop {
+        let text = status(false);
+        if ["ha", "hb", "hc"]
+            .iter()
+            .all(|h| text.lines().any(|l| l.starts_with(h)))
+        {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    for zone in ["a", "b", "c"] {
+        let id = format!("h{zone}");
+        let line = text.lines().find(|l| l.starts_with(&id)).expect("listed");
+        assert!(line.contains(&format!("zone={zone}")), "{text}");
+        if id == owner {
+            assert!(line.contains("counter"), "{text}");
+        } else {
+            assert!(line.contains("(idle)"), "{text}");
+        }
+    }
+    let json: serde_json::Value = serde_json::from_str(status(true).trim()).expect("JSON");
+    let listed = json["hosts"].as_array().expect("hosts");
+    assert_eq!(listed.len(), 3, "{json}");
+    assert!(listed.iter().all(|h| h["live"] == true), "{json}");
+    assert_eq!(json["units"][0]["holder"]["host"], owner.as_str(), "{json}");
+    // An idle host leaves gracefully: it is no longer listed.
+    let idle = ["ha", "hb", "hc"]
+        .into_iter()
+        .find(|h| *h != owner)
+        .expect("an idle host");
+    let (code, stderr) = hosts.remove(idle).expect("runs").stop();
+    assert!(code.success(), "{stderr}");
+    let text = status(false);
+    assert!(!text.lines().any(|l| l.starts_with(idle)), "{text}");
+    for (_, host) in hosts {
+        let (status, stderr) = host.stop();
+        assert!(status.success(), "{stderr}");
+    }
+}
