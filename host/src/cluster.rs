@@ -102,6 +102,11 @@ pub const HOST_HEADER: &str = "Agent-Host-Host";
 /// handing it over): no agent saw the call, try again (the next owner).
 pub const RETRY_HEADER: &str = "Agent-Host-Retry";
 
+/// The request header that asks a unit's owner for the status of the
+/// unit's nodes instead of calling an agent (see
+/// [`ClusterClient::unit_nodes`]).
+pub const STATUS_HEADER: &str = "Agent-Host-Status";
+
 /// Longest host id accepted (`--host-id`).
 pub const MAX_HOST_ID: usize = 64;
 
@@ -459,6 +464,21 @@ pub struct ClusterClient {
     /// The tree's units, when known (a host's client): a call to a unit
     /// that does not exist fails at once instead of at its deadline.
     units: Arc<[String]>,
+    /// The host this client belongs to, if any.
+    host: Option<String>,
+}
+
+/// The nodes of one unit, as the host that runs it answered.
+#[derive(Debug, Clone)]
+pub struct UnitNodes {
+    /// The host that answered.
+    pub host: String,
+    /// The unit's incarnation there.
+    pub incarnation: String,
+    /// Its lease revision.
+    pub revision: u64,
+    /// The unit and the nodes below it, depth first in start order.
+    pub nodes: Vec<crate::NodeStatus>,
 }
 
 /// Why a call by path across hosts failed.
@@ -566,6 +586,89 @@ impl ClusterClient {
             client,
             names: ClusterNames::of(root),
             units: Arc::new([]),
+            host: None,
+        })
+    }
+
+    /// The tree's units in the tree file's order (a host's client; empty
+    /// for [`connect`](Self::connect)'s).
+    pub fn unit_names(&self) -> &[String] {
+        &self.units
+    }
+
+    /// The host this client belongs to (a host's client).
+    pub fn host_id(&self) -> Option<&str> {
+        self.host.as_deref()
+    }
+
+    /// Ask the host that runs `unit` for the status of its nodes: one
+    /// request, answered only by the unit's current owner while its lease
+    /// is valid, within `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// [`ClusterCallError`]: no such unit, nobody runs it now (no
+    /// responders, or its host is handing it over), no answer within
+    /// `timeout`, a malformed answer.
+    pub async fn unit_nodes(
+        &self,
+        unit: &str,
+        timeout: Duration,
+    ) -> Result<UnitNodes, ClusterCallError> {
+        let path = format!("{}/{unit}", self.names.root);
+        let subject = call_subject(&self.names, &path)
+            .ok_or_else(|| ClusterCallError::BadPath(path.clone()))?;
+        let mut headers = HeaderMap::new();
+        headers.insert(PATH_HEADER, path.as_str());
+        headers.insert(STATUS_HEADER, "nodes");
+        let request = async_nats::Request::new()
+            .headers(headers)
+            .timeout(Some(timeout));
+        let failed = |last: &str| ClusterCallError::Timeout {
+            path: path.clone(),
+            timeout,
+            attempts: 1,
+            last: last.to_owned(),
+        };
+        let reply = match self.client.send_request(subject, request).await {
+            Ok(reply)
+                if reply
+                    .headers
+                    .as_ref()
+                    .is_some_and(|h| h.get(RETRY_HEADER).is_some()) =>
+            {
+                return Err(failed("its host no longer runs it (handover or fence)"));
+            }
+            Ok(reply) => reply,
+            Err(e) => {
+                return Err(match e.kind() {
+                    async_nats::RequestErrorKind::NoResponders => {
+                        failed("no host serves it (no responders)")
+                    }
+                    async_nats::RequestErrorKind::TimedOut => failed("timed out"),
+                    _ => ClusterCallError::Send {
+                        path: path.clone(),
+                        message: e.to_string(),
+                    },
+                });
+            }
+        };
+        let reply = parse_reply(&path, &reply)?;
+        let json = reply.result.map_err(|error| ClusterCallError::Remote {
+            path: path.clone(),
+            error,
+            category: reply.category,
+            host: reply.host.clone(),
+        })?;
+        let nodes = serde_json::from_str(&json).map_err(|e| ClusterCallError::BadReply {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        Ok(UnitNodes {
+            host: reply.host,
+            incarnation: reply.incarnation,
+            revision: reply.revision,
+            nodes,
         })
     }
 
@@ -1057,6 +1160,7 @@ impl ClusterHost {
             client: client.clone(),
             names: names.clone(),
             units: units.iter().map(|(name, _)| name.clone()).collect(),
+            host: Some(options.host_id.clone()),
         };
         let (notes_tx, notes_rx) = mpsc::channel(64);
         let mut unit_leases = Vec::with_capacity(units.len());
@@ -2392,7 +2496,33 @@ impl ServeContext {
             .as_ref()
             .and_then(|h| h.get(PATH_HEADER))
             .map(|v| v.as_str().to_owned());
+        let status = message
+            .headers
+            .as_ref()
+            .is_some_and(|h| h.get(STATUS_HEADER).is_some());
         let body = match path {
+            // `agent-host status` on another host: this unit's nodes.
+            _ if status => {
+                let below = format!("{}/", self.unit_path);
+                let nodes: Vec<crate::NodeStatus> = self
+                    .tree
+                    .status()
+                    .into_iter()
+                    .filter(|n| n.path == self.unit_path || n.path.starts_with(&below))
+                    .collect();
+                match serde_json::to_string(&nodes) {
+                    Ok(json) => ReplyBody {
+                        ok: Some(json),
+                        error: None,
+                        category: None,
+                    },
+                    Err(e) => ReplyBody {
+                        ok: None,
+                        category: Some(format!("{:?}", ErrorCategory::Serialization)),
+                        error: Some(e.to_string()),
+                    },
+                }
+            }
             Some(path)
                 if path == self.unit_path
                     || path

@@ -1471,3 +1471,106 @@ fn cluster_status_lists_every_live_host_idle_ones_too() {
         assert!(status.success(), "{stderr}");
     }
 }
+
+/// `agent-host status` through any host shows the whole cluster: every
+/// unit with the host that runs it, and the children of a unit run
+/// elsewhere (asked of its owner); a unit whose owner does not answer is
+/// shown as such, within the status deadline, never a hang.
+#[test]
+fn agent_host_status_through_any_host_shows_the_whole_cluster() {
+    let Some(binary) = nats_server() else {
+        return;
+    };
+    let nats = Nats::start(&binary);
+    let dir = TempDir::new("cluster-whole-status");
+    let tree = dir.write(
+        "tree.toml",
+        r#"
+[cluster]
+lease_ttl = "2s"
+
+[supervisor]
+name = "root"
+
+[[supervisor.children]]
+name = "counter"
+component = "echo.wasm"
+placement = { labels = { zone = "a" } }
+
+[[supervisor.children]]
+name = "team"
+placement = { labels = { zone = "b" } }
+[[supervisor.children.children]]
+name = "x"
+component = "echo.wasm"
+[[supervisor.children.children]]
+name = "y"
+component = "echo.wasm"
+"#,
+    );
+    let mut h1 = start_labelled(&dir, &nats.url, "h1", "a", &tree);
+    let h2 = start_labelled(&dir, &nats.url, "h2", "b", &tree);
+    for path in ["root/counter", "root/team/x", "root/team/y"] {
+        let _ = reply_from_new(&nats.url, path, None);
+    }
+    let socket = h1.socket();
+    let socket = socket.to_str().expect("UTF-8 path");
+    let status = |json: bool| {
+        let mut args = vec!["status", &tree, "--socket", socket];
+        if json {
+            args.push("--json");
+        }
+        let out = dir.agent_host(&args);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            common::cli::text(&out.stderr)
+        );
+        common::cli::text(&out.stdout)
+    };
+    let text = status(false);
+    let row = |path: &str| {
+        text.lines()
+            .find(|l| l.split_whitespace().next() == Some(path))
+            .unwrap_or_else(|| panic!("no row for {path}:\n{text}"))
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(row("root/counter"), "h1", "{text}");
+    for path in ["root/team", "root/team/x", "root/team/y"] {
+        assert_eq!(row(path), "h2", "{text}");
+    }
+    let json = status(true);
+    let nodes: Vec<serde_json::Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON"))
+        .collect();
+    assert_eq!(nodes.len(), 4, "{json}");
+    assert!(
+        nodes
+            .iter()
+            .any(|n| n["path"] == "root/team/y" && n["host"] == "h2" && n["status"] == "Running"),
+        "{json}"
+    );
+    // h2 paused: its unit is shown as not answering, and status returns.
+    h2.signal("STOP");
+    let text = status(false);
+    let team = text
+        .lines()
+        .find(|l| l.starts_with("root/team "))
+        .unwrap_or_else(|| panic!("no row for root/team:\n{text}"));
+    assert!(team.contains("did not answer"), "{text}");
+    assert!(!text.contains("root/team/x"), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("root/counter ")),
+        "{text}"
+    );
+    h2.signal("CONT");
+    for host in [h1, h2] {
+        let (status, stderr) = host.stop();
+        assert!(status.success(), "{stderr}");
+    }
+}
