@@ -1574,3 +1574,94 @@ component = "echo.wasm"
         assert!(status.success(), "{stderr}");
     }
 }
+
+/// `--http` with `--cluster`: each host serves its own view (the units it
+/// runs) and `/metrics`; `--http-allow-control` is refused.
+#[test]
+fn each_host_serves_its_own_view_with_http() {
+    let Some(binary) = nats_server() else {
+        return;
+    };
+    let nats = Nats::start(&binary);
+    let dir = TempDir::new("cluster-http");
+    let tree = dir.write("tree.toml", &crashers("one_for_one", 10, &["a", "b"]));
+    let start = |id: &str, zone: &str| {
+        let labels = format!("zone={zone}");
+        let mut host = RunningHost::start(
+            &dir,
+            &[
+                "run",
+                "--json",
+                "--cluster",
+                &nats.url,
+                "--host-id",
+                id,
+                "--labels",
+                &labels,
+                "--http",
+                "127.0.0.1:0",
+                &tree,
+            ],
+        );
+        host.wait_for("the listening line", |seen| {
+            seen.iter().any(|l| l.contains(r#""kind":"listening""#))
+        });
+        let addr = host
+            .drain()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["kind"] == "listening")
+            .and_then(|v| v["http"].as_str().map(str::to_owned))
+            .expect("the listening line names the HTTP address");
+        (host, addr)
+    };
+    let (h1, addr1) = start("h1", "a");
+    let (h2, addr2) = start("h2", "b");
+    for path in ["root/a", "root/b"] {
+        let _ = reply_from_new(&nats.url, path, None);
+    }
+    let paths = |addr: &str| -> Vec<String> {
+        let status = common::http_client::get(addr, "/api/status").json();
+        status["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .filter_map(|n| n["path"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let deadline = Instant::now() + TAKEOVER_GUARD;
+    loop {
+        let (one, two) = (paths(&addr1), paths(&addr2));
+        if one.contains(&"root/a".to_owned()) && two.contains(&"root/b".to_owned()) {
+            assert!(!one.contains(&"root/b".to_owned()), "{one:?}");
+            assert!(!two.contains(&"root/a".to_owned()), "{two:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{one:?} {two:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let metrics = common::http_client::get(&addr1, "/metrics");
+    assert_eq!(metrics.status, 200);
+    assert!(metrics.body.contains("agent_host_"), "{}", metrics.body);
+    let out = dir.agent_host(&[
+        "run",
+        "--cluster",
+        &nats.url,
+        "--host-id",
+        "h3",
+        "--http",
+        "127.0.0.1:0",
+        "--http-allow-control",
+        &tree,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        common::cli::text(&out.stderr).contains("--http-allow-control is not available"),
+        "{}",
+        common::cli::text(&out.stderr)
+    );
+    for host in [h1, h2] {
+        let (status, stderr) = host.stop();
+        assert!(status.success(), "{stderr}");
+    }
+}
