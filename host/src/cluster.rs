@@ -637,7 +637,9 @@ impl ClusterClient {
                     .as_ref()
                     .is_some_and(|h| h.get(RETRY_HEADER).is_some()) =>
             {
-                return Err(failed("its host no longer runs it (handover or fence)"));
+                return Err(failed(
+                    "its host does not run it right now (a handover, a fence or a restart)",
+                ));
             }
             Ok(reply) => reply,
             Err(e) => {
@@ -2567,8 +2569,10 @@ impl ServeContext {
             },
         };
         // Checked again: a reply computed by an incarnation that was fenced
-        // meanwhile is dropped (the caller retries, and reaches the next).
-        if !self.gate.is_open() {
+        // meanwhile is dropped (the caller retries, and reaches the next);
+        // so is one that a restart by the root's strategy cut short (the
+        // caller retries, and reaches the restarted unit).
+        if !self.gate.is_open() || self.paused.load(Ordering::SeqCst) {
             self.retry(reply_to).await;
             return;
         }
