@@ -174,7 +174,8 @@ pub enum JoinError {
         bucket: String,
     },
     /// The cluster's root supervisor gave up (its restart intensity was
-    /// exceeded by takeovers): the tree is down on every host.
+    /// exceeded by the restarts of its units across the cluster): the
+    /// tree is down on every host.
     #[error(
         "the tree is down in this cluster: its root supervisor gave up ({reason}); to start it again, delete the key `halt` of the bucket `{bucket}`"
     )]
@@ -808,7 +809,8 @@ impl ClusterClient {
         Ok(out)
     }
 
-    /// The cluster's shared restart history (takeovers), oldest first.
+    /// The cluster's shared restart history (takeovers and crashes of
+    /// units), oldest first.
     ///
     /// # Errors
     ///
