@@ -332,6 +332,10 @@ pub struct HostStatus {
 /// Most host records read by [`ClusterClient::hosts`].
 pub const MAX_HOSTS: usize = 1024;
 
+/// The longest host record read (a larger one is skipped): a host id and
+/// a few labels take far less.
+const MAX_HOST_RECORD_BYTES: usize = 64 << 10;
+
 /// The key of a host's record.
 fn host_key(host: &str) -> String {
     format!("host.{}", token(host))
@@ -790,6 +794,9 @@ impl ClusterClient {
             else {
                 continue;
             };
+            if value.len() > MAX_HOST_RECORD_BYTES {
+                continue;
+            }
             let Ok(record) = serde_json::from_slice::<HostRecord>(&value) else {
                 continue;
             };
