@@ -1665,3 +1665,67 @@ fn each_host_serves_its_own_view_with_http() {
         assert!(status.success(), "{stderr}");
     }
 }
+
+/// The order that holds within a host: under `one_for_all`, a crash of
+/// `c` (on h2) makes h1 stop both its units, the later first, before it
+/// starts them again, the earlier first (OTP's order).
+#[test]
+fn a_host_restarts_its_affected_units_in_otp_order() {
+    let Some(binary) = nats_server() else {
+        return;
+    };
+    let nats = Nats::start(&binary);
+    let dir = TempDir::new("cluster-otp-order");
+    let text = crashers("one_for_all", 100, &["a", "b", "c"]).replace(
+        "placement = { labels = { zone = \"b\" } }",
+        "placement = { labels = { zone = \"a\" } }",
+    );
+    let tree = dir.write("tree.toml", &text);
+    let mut h1 = start_labelled(&dir, &nats.url, "h1", "a", &tree);
+    let h2 = start_labelled(&dir, &nats.url, "h2", "c", &tree);
+    for path in ["root/a", "root/b", "root/c"] {
+        let _ = reply_from_new(&nats.url, path, None);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let client = rt
+        .block_on(ClusterClient::connect(&nats.url, "root"))
+        .expect("connects");
+    crash_and_wait(&client, &rt, "root/c");
+    wait_for_restarts(&mut h1, "a and b restarted with c", 2);
+    let mut lines = Vec::new();
+    for host in [h1, h2] {
+        host.signal("INT");
+        let (status, seen, stderr) = host.finish();
+        assert!(status.success(), "{stderr}");
+        lines.push(seen);
+    }
+    assert_eq!(restarts(&lines[0]), [pair("a", "c"), pair("b", "c")]);
+    // h1's tree: both units started, then the restart (stops, then
+    // starts), then the final stop.
+    let events: Vec<(String, String)> = lines[0]
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["kind"] == "event")
+        .filter_map(|v| {
+            let kind = ["ChildStarted", "ChildStopped"]
+                .into_iter()
+                .find(|k| v["event"].get(k).is_some())?;
+            Some((kind.to_owned(), v["path"].as_str()?.to_owned()))
+        })
+        .collect();
+    let ev = |kind: &str, path: &str| (kind.to_owned(), path.to_owned());
+    assert!(events.len() >= 6, "{events:?}");
+    assert_eq!(
+        events[2..6],
+        [
+            ev("ChildStopped", "root/b"),
+            ev("ChildStopped", "root/a"),
+            ev("ChildStarted", "root/a"),
+            ev("ChildStarted", "root/b"),
+        ],
+        "{events:?}"
+    );
+}
