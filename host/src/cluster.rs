@@ -1046,6 +1046,9 @@ struct Manager {
     /// The ids of the history's entries this host has seen (at most
     /// [`MAX_ENTRIES`]: those in the history when last read).
     restarts_seen: HashSet<String>,
+    /// Per lost session in the history, the position (in the tree file)
+    /// of the earliest of its units the root's strategy was applied from.
+    takeovers_applied: HashMap<String, usize>,
     /// The restarts by the root's strategy to do here, done one after
     /// another (in the history's order) by a task of their own, so that
     /// the leases are renewed meanwhile.
@@ -1087,6 +1090,10 @@ struct UnitLease {
     gate: Arc<UnitGate>,
     runner: mpsc::Sender<Command>,
     runner_task: JoinHandle<()>,
+    /// The session of the lost host this host took the unit over from
+    /// (its current incarnation here), if it was a takeover: the root's
+    /// strategy does not restart it again for that lost host.
+    taken_from: Option<String>,
 }
 
 enum LeaseState {
@@ -1214,6 +1221,7 @@ impl ClusterHost {
                 gate,
                 runner: tx,
                 runner_task,
+                taken_from: None,
             });
         }
         let (halted_tx, halted) = tokio::sync::watch::channel(None);
@@ -1229,6 +1237,7 @@ impl ClusterHost {
             root: names.root.clone(),
             strategy: tree.root.policy.strategy,
             restarts_seen: HashSet::new(),
+            takeovers_applied: HashMap::new(),
             restart_queue: None,
             tree_events: Some(tree_events),
             host_id: options.host_id.clone(),
@@ -1809,7 +1818,9 @@ impl Manager {
                 // A unit whose host was lost restarts here: a restart of the
                 // root's, in the shared history.
                 let holder = unit.holder.take();
+                unit.taken_from = None;
                 if let Some(lost) = holder.filter(|h| takeover && h.session != self.session) {
+                    unit.taken_from = Some(lost.session.clone());
                     let entry = HistoryEntry {
                         id: uuid::Uuid::new_v4().to_string(),
                         kind: RestartKind::Takeover,
@@ -1897,44 +1908,85 @@ impl Manager {
     }
 
     /// The shared history as it is now: apply the root's strategy to each
-    /// counted restart this host has not seen yet.
+    /// restart this host has not seen yet. A crash is one restart. The
+    /// takeovers of the units of one lost host (one session) are one
+    /// restart too: the strategy is applied from the first of them seen,
+    /// and for `rest_for_one`, once more for the units between a later
+    /// one that comes earlier in the tree file and the ones already
+    /// covered. The lost host's units themselves are not restarted again:
+    /// each starts afresh where it is taken over.
     fn saw_history(&mut self, entries: Vec<HistoryEntry>) {
-        let new: Vec<HistoryEntry> = entries
+        let new: Vec<&HistoryEntry> = entries
             .iter()
-            .filter(|e| e.counted && !e.id.is_empty() && !self.restarts_seen.contains(&e.id))
-            .cloned()
+            .filter(|e| !e.id.is_empty() && !self.restarts_seen.contains(&e.id))
             .collect();
-        self.restarts_seen = entries.into_iter().map(|e| e.id).collect();
         for entry in new {
-            self.restart_affected(&entry);
+            let Some(at) = self.units.iter().position(|u| u.name == entry.unit) else {
+                continue;
+            };
+            let (upto, lost, session) = match entry.kind {
+                RestartKind::Crash => (None, HashSet::new(), None),
+                RestartKind::Takeover => {
+                    let upto = match self.takeovers_applied.get(&entry.lost_session) {
+                        None => None,
+                        Some(&covered) if at < covered => Some(covered),
+                        Some(_) => continue,
+                    };
+                    self.takeovers_applied
+                        .insert(entry.lost_session.clone(), at);
+                    let lost = entries
+                        .iter()
+                        .filter(|e| {
+                            e.kind == RestartKind::Takeover && e.lost_session == entry.lost_session
+                        })
+                        .map(|e| e.unit.clone())
+                        .collect();
+                    (upto, lost, Some(entry.lost_session.as_str()))
+                }
+            };
+            self.restart_affected(at, upto, &lost, session);
         }
+        self.takeovers_applied
+            .retain(|session, _| entries.iter().any(|e| &e.lost_session == session));
+        self.restarts_seen = entries.into_iter().map(|e| e.id).collect();
     }
 
-    /// The root's strategy across hosts: `entry.unit` was restarted (it
+    /// The root's strategy across hosts: unit `at` was restarted (it
     /// crashed and its host restarted it, or it was taken over); restart
     /// the units the strategy restarts with it that this host runs (every
     /// other unit for `one_for_all`, those after it in the tree file for
-    /// `rest_for_one`): stopped in reverse start order, then started in
-    /// start order, each keeping its lease. Done by a task, so that the
-    /// leases are renewed meanwhile.
-    fn restart_affected(&mut self, entry: &HistoryEntry) {
-        let Some(at) = self.units.iter().position(|u| u.name == entry.unit) else {
-            return;
+    /// `rest_for_one`, before unit `upto` if given; none of `skip`, and
+    /// none this host took over from `lost_session`): stopped in reverse
+    /// start order, then started in start order, each keeping its lease.
+    /// Done by a task, so that the leases are renewed meanwhile.
+    fn restart_affected(
+        &mut self,
+        at: usize,
+        upto: Option<usize>,
+        skip: &HashSet<String>,
+        lost_session: Option<&str>,
+    ) {
+        let affected = match (self.strategy, upto) {
+            (RestartStrategy::OneForOne, _) | (RestartStrategy::OneForAll, Some(_)) => return,
+            (RestartStrategy::OneForAll, None) => 0..self.units.len(),
+            (RestartStrategy::RestForOne, upto) => at + 1..upto.unwrap_or(self.units.len()),
         };
-        let affected = match self.strategy {
-            RestartStrategy::OneForOne => return,
-            RestartStrategy::OneForAll => 0..self.units.len(),
-            RestartStrategy::RestForOne => at + 1..self.units.len(),
-        };
+        let cause = self.units[at].name.clone();
         let targets: Vec<RestartTarget> = affected
             .filter(|&i| i != at)
             .filter_map(|i| {
                 let unit = &self.units[i];
                 match &unit.state {
-                    LeaseState::Owned { incarnation, .. } => Some(RestartTarget {
-                        incarnation: incarnation.clone(),
-                        runner: unit.runner.clone(),
-                    }),
+                    LeaseState::Owned { incarnation, .. }
+                        if !skip.contains(&unit.name)
+                            && (lost_session.is_none()
+                                || unit.taken_from.as_deref() != lost_session) =>
+                    {
+                        Some(RestartTarget {
+                            incarnation: incarnation.clone(),
+                            runner: unit.runner.clone(),
+                        })
+                    }
                     _ => None,
                 }
             })
@@ -1943,21 +1995,19 @@ impl Manager {
             return;
         }
         tracing::info!(
-            "cluster: restarting {} unit(s) here with {} ({:?})",
+            "cluster: restarting {} unit(s) here with {cause} ({:?})",
             targets.len(),
-            entry.unit,
             self.strategy
         );
         let group = RestartGroup {
             targets,
-            cause: entry.unit.clone(),
+            cause: cause.clone(),
         };
         if let Some(queue) = &self.restart_queue
             && queue.try_send(group).is_err()
         {
             tracing::warn!(
-                "cluster: too many restarts queued here; the one with {} is not done",
-                entry.unit
+                "cluster: too many restarts queued here; the one with {cause} is not done"
             );
         }
     }

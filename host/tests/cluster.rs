@@ -1729,3 +1729,73 @@ fn a_host_restarts_its_affected_units_in_otp_order() {
         "{events:?}"
     );
 }
+
+/// `rest_for_one` and a lost host that ran two units (`b` and `c`): one
+/// restart of the root. The host that takes both over restarts neither
+/// again (each started afresh), `d` (after them) restarts once, `a`
+/// (before them) never. A crash of `a` afterwards restarts `b`, `c` and
+/// `d` once each: the hosts applied the history in its order.
+#[test]
+fn rest_for_one_counts_a_lost_host_with_two_units_as_one_restart() {
+    let Some(binary) = nats_server() else {
+        return;
+    };
+    let nats = Nats::start(&binary);
+    let dir = TempDir::new("cluster-rfo-lost");
+    let text = crashers("rest_for_one", 100, &["a", "b", "c", "d"]).replace(
+        "placement = { labels = { zone = \"c\" } }",
+        "placement = { labels = { zone = \"b\" } }",
+    );
+    let tree = dir.write("tree.toml", &text);
+    let h1 = start_labelled(&dir, &nats.url, "h1", "a", &tree);
+    let h2 = start_labelled(&dir, &nats.url, "h2", "b", &tree);
+    let mut h4 = start_labelled(&dir, &nats.url, "h4", "d", &tree);
+    let mut first = HashMap::new();
+    for path in ["root/a", "root/b", "root/c", "root/d"] {
+        first.insert(path, reply_from_new(&nats.url, path, None));
+    }
+    assert_eq!(first["root/b"].host, "h2");
+    assert_eq!(first["root/c"].host, "h2");
+    let mut h3 = start_labelled(&dir, &nats.url, "h3", "b", &tree);
+    h2.signal("KILL");
+    let _ = h2.finish();
+    for path in ["root/b", "root/c"] {
+        let next = reply_from_new(&nats.url, path, Some(&first[path].incarnation));
+        assert_eq!(next.host, "h3");
+    }
+    let deadline = Instant::now() + TAKEOVER_GUARD;
+    while history(&nats.url).len() < 2 {
+        assert!(Instant::now() < deadline, "{:?}", history(&nats.url));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_for_restarts(&mut h4, "d restarted with the lost host", 1);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let client = rt
+        .block_on(ClusterClient::connect(&nats.url, "root"))
+        .expect("connects");
+    crash_and_wait(&client, &rt, "root/a");
+    wait_for_restarts(&mut h3, "b and c restarted with a", 2);
+    wait_for_restarts(&mut h4, "d restarted with a", 2);
+    let mut lines = HashMap::new();
+    for (id, host) in [("h1", h1), ("h3", h3), ("h4", h4)] {
+        host.signal("INT");
+        let (status, seen, stderr) = host.finish();
+        assert!(status.success(), "{id}: {stderr}");
+        lines.insert(id, seen);
+    }
+    assert_eq!(restarts(&lines["h1"]), []);
+    assert_eq!(restarts(&lines["h3"]), [pair("b", "a"), pair("c", "a")]);
+    let d = restarts(&lines["h4"]);
+    assert_eq!(d.len(), 2, "{d:?}");
+    assert!(d[0] == pair("d", "b") || d[0] == pair("d", "c"), "{d:?}");
+    assert_eq!(d[1], pair("d", "a"));
+    let entries = history(&nats.url);
+    assert_eq!(
+        entries.iter().filter(|e| e.counted).count(),
+        2,
+        "one lost host and one crash: {entries:?}"
+    );
+}
