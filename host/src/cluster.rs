@@ -41,13 +41,26 @@
 //! lease revision that produced it. No responders (no owner right now) is
 //! retried until the caller's deadline. A call to a unit this host runs
 //! stays in the process.
+//!
+//! **Supervision across hosts.** The root's restarts of its units (a
+//! takeover; a unit that exited and was restarted by its host's root) are
+//! recorded in a shared history (`ah-<tree>-history`) and judged against
+//! the root's intensity in one window over the cluster. Each host's local
+//! root is `one_for_one`; the root's `one_for_all` / `rest_for_one` is
+//! applied from the history, which every host watches: for each counted
+//! restart of a unit, each host restarts the units it runs that the
+//! strategy restarts with it (stopped last first, then started first
+//! first, keeping their leases). There is no barrier across hosts: the
+//! order holds within a host, and the unit that caused it runs again
+//! before any other restarts.
 
 mod history;
 mod kv_state;
 mod subject;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -61,14 +74,15 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use history::{HistoryEntry, HistoryError, MAX_ENTRIES, counted_within};
+pub use history::{HistoryEntry, HistoryError, MAX_ENTRIES, RestartKind, counted_within};
 pub use kv_state::KvStateStore;
 pub use subject::{call_subject, token};
 
 use crate::runtime::Runtime;
 use crate::tree::{TreeError, TreeFile, valid_label};
 use crate::{
-    ChildSpec, ErrorCategory, RestartIntensity, RunningTree, StateQuota, TreeCallError, TreeHandle,
+    ChildSpec, ErrorCategory, EventKind, RestartIntensity, RestartStrategy, RunningTree,
+    StateQuota, SupervisorEvent, TreeCallError, TreeHandle,
 };
 
 /// The request header with the caller's call id (a UUID unless the caller
@@ -87,6 +101,11 @@ pub const HOST_HEADER: &str = "Agent-Host-Host";
 /// The reply header of a host that no longer runs the unit (fenced or
 /// handing it over): no agent saw the call, try again (the next owner).
 pub const RETRY_HEADER: &str = "Agent-Host-Retry";
+
+/// The request header that asks a unit's owner for the status of the
+/// unit's nodes instead of calling an agent (see
+/// [`ClusterClient::unit_nodes`]).
+pub const STATUS_HEADER: &str = "Agent-Host-Status";
 
 /// Longest host id accepted (`--host-id`).
 pub const MAX_HOST_ID: usize = 64;
@@ -155,7 +174,8 @@ pub enum JoinError {
         bucket: String,
     },
     /// The cluster's root supervisor gave up (its restart intensity was
-    /// exceeded by takeovers): the tree is down on every host.
+    /// exceeded by the restarts of its units across the cluster): the
+    /// tree is down on every host.
     #[error(
         "the tree is down in this cluster: its root supervisor gave up ({reason}); to start it again, delete the key `halt` of the bucket `{bucket}`"
     )]
@@ -223,6 +243,18 @@ pub enum ClusterEvent {
         /// Its incarnation.
         incarnation: String,
     },
+    /// The unit was restarted here, keeping its lease and incarnation (a
+    /// new local instance of its subtree), because the root's strategy
+    /// (`one_for_all`, `rest_for_one`) restarts it with `cause`, a unit
+    /// restarted somewhere in the cluster.
+    Restarted {
+        /// The unit.
+        unit: String,
+        /// Its incarnation (unchanged).
+        incarnation: String,
+        /// The unit whose restart (a crash or a takeover) caused this one.
+        cause: String,
+    },
     /// The lease was deleted after the unit stopped: another host may take
     /// the unit over at once.
     Released {
@@ -260,6 +292,53 @@ pub struct LeaseRecord {
     /// units of one lost session count as one restart.
     #[serde(default)]
     pub session: String,
+}
+
+/// What a host says about itself while it is in the cluster: the key
+/// `host.<id>` of the leases bucket, written when it joins and renewed with
+/// its leases (every `T/4`), deleted when it leaves gracefully.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HostRecord {
+    /// Its host id.
+    pub host: String,
+    /// Its labels (`--labels`).
+    pub labels: BTreeMap<String, String>,
+    /// Its session (one run of `agent-host`).
+    pub session: String,
+    /// The lease time: a record not renewed for that long is a host gone
+    /// silent (killed, paused, cut off from the server).
+    pub ttl_ms: u64,
+    /// When it was last renewed (milliseconds since the Unix epoch, the
+    /// host's clock).
+    pub at_ms: u64,
+    /// Whether it was drained (`cluster drain`): it takes no unit.
+    #[serde(default)]
+    pub draining: bool,
+}
+
+/// A host of the cluster as [`ClusterClient::hosts`] sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostStatus {
+    /// What it last said about itself.
+    #[serde(flatten)]
+    pub record: HostRecord,
+    /// Whether it renewed its record within its lease time, by this
+    /// process's clock (clocks are assumed roughly in step).
+    pub live: bool,
+    /// The units whose lease it holds (none: an idle host).
+    pub units: Vec<String>,
+}
+
+/// Most host records read by [`ClusterClient::hosts`].
+pub const MAX_HOSTS: usize = 1024;
+
+/// The longest host record read (a larger one is skipped): a host id and
+/// a few labels take far less.
+const MAX_HOST_RECORD_BYTES: usize = 64 << 10;
+
+/// The key of a host's record.
+fn host_key(host: &str) -> String {
+    format!("host.{}", token(host))
 }
 
 /// A unit's fence on this host: until when it may answer calls and write
@@ -390,6 +469,21 @@ pub struct ClusterClient {
     /// The tree's units, when known (a host's client): a call to a unit
     /// that does not exist fails at once instead of at its deadline.
     units: Arc<[String]>,
+    /// The host this client belongs to, if any.
+    host: Option<String>,
+}
+
+/// The nodes of one unit, as the host that runs it answered.
+#[derive(Debug, Clone)]
+pub struct UnitNodes {
+    /// The host that answered.
+    pub host: String,
+    /// The unit's incarnation there.
+    pub incarnation: String,
+    /// Its lease revision.
+    pub revision: u64,
+    /// The unit and the nodes below it, depth first in start order.
+    pub nodes: Vec<crate::NodeStatus>,
 }
 
 /// Why a call by path across hosts failed.
@@ -497,6 +591,91 @@ impl ClusterClient {
             client,
             names: ClusterNames::of(root),
             units: Arc::new([]),
+            host: None,
+        })
+    }
+
+    /// The tree's units in the tree file's order (a host's client; empty
+    /// for [`connect`](Self::connect)'s).
+    pub fn unit_names(&self) -> &[String] {
+        &self.units
+    }
+
+    /// The host this client belongs to (a host's client).
+    pub fn host_id(&self) -> Option<&str> {
+        self.host.as_deref()
+    }
+
+    /// Ask the host that runs `unit` for the status of its nodes: one
+    /// request, answered only by the unit's current owner while its lease
+    /// is valid, within `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// [`ClusterCallError`]: no such unit, nobody runs it now (no
+    /// responders, or its host is handing it over), no answer within
+    /// `timeout`, a malformed answer.
+    pub async fn unit_nodes(
+        &self,
+        unit: &str,
+        timeout: Duration,
+    ) -> Result<UnitNodes, ClusterCallError> {
+        let path = format!("{}/{unit}", self.names.root);
+        let subject = call_subject(&self.names, &path)
+            .ok_or_else(|| ClusterCallError::BadPath(path.clone()))?;
+        let mut headers = HeaderMap::new();
+        headers.insert(PATH_HEADER, path.as_str());
+        headers.insert(STATUS_HEADER, "nodes");
+        let request = async_nats::Request::new()
+            .headers(headers)
+            .timeout(Some(timeout));
+        let failed = |last: &str| ClusterCallError::Timeout {
+            path: path.clone(),
+            timeout,
+            attempts: 1,
+            last: last.to_owned(),
+        };
+        let reply = match self.client.send_request(subject, request).await {
+            Ok(reply)
+                if reply
+                    .headers
+                    .as_ref()
+                    .is_some_and(|h| h.get(RETRY_HEADER).is_some()) =>
+            {
+                return Err(failed(
+                    "its host does not run it right now (a handover, a fence or a restart)",
+                ));
+            }
+            Ok(reply) => reply,
+            Err(e) => {
+                return Err(match e.kind() {
+                    async_nats::RequestErrorKind::NoResponders => {
+                        failed("no host serves it (no responders)")
+                    }
+                    async_nats::RequestErrorKind::TimedOut => failed("timed out"),
+                    _ => ClusterCallError::Send {
+                        path: path.clone(),
+                        message: e.to_string(),
+                    },
+                });
+            }
+        };
+        let reply = parse_reply(&path, &reply)?;
+        let json = reply.result.map_err(|error| ClusterCallError::Remote {
+            path: path.clone(),
+            error,
+            category: reply.category,
+            host: reply.host.clone(),
+        })?;
+        let nodes = serde_json::from_str(&json).map_err(|e| ClusterCallError::BadReply {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        Ok(UnitNodes {
+            host: reply.host,
+            incarnation: reply.incarnation,
+            revision: reply.revision,
+            nodes,
         })
     }
 
@@ -572,7 +751,73 @@ impl ClusterClient {
         Ok(out)
     }
 
-    /// The cluster's shared restart history (takeovers), oldest first.
+    /// The hosts that have said they are in the cluster (at most
+    /// [`MAX_HOSTS`]), by host id, each with the units of `units` it holds
+    /// (from [`units`](Self::units)). A host that stopped gracefully has
+    /// deleted its record; one that was killed is listed, not live, until
+    /// a host of that id joins again.
+    ///
+    /// # Errors
+    ///
+    /// [`JoinError::Bucket`] if the bucket cannot be read.
+    pub async fn hosts(&self, units: &[UnitStatus]) -> Result<Vec<HostStatus>, JoinError> {
+        let js = async_nats::jetstream::new(self.client.clone());
+        let bucket_error = |message: String| JoinError::Bucket {
+            bucket: self.names.leases.clone(),
+            message,
+        };
+        let store = js
+            .get_key_value(&self.names.leases)
+            .await
+            .map_err(|e| bucket_error(e.to_string()))?;
+        let mut keys = store
+            .keys()
+            .await
+            .map_err(|e| bucket_error(e.to_string()))?;
+        let mut host_keys = Vec::new();
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(|e| bucket_error(e.to_string()))?;
+            if key.starts_with("host.") {
+                host_keys.push(key);
+                if host_keys.len() >= MAX_HOSTS {
+                    break;
+                }
+            }
+        }
+        let now = now_ms();
+        let mut out = Vec::with_capacity(host_keys.len());
+        for key in host_keys {
+            let Some(value) = store
+                .get(key)
+                .await
+                .map_err(|e| bucket_error(e.to_string()))?
+            else {
+                continue;
+            };
+            if value.len() > MAX_HOST_RECORD_BYTES {
+                continue;
+            }
+            let Ok(record) = serde_json::from_slice::<HostRecord>(&value) else {
+                continue;
+            };
+            let live = now.saturating_sub(record.at_ms) <= record.ttl_ms;
+            let held = units
+                .iter()
+                .filter(|u| u.holder.as_ref().is_some_and(|h| h.host == record.host))
+                .map(|u| u.unit.clone())
+                .collect();
+            out.push(HostStatus {
+                record,
+                live,
+                units: held,
+            });
+        }
+        out.sort_by(|a, b| a.record.host.cmp(&b.record.host));
+        Ok(out)
+    }
+
+    /// The cluster's shared restart history (takeovers and crashes of
+    /// units), oldest first.
     ///
     /// # Errors
     ///
@@ -734,6 +979,20 @@ enum Command {
     },
     /// Stop the unit; answered once it stopped.
     Stop { done: oneshot::Sender<()> },
+    /// The first half of a restart by the root's strategy: stop the unit's
+    /// subtree (keeping the lease; calls meanwhile are told to try again),
+    /// if `incarnation` still runs it here. Answered once it stopped.
+    Halt {
+        incarnation: String,
+        done: oneshot::Sender<()>,
+    },
+    /// The second half: start the subtree again, if it was halted by
+    /// `Halt` for `incarnation` and nothing stopped the unit since.
+    Resume {
+        incarnation: String,
+        cause: String,
+        done: oneshot::Sender<()>,
+    },
 }
 
 /// What a runner tells the lease manager.
@@ -778,7 +1037,32 @@ struct Manager {
     halted: tokio::sync::watch::Sender<Option<String>>,
     /// The restart-history writes in progress.
     tasks: tokio::task::JoinSet<()>,
+    /// The root supervisor's name (the units' paths are `root/unit`).
+    root: String,
+    /// The root's strategy, applied across hosts (the local roots are
+    /// `one_for_one`: what a restart of a unit restarts with it is decided
+    /// here, from the shared history).
+    strategy: RestartStrategy,
+    /// The ids of the history's entries this host has seen (at most
+    /// [`MAX_ENTRIES`]: those in the history when last read).
+    restarts_seen: HashSet<String>,
+    /// Per lost session in the history, the position (in the tree file)
+    /// of the earliest of its units the root's strategy was applied from.
+    takeovers_applied: HashMap<String, usize>,
+    /// The restarts by the root's strategy to do here, done one after
+    /// another (in the history's order) by a task of their own, so that
+    /// the leases are renewed meanwhile.
+    restart_queue: Option<mpsc::Sender<RestartGroup>>,
+    /// The local tree's events: the root's restarts of the units run here
+    /// go to the shared history.
+    tree_events: Option<broadcast::Receiver<SupervisorEvent>>,
     host_id: String,
+    /// This host's labels, for its record.
+    labels: BTreeMap<String, String>,
+    /// When this host's record was last written (renewed every `T/4`).
+    presence_sent: Option<Instant>,
+    /// Whether this host was drained (it takes no unit).
+    draining: bool,
     ttl: Duration,
     units: Vec<UnitLease>,
     notes: mpsc::Receiver<RunnerNote>,
@@ -806,6 +1090,10 @@ struct UnitLease {
     gate: Arc<UnitGate>,
     runner: mpsc::Sender<Command>,
     runner_task: JoinHandle<()>,
+    /// The session of the lost host this host took the unit over from
+    /// (its current incarnation here), if it was a takeover: the root's
+    /// strategy does not restart it again for that lost host.
+    taken_from: Option<String>,
 }
 
 enum LeaseState {
@@ -874,15 +1162,23 @@ impl ClusterHost {
             gates.clone(),
             StateQuota::default(),
         ));
-        let (root, units) = tree.build_units(runtime, state.clone())?;
+        // The local root restarts only the unit that exited: the root's
+        // strategy is applied across hosts by the lease manager, from the
+        // shared history, to each host's units in the tree file's order.
+        let mut local = tree.clone();
+        local.root.policy.strategy = RestartStrategy::OneForOne;
+        let (root, units) = local.build_units(runtime, state.clone())?;
         let running = RunningTree::start(root).await?;
         let handle = running.handle();
+        // Before any unit starts here: no restart of one is missed.
+        let tree_events = running.subscribe();
         let (events, _) = broadcast::channel(1024);
         let cancel = CancellationToken::new();
         let cluster_client = ClusterClient {
             client: client.clone(),
             names: names.clone(),
             units: units.iter().map(|(name, _)| name.clone()).collect(),
+            host: Some(options.host_id.clone()),
         };
         let (notes_tx, notes_rx) = mpsc::channel(64);
         let mut unit_leases = Vec::with_capacity(units.len());
@@ -894,7 +1190,7 @@ impl ClusterHost {
                 .by_unit
                 .insert(name.clone(), gate.clone());
             state.register_spec(&name, &spec);
-            let (tx, rx) = mpsc::channel(8);
+            let (tx, rx) = mpsc::channel(32);
             let runner = Runner {
                 unit: name.clone(),
                 spec,
@@ -925,6 +1221,7 @@ impl ClusterHost {
                 gate,
                 runner: tx,
                 runner_task,
+                taken_from: None,
             });
         }
         let (halted_tx, halted) = tokio::sync::watch::channel(None);
@@ -937,7 +1234,16 @@ impl ClusterHost {
             session: uuid::Uuid::new_v4().to_string(),
             halted: halted_tx,
             tasks: tokio::task::JoinSet::new(),
+            root: names.root.clone(),
+            strategy: tree.root.policy.strategy,
+            restarts_seen: HashSet::new(),
+            takeovers_applied: HashMap::new(),
+            restart_queue: None,
+            tree_events: Some(tree_events),
             host_id: options.host_id.clone(),
+            labels: options.labels.clone(),
+            presence_sent: None,
+            draining: false,
             ttl,
             units: unit_leases,
             notes: notes_rx,
@@ -1168,6 +1474,20 @@ impl Manager {
             }
         };
         self.read_all().await;
+        self.renew_presence().await;
+        // The history's watch first, then what it holds now (seen before
+        // this host ran any unit: nothing of it is applied here).
+        let mut restarts = self.history.watch(history::ENTRIES_KEY).await.ok();
+        if let Ok((entries, _)) = history::read(&self.history).await {
+            self.restarts_seen = entries.into_iter().map(|e| e.id).collect();
+        }
+        let (queue, mut queued) = mpsc::channel::<RestartGroup>(MAX_ENTRIES);
+        self.restart_queue = Some(queue);
+        let restarter = tokio::spawn(async move {
+            while let Some(group) = queued.recv().await {
+                restart_group(group).await;
+            }
+        });
         let mut drains = match self.client.subscribe(self.drain_subject.clone()).await {
             Ok(drains) => Some(drains),
             Err(e) => {
@@ -1196,11 +1516,38 @@ impl Manager {
                         watch = Some(w);
                         self.read_all().await;
                     }
+                    if restarts.is_none()
+                        && let Ok(w) = self.history.watch(history::ENTRIES_KEY).await
+                    {
+                        restarts = Some(w);
+                        // What was written while the watch was lost.
+                        if let Ok((entries, _)) = history::read(&self.history).await {
+                            self.saw_history(entries);
+                        }
+                    }
                     self.step().await;
                 }
                 request = next_message(&mut drains) => match request {
                     Some(request) => self.drain(request).await,
                     None => drains = None,
+                },
+                entry = next_entry(&mut restarts) => match entry {
+                    Some(Ok(entry)) if entry.operation == Operation::Put => {
+                        match serde_json::from_slice(&entry.value) {
+                            Ok(entries) => self.saw_history(entries),
+                            Err(e) => tracing::warn!("cluster: the restart history is unreadable: {e}"),
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => {
+                        tracing::warn!("cluster: the restart history's watch failed: {e}; watching again");
+                        restarts = None;
+                    }
+                    None => restarts = None,
+                },
+                event = next_tree_event(&mut self.tree_events) => match event {
+                    Some(event) => self.saw_tree_event(&event),
+                    None => self.tree_events = None,
                 },
                 note = self.notes.recv() => {
                     if let Some(RunnerNote::StartFailed { unit }) = note {
@@ -1228,6 +1575,13 @@ impl Manager {
             self.release(&unit, false).await;
         }
         while self.tasks.join_next().await.is_some() {}
+        // What is still queued finds its units stopped: nothing happens.
+        self.restart_queue = None;
+        let _ = restarter.await;
+        // Gone gracefully: no longer listed.
+        if self.presence_sent.is_some() {
+            let _ = self.leases.delete(host_key(&self.host_id)).await;
+        }
         for unit in self.units {
             drop(unit.runner);
             let _ = unit.runner_task.await;
@@ -1237,7 +1591,10 @@ impl Manager {
     /// When the next renewal, fence or takeover attempt is due.
     fn next_due(&self) -> Instant {
         let now = Instant::now();
-        let far = now + self.ttl;
+        let far = self
+            .presence_sent
+            .map_or(now, |sent| sent + self.ttl / 4)
+            .min(now + self.ttl);
         // After a failed attempt, the next one waits a little.
         let retry = self.ttl / 32;
         self.units
@@ -1300,9 +1657,40 @@ impl Manager {
         }
     }
 
+    /// Write this host's record (see [`HostRecord`]) if it is due.
+    async fn renew_presence(&mut self) {
+        let now = Instant::now();
+        if self
+            .presence_sent
+            .is_some_and(|sent| now < sent + self.ttl / 4)
+        {
+            return;
+        }
+        self.presence_sent = Some(now);
+        let record = HostRecord {
+            host: self.host_id.clone(),
+            labels: self.labels.clone(),
+            session: self.session.clone(),
+            ttl_ms: u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX),
+            at_ms: now_ms(),
+            draining: self.draining,
+        };
+        let Ok(bytes) = serde_json::to_vec(&record) else {
+            return;
+        };
+        if let Err(e) = self
+            .leases
+            .put(host_key(&self.host_id), Bytes::from(bytes))
+            .await
+        {
+            tracing::debug!("cluster: cannot renew this host's record: {e}");
+        }
+    }
+
     /// Renew what is due, fence what could not be renewed in time, try to
     /// take what is free or expired.
     async fn step(&mut self) {
+        self.renew_presence().await;
         let ttl = self.ttl;
         for i in 0..self.units.len() {
             let now = Instant::now();
@@ -1430,8 +1818,12 @@ impl Manager {
                 // A unit whose host was lost restarts here: a restart of the
                 // root's, in the shared history.
                 let holder = unit.holder.take();
+                unit.taken_from = None;
                 if let Some(lost) = holder.filter(|h| takeover && h.session != self.session) {
+                    unit.taken_from = Some(lost.session.clone());
                     let entry = HistoryEntry {
+                        id: uuid::Uuid::new_v4().to_string(),
+                        kind: RestartKind::Takeover,
                         at_ms: now_ms(),
                         unit: unit.name.clone(),
                         lost_host: lost.host,
@@ -1446,7 +1838,7 @@ impl Manager {
                         self.intensity.clone(),
                     );
                     self.tasks.spawn(async move {
-                        record_takeover(&history, &leases, entry, intensity).await;
+                        record_restart(&history, &leases, entry, intensity).await;
                     });
                 }
                 let command = Command::Start {
@@ -1470,12 +1862,165 @@ impl Manager {
         }
     }
 
+    /// An event of the local tree: a unit run here that exited and was
+    /// restarted here by the local root is a restart of the cluster's root,
+    /// recorded in the shared history (so that the root's intensity is
+    /// judged once over the cluster). A bystander restarted with it is not
+    /// another restart (OTP counts the exit, not the children restarted).
+    fn saw_tree_event(&mut self, event: &SupervisorEvent) {
+        let EventKind::ChildRestarted {
+            bystander: false, ..
+        } = &event.kind
+        else {
+            return;
+        };
+        let Some(unit) = event
+            .path
+            .strip_prefix(self.root.as_str())
+            .and_then(|rest| rest.strip_prefix('/'))
+            .and_then(|name| self.units.iter().find(|u| u.name == name))
+        else {
+            return;
+        };
+        let incarnation = match &unit.state {
+            LeaseState::Owned { incarnation, .. } => incarnation.clone(),
+            _ => String::new(),
+        };
+        let entry = HistoryEntry {
+            id: uuid::Uuid::new_v4().to_string(),
+            kind: RestartKind::Crash,
+            at_ms: now_ms(),
+            unit: unit.name.clone(),
+            lost_host: self.host_id.clone(),
+            lost_session: self.session.clone(),
+            by_host: self.host_id.clone(),
+            incarnation,
+            counted: true,
+        };
+        let (history, leases, intensity) = (
+            self.history.clone(),
+            self.leases.clone(),
+            self.intensity.clone(),
+        );
+        self.tasks.spawn(async move {
+            record_restart(&history, &leases, entry, intensity).await;
+        });
+    }
+
+    /// The shared history as it is now: apply the root's strategy to each
+    /// restart this host has not seen yet. A crash is one restart. The
+    /// takeovers of the units of one lost host (one session) are one
+    /// restart too: the strategy is applied from the first of them seen,
+    /// and for `rest_for_one`, once more for the units between a later
+    /// one that comes earlier in the tree file and the ones already
+    /// covered. The lost host's units themselves are not restarted again:
+    /// each starts afresh where it is taken over.
+    fn saw_history(&mut self, entries: Vec<HistoryEntry>) {
+        let new: Vec<&HistoryEntry> = entries
+            .iter()
+            .filter(|e| !e.id.is_empty() && !self.restarts_seen.contains(&e.id))
+            .collect();
+        for entry in new {
+            let Some(at) = self.units.iter().position(|u| u.name == entry.unit) else {
+                continue;
+            };
+            let (upto, lost, session) = match entry.kind {
+                RestartKind::Crash => (None, HashSet::new(), None),
+                RestartKind::Takeover => {
+                    let upto = match self.takeovers_applied.get(&entry.lost_session) {
+                        None => None,
+                        Some(&covered) if at < covered => Some(covered),
+                        Some(_) => continue,
+                    };
+                    self.takeovers_applied
+                        .insert(entry.lost_session.clone(), at);
+                    let lost = entries
+                        .iter()
+                        .filter(|e| {
+                            e.kind == RestartKind::Takeover && e.lost_session == entry.lost_session
+                        })
+                        .map(|e| e.unit.clone())
+                        .collect();
+                    (upto, lost, Some(entry.lost_session.as_str()))
+                }
+            };
+            self.restart_affected(at, upto, &lost, session);
+        }
+        self.takeovers_applied
+            .retain(|session, _| entries.iter().any(|e| &e.lost_session == session));
+        self.restarts_seen = entries.into_iter().map(|e| e.id).collect();
+    }
+
+    /// The root's strategy across hosts: unit `at` was restarted (it
+    /// crashed and its host restarted it, or it was taken over); restart
+    /// the units the strategy restarts with it that this host runs (every
+    /// other unit for `one_for_all`, those after it in the tree file for
+    /// `rest_for_one`, before unit `upto` if given; none of `skip`, and
+    /// none this host took over from `lost_session`): stopped in reverse
+    /// start order, then started in start order, each keeping its lease.
+    /// Done by a task, so that the leases are renewed meanwhile.
+    fn restart_affected(
+        &mut self,
+        at: usize,
+        upto: Option<usize>,
+        skip: &HashSet<String>,
+        lost_session: Option<&str>,
+    ) {
+        let affected = match (self.strategy, upto) {
+            (RestartStrategy::OneForOne, _) | (RestartStrategy::OneForAll, Some(_)) => return,
+            (RestartStrategy::OneForAll, None) => 0..self.units.len(),
+            (RestartStrategy::RestForOne, upto) => at + 1..upto.unwrap_or(self.units.len()),
+        };
+        let cause = self.units[at].name.clone();
+        let targets: Vec<RestartTarget> = affected
+            .filter(|&i| i != at)
+            .filter_map(|i| {
+                let unit = &self.units[i];
+                match &unit.state {
+                    LeaseState::Owned { incarnation, .. }
+                        if !skip.contains(&unit.name)
+                            && (lost_session.is_none()
+                                || unit.taken_from.as_deref() != lost_session) =>
+                    {
+                        Some(RestartTarget {
+                            incarnation: incarnation.clone(),
+                            runner: unit.runner.clone(),
+                        })
+                    }
+                    _ => None,
+                }
+            })
+            .collect();
+        if targets.is_empty() {
+            return;
+        }
+        tracing::info!(
+            "cluster: restarting {} unit(s) here with {cause} ({:?})",
+            targets.len(),
+            self.strategy
+        );
+        let group = RestartGroup {
+            targets,
+            cause: cause.clone(),
+        };
+        if let Some(queue) = &self.restart_queue
+            && queue.try_send(group).is_err()
+        {
+            tracing::warn!(
+                "cluster: too many restarts queued here; the one with {cause} is not done"
+            );
+        }
+    }
+
     /// `agent-host cluster drain`: hand every unit over and take none any
     /// more; answer with the units handed over.
     async fn drain(&mut self, request: async_nats::Message) {
         for unit in &mut self.units {
             unit.eligible = false;
         }
+        self.draining = true;
+        self.presence_sent = None;
+        self.renew_presence().await;
         let owned: Vec<String> = self
             .units
             .iter()
@@ -1567,19 +2112,29 @@ impl UnitLease {
     }
 }
 
-/// Add a takeover to the shared history; if it makes the root's restarts
-/// exceed its intensity, stop the tree on every host (the key `halt`).
-async fn record_takeover(
+/// Add a restart (a takeover or a crash) to the shared history; if it
+/// makes the root's restarts exceed its intensity, stop the tree on every
+/// host (the key `halt`).
+async fn record_restart(
     history: &kv::Store,
     leases: &kv::Store,
     entry: HistoryEntry,
     intensity: RestartIntensity,
 ) {
-    let unit = entry.unit.clone();
+    let last = match entry.kind {
+        RestartKind::Takeover => format!(
+            "unit {} taken over from host {} by {}",
+            entry.unit, entry.lost_host, entry.by_host
+        ),
+        RestartKind::Crash => format!(
+            "unit {} exited and was restarted on host {}",
+            entry.unit, entry.by_host
+        ),
+    };
     match history::record(history, entry, &intensity, now_ms()).await {
         Ok(count) if count > intensity.max_restarts as usize => {
             let reason = format!(
-                "{count} hosts lost within {} ms, more than max_restarts = {} (last: unit {unit} taken over)",
+                "{count} restarts of its units across the cluster (lost hosts and crashes) within {} ms, more than max_restarts = {} (last: {last})",
                 intensity.time_window.as_millis(),
                 intensity.max_restarts
             );
@@ -1590,6 +2145,46 @@ async fn record_takeover(
         }
         Ok(_) => {}
         Err(e) => tracing::warn!("cluster: {e}"),
+    }
+}
+
+/// A unit this host runs, to be restarted with another.
+struct RestartTarget {
+    incarnation: String,
+    runner: mpsc::Sender<Command>,
+}
+
+/// The units this host runs that restart with `cause`, in the tree file's
+/// order.
+struct RestartGroup {
+    targets: Vec<RestartTarget>,
+    cause: String,
+}
+
+/// Restart a group as OTP does: every unit stopped, last first, then every
+/// one started, first first. A unit that was stopped or fenced meanwhile
+/// (its runner no longer runs that incarnation) is left alone.
+async fn restart_group(RestartGroup { targets, cause }: RestartGroup) {
+    for target in targets.iter().rev() {
+        let (done, stopped) = oneshot::channel();
+        let halt = Command::Halt {
+            incarnation: target.incarnation.clone(),
+            done,
+        };
+        if target.runner.send(halt).await.is_ok() {
+            let _ = stopped.await;
+        }
+    }
+    for target in &targets {
+        let (done, started) = oneshot::channel();
+        let resume = Command::Resume {
+            incarnation: target.incarnation.clone(),
+            cause: cause.clone(),
+            done,
+        };
+        if target.runner.send(resume).await.is_ok() {
+            let _ = started.await;
+        }
     }
 }
 
@@ -1615,6 +2210,28 @@ async fn next_message(
     match subscriber {
         Some(s) => s.next().await,
         None => std::future::pending().await,
+    }
+}
+
+/// The next event of the local tree (`None` once it is gone). Events
+/// missed because this host fell behind are not recorded in the shared
+/// history (the local root still counted them).
+async fn next_tree_event(
+    events: &mut Option<broadcast::Receiver<SupervisorEvent>>,
+) -> Option<SupervisorEvent> {
+    let Some(events) = events else {
+        return std::future::pending().await;
+    };
+    loop {
+        match events.recv().await {
+            Ok(event) => return Some(event),
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(
+                    "cluster: {n} events of the local tree missed; restarts among them are not in the shared history"
+                );
+            }
+            Err(broadcast::error::RecvError::Closed) => return None,
+        }
     }
 }
 
@@ -1652,6 +2269,12 @@ impl Runner {
     async fn run(self, mut commands: mpsc::Receiver<Command>) {
         let mut serving: Option<Serving> = None;
         let mut incarnation = String::new();
+        // Whether `incarnation` runs here (started, not stopped since), and
+        // whether its subtree is stopped for a restart by the root's
+        // strategy (its calls are told to try again meanwhile).
+        let mut live = false;
+        let mut halted = false;
+        let paused = Arc::new(AtomicBool::new(false));
         let path = format!("{}/{}", self.names.root, self.unit);
         loop {
             let command = tokio::select! {
@@ -1674,6 +2297,8 @@ impl Runner {
                     gate,
                 }) => {
                     incarnation = new;
+                    halted = false;
+                    paused.store(false, Ordering::SeqCst);
                     // A unit left over from an earlier incarnation here
                     // (it cannot be: stops come first), removed to be sure.
                     let _ = self.tree.terminate(&path).await;
@@ -1684,7 +2309,11 @@ impl Runner {
                         .await
                     {
                         Ok(_) => {
-                            match self.serve(&incarnation, revision, gate).await {
+                            live = true;
+                            match self
+                                .serve(&incarnation, revision, gate, paused.clone())
+                                .await
+                            {
                                 Ok(s) => serving = Some(s),
                                 Err(e) => tracing::warn!(
                                     "cluster: cannot serve the calls of {}: {e}",
@@ -1711,7 +2340,59 @@ impl Runner {
                         }
                     }
                 }
+                Some(Command::Halt {
+                    incarnation: of,
+                    done,
+                }) => {
+                    if live && !halted && of == incarnation {
+                        paused.store(true, Ordering::SeqCst);
+                        halted = true;
+                        let _ = self.tree.terminate(&path).await;
+                        let _ = self.tree.delete(&path).await;
+                    }
+                    let _ = done.send(());
+                }
+                Some(Command::Resume {
+                    incarnation: of,
+                    cause,
+                    done,
+                }) => {
+                    if live && halted && of == incarnation {
+                        halted = false;
+                        match self
+                            .tree
+                            .add_child(&self.names.root, self.spec.clone())
+                            .await
+                        {
+                            Ok(_) => {
+                                paused.store(false, Ordering::SeqCst);
+                                let _ = self.events.send(ClusterEvent::Restarted {
+                                    unit: self.unit.clone(),
+                                    incarnation: incarnation.clone(),
+                                    cause,
+                                });
+                            }
+                            Err(e) => {
+                                // As a failed start: the lease is given up.
+                                let _ = self.events.send(ClusterEvent::StartFailed {
+                                    unit: self.unit.clone(),
+                                    incarnation: incarnation.clone(),
+                                    error: e.to_string(),
+                                });
+                                let _ = self
+                                    .notes
+                                    .send(RunnerNote::StartFailed {
+                                        unit: self.unit.clone(),
+                                    })
+                                    .await;
+                            }
+                        }
+                    }
+                    let _ = done.send(());
+                }
                 Some(Command::Stop { done }) => {
+                    live = false;
+                    halted = false;
                     // The gate is closed: calls in flight and arriving meanwhile
                     // are answered "try again" (not dropped, which would make
                     // their callers wait for their deadline) while the unit
@@ -1750,6 +2431,7 @@ impl Runner {
                             incarnation: incarnation.clone(),
                         });
                     }
+                    paused.store(false, Ordering::SeqCst);
                     let _ = done.send(());
                 }
             }
@@ -1765,6 +2447,7 @@ impl Runner {
         incarnation: &str,
         revision: u64,
         gate: Arc<UnitGate>,
+        paused: Arc<AtomicBool>,
     ) -> Result<Serving, async_nats::SubscribeError> {
         let base = format!("{}.{}", self.names.calls, token(&self.unit));
         let exact = self.client.subscribe(base.clone()).await?;
@@ -1777,6 +2460,7 @@ impl Runner {
             revision: revision.to_string(),
             host: self.host_id.clone(),
             gate,
+            paused,
         });
         let drain = CancellationToken::new();
         Ok(Serving {
@@ -1836,6 +2520,9 @@ struct ServeContext {
     revision: String,
     host: String,
     gate: Arc<UnitGate>,
+    /// Set while the unit's subtree is stopped for a restart by the root's
+    /// strategy: calls are told to try again.
+    paused: Arc<AtomicBool>,
 }
 
 /// How long a served call may take at most (a caller waits no longer than
@@ -1859,8 +2546,9 @@ impl ServeContext {
         let Some(reply_to) = message.reply.clone() else {
             return;
         };
-        if !self.gate.is_open() {
-            // Fenced: no agent sees it; the caller tries the next owner.
+        if !self.gate.is_open() || self.paused.load(Ordering::SeqCst) {
+            // Fenced (or restarting): no agent sees it; the caller tries
+            // again.
             self.retry(reply_to).await;
             return;
         }
@@ -1869,7 +2557,33 @@ impl ServeContext {
             .as_ref()
             .and_then(|h| h.get(PATH_HEADER))
             .map(|v| v.as_str().to_owned());
+        let status = message
+            .headers
+            .as_ref()
+            .is_some_and(|h| h.get(STATUS_HEADER).is_some());
         let body = match path {
+            // `agent-host status` on another host: this unit's nodes.
+            _ if status => {
+                let below = format!("{}/", self.unit_path);
+                let nodes: Vec<crate::NodeStatus> = self
+                    .tree
+                    .status()
+                    .into_iter()
+                    .filter(|n| n.path == self.unit_path || n.path.starts_with(&below))
+                    .collect();
+                match serde_json::to_string(&nodes) {
+                    Ok(json) => ReplyBody {
+                        ok: Some(json),
+                        error: None,
+                        category: None,
+                    },
+                    Err(e) => ReplyBody {
+                        ok: None,
+                        category: Some(format!("{:?}", ErrorCategory::Serialization)),
+                        error: Some(e.to_string()),
+                    },
+                }
+            }
             Some(path)
                 if path == self.unit_path
                     || path
@@ -1914,8 +2628,10 @@ impl ServeContext {
             },
         };
         // Checked again: a reply computed by an incarnation that was fenced
-        // meanwhile is dropped (the caller retries, and reaches the next).
-        if !self.gate.is_open() {
+        // meanwhile is dropped (the caller retries, and reaches the next);
+        // so is one that a restart by the root's strategy cut short (the
+        // caller retries, and reaches the restarted unit).
+        if !self.gate.is_open() || self.paused.load(Ordering::SeqCst) {
             self.retry(reply_to).await;
             return;
         }

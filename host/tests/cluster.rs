@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::cli::{RunningHost, TempDir};
-use terraphim_agent_supervisor::cluster::{ClusterClient, ClusterReply};
+use terraphim_agent_supervisor::cluster::{ClusterClient, ClusterReply, RestartKind};
 
 /// The lease time of the test tree: short, so that takeovers are quick.
 const LEASE_TTL: &str = "2s";
@@ -1108,4 +1108,694 @@ fn placement_labels_choose_the_host() {
         let (status, stderr) = host.stop();
         assert!(status.success(), "{stderr}");
     }
+}
+
+/// A tree of crasher units, each pinned by labels to the hosts of its own
+/// zone (unit `a` to `zone=a`, ...), with the root's `strategy` and at
+/// most `max_restarts` restarts in ten minutes.
+fn crashers(strategy: &str, max_restarts: u32, units: &[&str]) -> String {
+    let mut text = format!(
+        r#"
+[cluster]
+lease_ttl = "2s"
+
+[supervisor]
+name = "root"
+strategy = "{strategy}"
+max_restarts = {max_restarts}
+time_window_ms = 600_000
+"#
+    );
+    for unit in units {
+        text.push_str(&format!(
+            "\n[[supervisor.children]]\nname = \"{unit}\"\ncomponent = \"crasher.wasm\"\nplacement = {{ labels = {{ zone = \"{unit}\" }} }}\n"
+        ));
+    }
+    text
+}
+
+fn start_labelled(dir: &TempDir, url: &str, id: &str, zone: &str, tree: &str) -> RunningHost {
+    let labels = format!("zone={zone}");
+    let mut host = RunningHost::start(
+        dir,
+        &[
+            "run",
+            "--json",
+            "--cluster",
+            url,
+            "--host-id",
+            id,
+            "--labels",
+            &labels,
+            tree,
+        ],
+    );
+    host.wait_for("the listening line", |seen| {
+        seen.iter().any(|l| l.contains(r#""kind":"listening""#))
+    });
+    host
+}
+
+/// Crash the crasher at `path` once (its call fails) and wait until it
+/// answers again (its host's root restarted it).
+fn crash_and_wait(client: &ClusterClient, rt: &tokio::runtime::Runtime, path: &str) {
+    rt.block_on(async {
+        let crashed = client
+            .call(path, "panic", Duration::from_secs(10), None)
+            .await;
+        assert!(
+            !matches!(&crashed, Ok(reply) if reply.result.is_ok()),
+            "{path} did not crash: {crashed:?}"
+        );
+        let deadline = Instant::now() + TAKEOVER_GUARD;
+        loop {
+            if let Ok(reply) = client
+                .call(path, "ping", Duration::from_secs(1), None)
+                .await
+                && reply.result.as_deref() == Ok("pong")
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{path} was not restarted");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+}
+
+/// The counted crashes in the shared history, once there are `n` of them.
+fn wait_for_crashes(url: &str, n: usize) -> Vec<terraphim_agent_supervisor::cluster::HistoryEntry> {
+    let deadline = Instant::now() + TAKEOVER_GUARD;
+    loop {
+        let crashes: Vec<_> = history(url)
+            .into_iter()
+            .filter(|e| e.kind == RestartKind::Crash)
+            .collect();
+        if crashes.len() >= n {
+            return crashes;
+        }
+        assert!(Instant::now() < deadline, "crashes recorded: {crashes:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The root's intensity is judged once over the cluster: restarts of
+/// units after crashes on two hosts count in one window. With
+/// `max_restarts = 2`, two crashes of `a` on h1 and one of `b` on h2 are
+/// one too many (each host's root alone saw at most 2) and stop the tree
+/// on every host.
+#[test]
+fn crashes_on_two_hosts_count_in_one_window_and_escalate_together() {
+    let Some(binary) = nats_server() else {
+        return;
+    };
+    let nats = Nats::start(&binary);
+    let dir = TempDir::new("cluster-one-window");
+    let tree = dir.write("tree.toml", &crashers("one_for_one", 2, &["a", "b"]));
+    let mut hosts = [
+        start_labelled(&dir, &nats.url, "h1", "a", &tree),
+        start_labelled(&dir, &nats.url, "h2", "b", &tree),
+    ];
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let client = rt
+        .block_on(ClusterClient::connect(&nats.url, "root"))
+        .expect("connects");
+    for path in ["root/a", "root/b"] {
+        // Both units run (the reply is Ok).
+        let _ = reply_from_new(&nats.url, path, None);
+    }
+    crash_and_wait(&client, &rt, "root/a");
+    crash_and_wait(&client, &rt, "root/b");
+    let crashes = wait_for_crashes(&nats.url, 2);
+    assert_eq!(crashes.len(), 2, "{crashes:?}");
+    assert!(crashes.iter().all(|e| e.counted), "{crashes:?}");
+    let mut by: Vec<(&str, &str)> = crashes
+        .iter()
+        .map(|e| (e.unit.as_str(), e.by_host.as_str()))
+        .collect();
+    by.sort();
+    assert_eq!(by, [("a", "h1"), ("b", "h2")]);
+    // Within the intensity: both hosts still run.
+    assert!(hosts.iter_mut().all(|h| !h.has_exited()));
+    // The third restart in the window is one too many, over the cluster.
+    rt.block_on(async {
+        let _ = client
+            .call("root/a", "panic", Duration::from_secs(10), None)
+            .await;
+    });
+    for host in hosts {
+        let (status, lines, stderr) = host.finish();
+        assert_eq!(status.code(), Some(1), "{stderr}\n{lines:?}");
+        assert!(stderr.contains("gave up on the cluster"), "{stderr}");
+    }
+    let entries = history(&nats.url);
+    assert_eq!(
+        entries.iter().filter(|e| e.counted).count(),
+        3,
+        "{entries:?}"
+    );
+}
+
+/// The units a host's `restarted` events name, with their causes, in
+/// order.
+fn restarts(lines: &[String]) -> Vec<(String, String)> {
+    lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["kind"] == "cluster" && v["event"] == "restarted")
+        .map(|v| {
+            (
+                v["unit"].as_str().unwrap_or_default().to_owned(),
+                v["cause"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Wait until `host` has reported `n` restarts by the root's strategy.
+fn wait_for_restarts(host: &mut RunningHost, what: &str, n: usize) {
+    host.wait_for(what, |seen| restarts(seen).len() >= n);
+}
+
+fn pair(unit: &str, cause: &str) -> (String, String) {
+    (unit.to_owned(), cause.to_owned())
+}
+
+/// `one_for_all` at the root across hosts: a crash of `b` (on h2) and
+/// then the loss of b's host restart `a` (on h1) and `c` (on h3) where
+/// they run, each time; the host that restarted or took over `b` restarts
+/// nothing else (it runs nothing else).
+#[test]
+fn one_for_all_at_the_root_restarts_every_unit_wherever_it_runs() {
+    let Some(binary) = nats_server() else {
+        return;
+    };
+    let nats = Nats::start(&binary);
+    let dir = TempDir::new("cluster-one-for-all");
+    let tree = dir.write("tree.toml", &crashers("one_for_all", 100, &["a", "b", "c"]));
+    let mut h1 = start_labelled(&dir, &nats.url, "h1", "a", &tree);
+    let h2 = start_labelled(&dir, &nats.url, "h2", "b", &tree);
+    let mut h3 = start_labelled(&dir, &nats.url, "h3", "c", &tree);
+    let b = reply_from_new(&nats.url, "root/b", None);
+    assert_eq!(b.host, "h2");
+    // A spare host for b, once h2 has it.
+    let h4 = start_labelled(&dir, &nats.url, "h4", "b", &tree);
+    for path in ["root/a", "root/c"] {
+        let _ = reply_from_new(&nats.url, path, None);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let client = rt
+        .block_on(ClusterClient::connect(&nats.url, "root"))
+        .expect("connects");
+    crash_and_wait(&client, &rt, "root/b");
+    wait_for_restarts(&mut h1, "a restarted with b's crash", 1);
+    wait_for_restarts(&mut h3, "c restarted with b's crash", 1);
+    // b's host is lost: h4 takes b over, and a and c restart again.
+    h2.signal("KILL");
+    let (_, h2_lines, _) = h2.finish();
+    let b2 = reply_from_new(&nats.url, "root/b", Some(&b.incarnation));
+    assert_eq!(b2.host, "h4");
+    wait_for_restarts(&mut h1, "a restarted with b's takeover", 2);
+    wait_for_restarts(&mut h3, "c restarted with b's takeover", 2);
+    // Both still answer (restarted, not stopped).
+    for path in ["root/a", "root/c"] {
+        let _ = reply_from_new(&nats.url, path, None);
+    }
+    let mut lines = HashMap::new();
+    for (id, host) in [("h1", h1), ("h3", h3), ("h4", h4)] {
+        host.signal("INT");
+        let (status, seen, stderr) = host.finish();
+        assert!(status.success(), "{id}: {stderr}");
+        lines.insert(id, seen);
+    }
+    assert_eq!(restarts(&lines["h1"]), [pair("a", "b"), pair("a", "b")]);
+    assert_eq!(restarts(&lines["h3"]), [pair("c", "b"), pair("c", "b")]);
+    assert_eq!(restarts(&lines["h4"]), []);
+    assert_eq!(restarts(&h2_lines), []);
+    let entries = history(&nats.url);
+    let kinds: Vec<RestartKind> = entries.iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        [RestartKind::Crash, RestartKind::Takeover],
+        "{entries:?}"
+    );
+}
+
+/// `rest_for_one` at the root across hosts: a crash of `b` restarts `c`
+/// (after it in the tree file), not `a`; a crash of `c` restarts nothing
+/// else; a crash of `a` restarts `b` and `c`, each on its own host.
+#[test]
+fn rest_for_one_at_the_root_restarts_the_later_units_wherever_they_run() {
+    let Some(binary) = nats_server() else {
+        return;
+    };
+    let nats = Nats::start(&binary);
+    let dir = TempDir::new("cluster-rest-for-one");
+    let tree = dir.write(
+        "tree.toml",
+        &crashers("rest_for_one", 100, &["a", "b", "c"]),
+    );
+    let mut hosts = [
+        start_labelled(&dir, &nats.url, "h1", "a", &tree),
+        start_labelled(&dir, &nats.url, "h2", "b", &tree),
+        start_labelled(&dir, &nats.url, "h3", "c", &tree),
+    ];
+    for path in ["root/a", "root/b", "root/c"] {
+        let _ = reply_from_new(&nats.url, path, None);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let client = rt
+        .block_on(ClusterClient::connect(&nats.url, "root"))
+        .expect("connects");
+    crash_and_wait(&client, &rt, "root/b");
+    wait_for_restarts(&mut hosts[2], "c restarted with b", 1);
+    crash_and_wait(&client, &rt, "root/c");
+    crash_and_wait(&client, &rt, "root/a");
+    wait_for_restarts(&mut hosts[1], "b restarted with a", 1);
+    wait_for_restarts(&mut hosts[2], "c restarted with a", 2);
+    let _ = wait_for_crashes(&nats.url, 3);
+    let mut lines = Vec::new();
+    for host in hosts {
+        host.signal("INT");
+        let (status, seen, stderr) = host.finish();
+        assert!(status.success(), "{stderr}");
+        lines.push(seen);
+    }
+    assert_eq!(restarts(&lines[0]), []);
+    assert_eq!(restarts(&lines[1]), [pair("b", "a")]);
+    // The crash of c came before a's: every host applies the history in
+    // its order.
+    assert_eq!(restarts(&lines[2]), [pair("c", "b"), pair("c", "a")]);
+}
+
+/// `agent-host cluster status` lists every live host with its labels and
+/// units, idle hosts included; a host that left is no longer listed.
+#[test]
+fn cluster_status_lists_every_live_host_idle_ones_too() {
+    let Some(binary) = nats_server() else {
+        return;
+    };
+    let nats = Nats::start(&binary);
+    let dir = TempDir::new("cluster-hosts");
+    let tree = dir.write("tree.toml", &tree(LEASE_TTL));
+    let mut hosts: HashMap<String, RunningHost> = ["a", "b", "c"]
+        .iter()
+        .map(|zone| {
+            let id = format!("h{zone}");
+            let host = start_labelled(&dir, &nats.url, &id, zone, &tree);
+            (id, host)
+        })
+        .collect();
+    let owner = reply_from_new(&nats.url, "root/counter", None).host;
+    let status = |json: bool| {
+        let mut args = vec!["cluster", "status", "--cluster", &nats.url, &tree];
+        if json {
+            args.push("--json");
+        }
+        let out = dir.agent_host(&args);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            common::cli::text(&out.stderr)
+        );
+        common::cli::text(&out.stdout)
+    };
+    // Each host writes its record when it joins: all three are listed.
+    let deadline = Instant::now() + TAKEOVER_GUARD;
+    let text = loop {
+        let text = status(false);
+        if ["ha", "hb", "hc"]
+            .iter()
+            .all(|h| text.lines().any(|l| l.starts_with(h)))
+        {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    for zone in ["a", "b", "c"] {
+        let id = format!("h{zone}");
+        let line = text.lines().find(|l| l.starts_with(&id)).expect("listed");
+        assert!(line.contains(&format!("zone={zone}")), "{text}");
+        if id == owner {
+            assert!(line.contains("counter"), "{text}");
+        } else {
+            assert!(line.contains("(idle)"), "{text}");
+        }
+    }
+    let json: serde_json::Value = serde_json::from_str(status(true).trim()).expect("JSON");
+    let listed = json["hosts"].as_array().expect("hosts");
+    assert_eq!(listed.len(), 3, "{json}");
+    assert!(listed.iter().all(|h| h["live"] == true), "{json}");
+    assert_eq!(json["units"][0]["holder"]["host"], owner.as_str(), "{json}");
+    // An idle host leaves gracefully: it is no longer listed.
+    let idle = ["ha", "hb", "hc"]
+        .into_iter()
+        .find(|h| *h != owner)
+        .expect("an idle host");
+    let (code, stderr) = hosts.remove(idle).expect("runs").stop();
+    assert!(code.success(), "{stderr}");
+    let text = status(false);
+    assert!(!text.lines().any(|l| l.starts_with(idle)), "{text}");
+    for (_, host) in hosts {
+        let (status, stderr) = host.stop();
+        assert!(status.success(), "{stderr}");
+    }
+}
+
+/// `agent-host status` through any host shows the whole cluster: every
+/// unit with the host that runs it, and the children of a unit run
+/// elsewhere (asked of its owner); a unit whose owner does not answer is
+/// shown as such, within the status deadline, never a hang.
+#[test]
+fn agent_host_status_through_any_host_shows_the_whole_cluster() {
+    let Some(binary) = nats_server() else {
+        return;
+    };
+    let nats = Nats::start(&binary);
+    let dir = TempDir::new("cluster-whole-status");
+    let tree = dir.write(
+        "tree.toml",
+        r#"
+[cluster]
+lease_ttl = "2s"
+
+[supervisor]
+name = "root"
+
+[[supervisor.children]]
+name = "counter"
+component = "echo.wasm"
+placement = { labels = { zone = "a" } }
+
+[[supervisor.children]]
+name = "team"
+placement = { labels = { zone = "b" } }
+[[supervisor.children.children]]
+name = "x"
+component = "echo.wasm"
+[[supervisor.children.children]]
+name = "y"
+component = "echo.wasm"
+"#,
+    );
+    let mut h1 = start_labelled(&dir, &nats.url, "h1", "a", &tree);
+    let h2 = start_labelled(&dir, &nats.url, "h2", "b", &tree);
+    for path in ["root/counter", "root/team/x", "root/team/y"] {
+        let _ = reply_from_new(&nats.url, path, None);
+    }
+    let socket = h1.socket();
+    let socket = socket.to_str().expect("UTF-8 path");
+    let status = |json: bool| {
+        let mut args = vec!["status", &tree, "--socket", socket];
+        if json {
+            args.push("--json");
+        }
+        let out = dir.agent_host(&args);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            common::cli::text(&out.stderr)
+        );
+        common::cli::text(&out.stdout)
+    };
+    let text = status(false);
+    let row = |path: &str| {
+        text.lines()
+            .find(|l| l.split_whitespace().next() == Some(path))
+            .unwrap_or_else(|| panic!("no row for {path}:\n{text}"))
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(row("root/counter"), "h1", "{text}");
+    for path in ["root/team", "root/team/x", "root/team/y"] {
+        assert_eq!(row(path), "h2", "{text}");
+    }
+    let json = status(true);
+    let nodes: Vec<serde_json::Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON"))
+        .collect();
+    assert_eq!(nodes.len(), 4, "{json}");
+    assert!(
+        nodes
+            .iter()
+            .any(|n| n["path"] == "root/team/y" && n["host"] == "h2" && n["status"] == "Running"),
+        "{json}"
+    );
+    // h2 paused: its unit is shown as not answering, and status returns.
+    h2.signal("STOP");
+    let text = status(false);
+    let team = text
+        .lines()
+        .find(|l| l.starts_with("root/team "))
+        .unwrap_or_else(|| panic!("no row for root/team:\n{text}"));
+    assert!(team.contains("did not answer"), "{text}");
+    assert!(!text.contains("root/team/x"), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("root/counter ")),
+        "{text}"
+    );
+    h2.signal("CONT");
+    for host in [h1, h2] {
+        let (status, stderr) = host.stop();
+        assert!(status.success(), "{stderr}");
+    }
+}
+
+/// `--http` with `--cluster`: each host serves its own view (the units it
+/// runs) and `/metrics`; `--http-allow-control` is refused.
+#[test]
+fn each_host_serves_its_own_view_with_http() {
+    let Some(binary) = nats_server() else {
+        return;
+    };
+    let nats = Nats::start(&binary);
+    let dir = TempDir::new("cluster-http");
+    let tree = dir.write("tree.toml", &crashers("one_for_one", 10, &["a", "b"]));
+    let start = |id: &str, zone: &str| {
+        let labels = format!("zone={zone}");
+        let mut host = RunningHost::start(
+            &dir,
+            &[
+                "run",
+                "--json",
+                "--cluster",
+                &nats.url,
+                "--host-id",
+                id,
+                "--labels",
+                &labels,
+                "--http",
+                "127.0.0.1:0",
+                &tree,
+            ],
+        );
+        host.wait_for("the listening line", |seen| {
+            seen.iter().any(|l| l.contains(r#""kind":"listening""#))
+        });
+        let addr = host
+            .drain()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["kind"] == "listening")
+            .and_then(|v| v["http"].as_str().map(str::to_owned))
+            .expect("the listening line names the HTTP address");
+        (host, addr)
+    };
+    let (h1, addr1) = start("h1", "a");
+    let (h2, addr2) = start("h2", "b");
+    for path in ["root/a", "root/b"] {
+        let _ = reply_from_new(&nats.url, path, None);
+    }
+    let paths = |addr: &str| -> Vec<String> {
+        let status = common::http_client::get(addr, "/api/status").json();
+        status["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .filter_map(|n| n["path"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let deadline = Instant::now() + TAKEOVER_GUARD;
+    loop {
+        let (one, two) = (paths(&addr1), paths(&addr2));
+        if one.contains(&"root/a".to_owned()) && two.contains(&"root/b".to_owned()) {
+            assert!(!one.contains(&"root/b".to_owned()), "{one:?}");
+            assert!(!two.contains(&"root/a".to_owned()), "{two:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{one:?} {two:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let metrics = common::http_client::get(&addr1, "/metrics");
+    assert_eq!(metrics.status, 200);
+    assert!(metrics.body.contains("agent_host_"), "{}", metrics.body);
+    let out = dir.agent_host(&[
+        "run",
+        "--cluster",
+        &nats.url,
+        "--host-id",
+        "h3",
+        "--http",
+        "127.0.0.1:0",
+        "--http-allow-control",
+        &tree,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        common::cli::text(&out.stderr).contains("--http-allow-control is not available"),
+        "{}",
+        common::cli::text(&out.stderr)
+    );
+    for host in [h1, h2] {
+        let (status, stderr) = host.stop();
+        assert!(status.success(), "{stderr}");
+    }
+}
+
+/// The order that holds within a host: under `one_for_all`, a crash of
+/// `c` (on h2) makes h1 stop both its units, the later first, before it
+/// starts them again, the earlier first (OTP's order).
+#[test]
+fn a_host_restarts_its_affected_units_in_otp_order() {
+    let Some(binary) = nats_server() else {
+        return;
+    };
+    let nats = Nats::start(&binary);
+    let dir = TempDir::new("cluster-otp-order");
+    let text = crashers("one_for_all", 100, &["a", "b", "c"]).replace(
+        "placement = { labels = { zone = \"b\" } }",
+        "placement = { labels = { zone = \"a\" } }",
+    );
+    let tree = dir.write("tree.toml", &text);
+    let mut h1 = start_labelled(&dir, &nats.url, "h1", "a", &tree);
+    let h2 = start_labelled(&dir, &nats.url, "h2", "c", &tree);
+    for path in ["root/a", "root/b", "root/c"] {
+        let _ = reply_from_new(&nats.url, path, None);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let client = rt
+        .block_on(ClusterClient::connect(&nats.url, "root"))
+        .expect("connects");
+    crash_and_wait(&client, &rt, "root/c");
+    wait_for_restarts(&mut h1, "a and b restarted with c", 2);
+    let mut lines = Vec::new();
+    for host in [h1, h2] {
+        host.signal("INT");
+        let (status, seen, stderr) = host.finish();
+        assert!(status.success(), "{stderr}");
+        lines.push(seen);
+    }
+    assert_eq!(restarts(&lines[0]), [pair("a", "c"), pair("b", "c")]);
+    // h1's tree: both units started, then the restart (stops, then
+    // starts), then the final stop.
+    let events: Vec<(String, String)> = lines[0]
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["kind"] == "event")
+        .filter_map(|v| {
+            let kind = ["ChildStarted", "ChildStopped"]
+                .into_iter()
+                .find(|k| v["event"].get(k).is_some())?;
+            Some((kind.to_owned(), v["path"].as_str()?.to_owned()))
+        })
+        .collect();
+    let ev = |kind: &str, path: &str| (kind.to_owned(), path.to_owned());
+    assert!(events.len() >= 6, "{events:?}");
+    assert_eq!(
+        events[2..6],
+        [
+            ev("ChildStopped", "root/b"),
+            ev("ChildStopped", "root/a"),
+            ev("ChildStarted", "root/a"),
+            ev("ChildStarted", "root/b"),
+        ],
+        "{events:?}"
+    );
+}
+
+/// `rest_for_one` and a lost host that ran two units (`b` and `c`): one
+/// restart of the root. The host that takes both over restarts neither
+/// again (each started afresh), `d` (after them) restarts once, `a`
+/// (before them) never. A crash of `a` afterwards restarts `b`, `c` and
+/// `d` once each: the hosts applied the history in its order.
+#[test]
+fn rest_for_one_counts_a_lost_host_with_two_units_as_one_restart() {
+    let Some(binary) = nats_server() else {
+        return;
+    };
+    let nats = Nats::start(&binary);
+    let dir = TempDir::new("cluster-rfo-lost");
+    let text = crashers("rest_for_one", 100, &["a", "b", "c", "d"]).replace(
+        "placement = { labels = { zone = \"c\" } }",
+        "placement = { labels = { zone = \"b\" } }",
+    );
+    let tree = dir.write("tree.toml", &text);
+    let h1 = start_labelled(&dir, &nats.url, "h1", "a", &tree);
+    let h2 = start_labelled(&dir, &nats.url, "h2", "b", &tree);
+    let mut h4 = start_labelled(&dir, &nats.url, "h4", "d", &tree);
+    let mut first = HashMap::new();
+    for path in ["root/a", "root/b", "root/c", "root/d"] {
+        first.insert(path, reply_from_new(&nats.url, path, None));
+    }
+    assert_eq!(first["root/b"].host, "h2");
+    assert_eq!(first["root/c"].host, "h2");
+    let mut h3 = start_labelled(&dir, &nats.url, "h3", "b", &tree);
+    h2.signal("KILL");
+    let _ = h2.finish();
+    for path in ["root/b", "root/c"] {
+        let next = reply_from_new(&nats.url, path, Some(&first[path].incarnation));
+        assert_eq!(next.host, "h3");
+    }
+    let deadline = Instant::now() + TAKEOVER_GUARD;
+    while history(&nats.url).len() < 2 {
+        assert!(Instant::now() < deadline, "{:?}", history(&nats.url));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_for_restarts(&mut h4, "d restarted with the lost host", 1);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let client = rt
+        .block_on(ClusterClient::connect(&nats.url, "root"))
+        .expect("connects");
+    crash_and_wait(&client, &rt, "root/a");
+    wait_for_restarts(&mut h3, "b and c restarted with a", 2);
+    wait_for_restarts(&mut h4, "d restarted with a", 2);
+    let mut lines = HashMap::new();
+    for (id, host) in [("h1", h1), ("h3", h3), ("h4", h4)] {
+        host.signal("INT");
+        let (status, seen, stderr) = host.finish();
+        assert!(status.success(), "{id}: {stderr}");
+        lines.insert(id, seen);
+    }
+    assert_eq!(restarts(&lines["h1"]), []);
+    assert_eq!(restarts(&lines["h3"]), [pair("b", "a"), pair("c", "a")]);
+    let d = restarts(&lines["h4"]);
+    assert_eq!(d.len(), 2, "{d:?}");
+    assert!(d[0] == pair("d", "b") || d[0] == pair("d", "c"), "{d:?}");
+    assert_eq!(d[1], pair("d", "a"));
+    let entries = history(&nats.url);
+    assert_eq!(
+        entries.iter().filter(|e| e.counted).count(),
+        2,
+        "one lost host and one crash: {entries:?}"
+    );
 }

@@ -1,9 +1,12 @@
-//! The cluster's shared restart history: every takeover of a unit (a unit
-//! restarted on another host because its host was lost) in a key/value
-//! bucket (`ah-<tree>-history`, key `entries`), written by compare-and-set.
-//! Takeovers count against the root supervisor's restart intensity, one
-//! lost host once however many units it ran; when the count exceeds it,
-//! the root gives up on every host (the key `halt` of the leases bucket).
+//! The cluster's shared restart history: every restart of a unit by the
+//! root supervisor, wherever it happened, in a key/value bucket
+//! (`ah-<tree>-history`, key `entries`), written by compare-and-set. A
+//! restart is a takeover (a unit restarted on another host because its
+//! host was lost) or a crash (a unit exited and its host's root restarted
+//! it there). Both count against the root supervisor's restart intensity
+//! in one window over the whole cluster, one lost host once however many
+//! units it ran; when the count exceeds it, the root gives up on every
+//! host (the key `halt` of the leases bucket).
 
 use std::time::Duration;
 
@@ -22,24 +25,45 @@ pub(crate) const ENTRIES_KEY: &str = "entries";
 /// The key, in the leases bucket, that stops the tree on every host.
 pub(crate) const HALT_KEY: &str = "halt";
 
-/// One takeover.
+/// What restarted a unit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RestartKind {
+    /// Its host was lost; another host took it over.
+    #[default]
+    Takeover,
+    /// It exited; its host's root supervisor restarted it there.
+    Crash,
+}
+
+/// One restart of a unit by the root supervisor.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HistoryEntry {
+    /// The entry's id (a UUID; empty in entries written before ids were):
+    /// each host applies the root's strategy to each entry once.
+    #[serde(default)]
+    pub id: String,
+    /// A takeover or a crash (entries written before crashes were recorded
+    /// are takeovers).
+    #[serde(default)]
+    pub kind: RestartKind,
     /// When (milliseconds since the Unix epoch, the recording host's clock).
     pub at_ms: u64,
-    /// The unit taken over.
+    /// The unit restarted.
     pub unit: String,
-    /// The host that was lost.
+    /// The host that was lost (a takeover), or where the unit crashed.
     pub lost_host: String,
     /// That host's session (one run of `agent-host`): a lost host is one
     /// restart, however many units it ran.
     pub lost_session: String,
-    /// The host that took the unit over.
+    /// The host that restarted the unit (took it over, or restarted it
+    /// after its crash).
     pub by_host: String,
-    /// The new incarnation.
+    /// The incarnation that runs the unit now (a crash keeps the
+    /// incarnation: the lease did not change hands).
     pub incarnation: String,
-    /// Whether this entry counts against the root's intensity (the first
-    /// entry of its lost session).
+    /// Whether this entry counts against the root's intensity: every
+    /// crash, and the first takeover of each lost session.
     pub counted: bool,
 }
 
@@ -68,7 +92,8 @@ pub(crate) async fn read(store: &kv::Store) -> Result<(Vec<HistoryEntry>, u64), 
     }
 }
 
-/// Add `entry` (counted unless its lost session is there already) by
+/// Add `entry` (a crash is counted; a takeover unless a takeover from its
+/// lost session is there already) by
 /// compare-and-set; the number of counted entries within `intensity`'s
 /// window, this one included, by `now_ms`.
 pub(crate) async fn record(
@@ -79,7 +104,12 @@ pub(crate) async fn record(
 ) -> Result<usize, HistoryError> {
     for _ in 0..8 {
         let (mut entries, revision) = read(store).await?;
-        entry.counted = !entries.iter().any(|e| e.lost_session == entry.lost_session);
+        entry.counted = match entry.kind {
+            RestartKind::Crash => true,
+            RestartKind::Takeover => !entries
+                .iter()
+                .any(|e| e.kind == RestartKind::Takeover && e.lost_session == entry.lost_session),
+        };
         entries.push(entry.clone());
         if entries.len() > MAX_ENTRIES {
             let excess = entries.len() - MAX_ENTRIES;
@@ -116,6 +146,8 @@ mod tests {
 
     fn entry(session: &str, at_ms: u64, counted: bool) -> HistoryEntry {
         HistoryEntry {
+            id: format!("{session}-{at_ms}"),
+            kind: RestartKind::Takeover,
             at_ms,
             unit: "u".into(),
             lost_host: "h".into(),
@@ -137,5 +169,12 @@ mod tests {
         assert_eq!(counted_within(&entries, Duration::from_secs(60), 60_000), 3);
         assert_eq!(counted_within(&entries, Duration::from_secs(20), 60_000), 2);
         assert_eq!(counted_within(&entries, Duration::from_secs(1), 60_000), 1);
+    }
+
+    #[test]
+    fn an_entry_from_before_crashes_were_recorded_is_a_takeover() {
+        let old = r#"{"at_ms":1,"unit":"u","lost_host":"h","lost_session":"s","by_host":"b","incarnation":"i","counted":true}"#;
+        let entry: HistoryEntry = serde_json::from_str(old).expect("the old shape reads");
+        assert_eq!(entry.kind, RestartKind::Takeover);
     }
 }

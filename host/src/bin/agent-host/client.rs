@@ -51,6 +51,13 @@ failed, ...), how many times it was restarted, and why it last exited.
 With --json each row is a JSON object on its own line:
 {\"path\":...,\"kind\":\"agent\",\"status\":\"Running\",\"restart_count\":0,\"last_exit\":null,...}
 
+Through a host of a cluster (`run --cluster`), it shows the whole
+cluster: a HOST column names the host that runs each unit; the nodes of
+units run on other hosts are asked of those hosts (at most 2 s each, all
+at once), and a unit whose host does not answer, or that no host runs
+now, gets one row saying so (--json: {\"path\":...,\"host\":...,\"error\":...};
+the other rows carry \"host\" too). --crashes shows only this host's nodes.
+
 With --crashes PATH it prints instead the crash reports kept for that node:
 the fault, the message it was handling (cut) and its sequence number, fuel
 and memory, the WASM backtrace with function names, and the last lines the
@@ -223,11 +230,20 @@ pub async fn status(args: StatusArgs) -> CliResult {
         print_crashes(&Out::blocking(args.json), &entries);
         return Ok(ExitCode::SUCCESS);
     }
-    let rows = match control::request::<Vec<NodeStatus>>(stream, &Request::Status {}).await? {
-        Ok(rows) => rows,
+    let answer = match control::request::<serde_json::Value>(stream, &Request::Status {}).await? {
+        Ok(answer) => answer,
         Err(failure) => return Ok(failed(&failure)),
     };
     let out = Out::blocking(args.json);
+    // A host of a cluster answers for the whole cluster.
+    if answer.is_object() {
+        let status: control::ClusterStatus = serde_json::from_value(answer)
+            .map_err(|e| format!("the host's status answer is malformed: {e}"))?;
+        print_cluster_status(&out, &status);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<NodeStatus> = serde_json::from_value(answer)
+        .map_err(|e| format!("the host's status answer is malformed: {e}"))?;
     if out.json() {
         for row in &rows {
             out.json_line(row);
@@ -264,6 +280,76 @@ pub async fn status(args: StatusArgs) -> CliResult {
         ));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The status of every unit of a cluster, with the host that runs it: a
+/// table, or one JSON object per node (with `host`) and one per unit not
+/// shown (`path`, `host`, `error`).
+fn print_cluster_status(out: &Out, status: &control::ClusterStatus) {
+    if out.json() {
+        for row in &status.nodes {
+            out.json_line(row);
+        }
+        for missing in &status.missing {
+            out.json_line(&serde_json::json!({
+                "path": missing.path,
+                "host": missing.host,
+                "error": missing.why,
+            }));
+        }
+        return;
+    }
+    let w = status
+        .nodes
+        .iter()
+        .map(|r| r.node.path.len())
+        .chain(status.missing.iter().map(|m| m.path.len()))
+        .max()
+        .unwrap_or(0)
+        .max("PATH".len());
+    let hw = status
+        .nodes
+        .iter()
+        .map(|r| r.host.len())
+        .max()
+        .unwrap_or(0)
+        .max("HOST".len());
+    out.line(&format!(
+        "{:<w$}  {:<hw$}  {:<10}  {:<10}  {:>8}  LAST EXIT",
+        "PATH", "HOST", "KIND", "STATUS", "RESTARTS"
+    ));
+    for row in &status.nodes {
+        let node = &row.node;
+        let last = node
+            .last_exit
+            .as_ref()
+            .map_or_else(|| "-".to_owned(), ToString::to_string);
+        out.line(&format!(
+            "{:<w$}  {:<hw$}  {:<10}  {:<10}  {:>8}  {last}",
+            node.path,
+            row.host,
+            match node.kind {
+                NodeKind::Supervisor => "supervisor",
+                NodeKind::Agent => "agent",
+            },
+            match node.circuit {
+                Some(CircuitStatus::Open { .. }) => "parked",
+                _ => status_text(&node.status),
+            },
+            node.restart_count,
+        ));
+    }
+    for missing in &status.missing {
+        out.line(&format!(
+            "{:<w$}  {:<hw$}  {:<10}  {:<10}  {:>8}  ({})",
+            missing.path,
+            missing.host.as_deref().unwrap_or("-"),
+            "unit",
+            "unknown",
+            "-",
+            missing.why
+        ));
+    }
 }
 
 /// Crash reports, one block each (or one JSON line each).

@@ -14,7 +14,11 @@ use crate::{CliResult, EXIT_FAILURE, problems};
 pub const LONG_ABOUT: &str = "\
 Look at and steer the hosts that run a tree together (`agent-host run
 --cluster`): `status` lists the tree's units and who holds each one's
-lease (a host that died holds it until the lease expires); `drain HOST`
+lease (a host that died holds it until the lease expires), then every
+live host (one that renewed its record within the lease time) with its
+labels and the units it holds, idle hosts included (`--json`: one object,
+`{\"units\": [...], \"hosts\": [...]}`, where hosts gone silent are
+listed too, with `\"live\": false`); `drain HOST`
 asks that host to hand every unit it runs over to the others (gracefully:
 each stops there, then its lease is released) and to take none any more.
 
@@ -88,9 +92,10 @@ async fn status(args: StatusArgs) -> CliResult {
         .map(|c| c.name().to_owned())
         .collect();
     let rows = client.units(&units).await?;
+    let hosts = client.hosts(&rows).await?;
     let out = Out::blocking(args.json);
     if args.json {
-        out.json_line(&rows);
+        out.json_line(&serde_json::json!({ "units": rows, "hosts": hosts }));
         return Ok(ExitCode::SUCCESS);
     }
     let width = units.iter().map(String::len).max().unwrap_or(4).max(4);
@@ -106,6 +111,41 @@ async fn status(args: StatusArgs) -> CliResult {
         out.line(&format!(
             "{:width$}  {host:12}  {incarnation:36}  {}",
             row.unit, row.revision
+        ));
+    }
+    let live: Vec<_> = hosts.iter().filter(|h| h.live).collect();
+    let width = live
+        .iter()
+        .map(|h| h.record.host.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    out.line("");
+    out.line(&format!("{:width$}  {:24}  UNITS", "HOST", "LABELS"));
+    for host in live {
+        let labels = if host.record.labels.is_empty() {
+            "-".to_owned()
+        } else {
+            host.record
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let units = if host.units.is_empty() {
+            "(idle)".to_owned()
+        } else {
+            host.units.join(", ")
+        };
+        let draining = if host.record.draining {
+            " (drained)"
+        } else {
+            ""
+        };
+        out.line(&format!(
+            "{:width$}  {labels:24}  {units}{draining}",
+            host.record.host
         ));
     }
     Ok(ExitCode::SUCCESS)

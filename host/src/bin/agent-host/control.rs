@@ -32,11 +32,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use terraphim_agent_supervisor::cluster::{ClusterCallError, ClusterClient};
 use terraphim_agent_supervisor::private_dir;
 use terraphim_agent_supervisor::text::fnv1a;
-use terraphim_agent_supervisor::{NodeKind, ResolveError, TreeCallError, TreeHandle};
+use terraphim_agent_supervisor::{NodeKind, NodeStatus, ResolveError, TreeCallError, TreeHandle};
 // The wire format (lines, requests, answers) is the library's, so that the
 // fuzz targets reach it.
 pub use terraphim_agent_supervisor::control_protocol::{Failure, Request};
@@ -426,6 +427,109 @@ async fn cluster_call(
     }
 }
 
+/// How long `status` waits for the host of a unit run elsewhere.
+const CLUSTER_STATUS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `agent-host status` of a host in cluster mode: every unit of the tree
+/// with its nodes, wherever it runs.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// The host that answered.
+    pub host: String,
+    /// The nodes of the units that answered, in the tree file's order of
+    /// units, each unit's nodes depth first.
+    pub nodes: Vec<ClusterNode>,
+    /// The units whose nodes could not be shown.
+    pub missing: Vec<MissingUnit>,
+}
+
+/// A node and the host that runs it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ClusterNode {
+    /// The node.
+    #[serde(flatten)]
+    pub node: NodeStatus,
+    /// The host that runs its unit.
+    pub host: String,
+}
+
+/// A unit whose nodes could not be shown.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MissingUnit {
+    /// Its path (`root/unit`).
+    pub path: String,
+    /// The host that holds its lease, if any.
+    pub host: Option<String>,
+    /// Why it is not shown.
+    pub why: String,
+}
+
+/// The whole cluster's status: this host's units from its tree, the
+/// others' asked of their owners, all at once, each within
+/// [`CLUSTER_STATUS_TIMEOUT`] (an owner that does not answer is shown as
+/// such, never waited for longer).
+async fn cluster_status(cluster: &ClusterClient, tree: &TreeHandle) -> ClusterStatus {
+    let here = cluster.host_id().unwrap_or_default().to_owned();
+    let root = tree.root_name().to_owned();
+    let local = tree.status();
+    let holders: std::collections::HashMap<String, String> =
+        match cluster.units(cluster.unit_names()).await {
+            Ok(rows) => rows
+                .into_iter()
+                .filter_map(|r| r.holder.map(|h| (r.unit, h.host)))
+                .collect(),
+            Err(e) => {
+                tracing::debug!("status: cannot read the leases: {e}");
+                std::collections::HashMap::new()
+            }
+        };
+    let lookups = cluster.unit_names().iter().map(|unit| {
+        let path = format!("{root}/{unit}");
+        let below = format!("{path}/");
+        let mine: Vec<NodeStatus> = local
+            .iter()
+            .filter(|n| n.path == path || n.path.starts_with(&below))
+            .cloned()
+            .collect();
+        let holder = holders.get(unit).cloned();
+        let here = here.clone();
+        async move {
+            if !mine.is_empty() {
+                return Ok((here, mine));
+            }
+            match cluster.unit_nodes(unit, CLUSTER_STATUS_TIMEOUT).await {
+                Ok(found) => Ok((found.host, found.nodes)),
+                Err(e) => Err(MissingUnit {
+                    path,
+                    why: match &holder {
+                        Some(host) => format!("its host {host} did not answer: {e}"),
+                        None => format!("no host runs it now: {e}"),
+                    },
+                    host: holder,
+                }),
+            }
+        }
+    });
+    let found = futures_util::future::join_all(lookups).await;
+    let mut status = ClusterStatus {
+        host: here,
+        nodes: Vec::new(),
+        missing: Vec::new(),
+    };
+    for found in found {
+        match found {
+            Ok((host, nodes)) => status
+                .nodes
+                .extend(nodes.into_iter().map(|node| ClusterNode {
+                    node,
+                    host: host.clone(),
+                })),
+            Err(missing) => status.missing.push(missing),
+        }
+    }
+    status
+}
+
 /// Serve one client with `handle`, which answers one request: answer each
 /// request line until the client hangs up, sends a line longer than
 /// [`MAX_LINE`], or keeps the host waiting longer than [`IDLE_TIMEOUT`].
@@ -496,7 +600,10 @@ async fn answer(
                 (Err(e), _) => json!({ "error": e.to_string(), "category": e.category() }),
             }
         }
-        Request::Status {} => json!({ "ok": tree.status() }),
+        Request::Status {} => match cluster {
+            None => json!({ "ok": tree.status() }),
+            Some(c) => json!({ "ok": cluster_status(c, tree).await }),
+        },
         Request::Crashes { agent } => match tree.crashes(&agent) {
             Ok(entries) => json!({ "ok": entries }),
             Err(e) => json!({ "error": e.to_string(), "category": "NotFound" }),

@@ -76,7 +76,9 @@ dies, another takes the unit over once the lease expired (`[cluster]
 lease_ttl`, default 10s); Ctrl-C or SIGTERM hands its units over at once.
 --labels zone=a,disk=ssd: this host's labels, for units that require some
 (`placement = { labels = { zone = \"a\" } }`). The agents' state is kept in
-the cluster's JetStream bucket. See the README's \"Many hosts\".
+the cluster's JetStream bucket. --http serves this host's view (the
+root and the units it runs) and its /metrics; --http-allow-control is
+refused with --cluster. See the README's \"Many hosts\".
 
 Ctrl-C (SIGINT) or SIGTERM stops the tree: every supervisor stops its
 children in reverse start order, each within its shutdown policy. A second

@@ -20,7 +20,8 @@ use tokio_util::sync::CancellationToken;
 use super::RunArgs;
 use crate::events::{Printer, Shared};
 use crate::output::{Out, stderr_line};
-use crate::{CliResult, EXIT_FAILURE, control};
+use crate::{CliResult, EXIT_FAILURE, control, http};
+use terraphim_agent_supervisor::observe::Observer;
 
 /// The first line of a cluster host with --json.
 #[derive(Serialize)]
@@ -33,6 +34,9 @@ struct JoinedLine<'a> {
     labels: &'a BTreeMap<String, String>,
     lease_ttl_ms: u128,
     units: Vec<&'a str>,
+    /// The HTTP server's address, with --http (this host's view).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http: Option<String>,
 }
 
 /// A lease event with --json: `{"kind":"cluster","t":..,"at_ms":..,"host":..,"event":..,...}`.
@@ -103,8 +107,8 @@ pub async fn run(args: RunArgs, file: TreeFile, url: String) -> CliResult {
     if args.state.is_some() {
         return Err("--state does not apply with --cluster: the agents' state is kept in the cluster's JetStream bucket".into());
     }
-    if args.http.http.is_some() {
-        return Err("--http is not available with --cluster yet".into());
+    if args.http.http_allow_control {
+        return Err("--http-allow-control is not available with --cluster: a unit's nodes are managed by its host's lease, not by hand (the read-only view and /metrics are)".into());
     }
     let mut labels = BTreeMap::new();
     for text in &args.labels {
@@ -113,6 +117,7 @@ pub async fn run(args: RunArgs, file: TreeFile, url: String) -> CliResult {
     let socket = socket_for(&args.tree, args.socket.as_deref(), &host_id)?;
     let runtime = args.cache.runtime()?;
     let mut listener = control::listen(&socket, args.socket.is_none()).await?;
+    let http = http::bind(&args.http).await?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let options = ClusterOptions {
@@ -122,6 +127,14 @@ pub async fn run(args: RunArgs, file: TreeFile, url: String) -> CliResult {
     };
     let host = ClusterHost::join(options, &file, &runtime).await?;
     listener.set_cluster(host.client().clone());
+    // This host's view: its part of the tree (the root and the units it
+    // runs), as `/metrics` and `/api/status` count them.
+    let serving = http.map(|bound| {
+        let handle = host.tree();
+        let observer = Observer::with_runtime(handle.clone(), handle.subscribe(), runtime.clone());
+        let addr = bound.addr();
+        (addr, http::serve(bound, observer))
+    });
     let out = Arc::new(Out::new(args.json));
     let units: Vec<&str> = file.root.children.iter().map(|c| c.name()).collect();
     if out.json() {
@@ -134,6 +147,7 @@ pub async fn run(args: RunArgs, file: TreeFile, url: String) -> CliResult {
             labels: &labels,
             lease_ttl_ms: host.lease_ttl().as_millis(),
             units: units.clone(),
+            http: serving.as_ref().map(|(addr, _)| addr.to_string()),
         });
     } else {
         out.line(&format!(
@@ -143,9 +157,14 @@ pub async fn run(args: RunArgs, file: TreeFile, url: String) -> CliResult {
             host.lease_ttl().as_millis()
         ));
         out.line(&format!(
-            "Control socket: {} (for `agent-host call` and `agent-host status` of the units run here)",
+            "Control socket: {} (for `agent-host call` and `agent-host status` of the whole cluster)",
             socket.display()
         ));
+        if let Some((addr, _)) = &serving {
+            out.line(&format!(
+                "This host's view: http://{addr}/ (metrics: /metrics, JSON: /api/status; the units run here)"
+            ));
+        }
     }
     out.start_clock();
 
@@ -210,6 +229,9 @@ pub async fn run(args: RunArgs, file: TreeFile, url: String) -> CliResult {
         }
     };
     drop(listener);
+    if let Some((_, serving)) = serving {
+        serving.stop().await;
+    }
     if let Some(signal) = why {
         shared.set_stopping();
         if !out.json() {
@@ -303,6 +325,9 @@ fn print_event(out: &Out, host_id: &str, event: &ClusterEvent) {
             format!("cluster: unit {unit} fenced ({reason}); stopping it")
         }
         ClusterEvent::Stopped { unit, .. } => format!("cluster: unit {unit} stopped here"),
+        ClusterEvent::Restarted { unit, cause, .. } => {
+            format!("cluster: unit {unit} restarted here with {cause} (the root's strategy)")
+        }
         ClusterEvent::Released { unit, .. } => {
             format!("cluster: lease of unit {unit} released for another host")
         }
