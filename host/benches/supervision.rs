@@ -5,6 +5,11 @@
 
 use terraphim_agent_supervisor::bench::{self, BenchOptions};
 
+/// The allocator `agent-host bench` runs with, for the same figures.
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() {
     // `cargo bench` passes `--bench`; ignore arguments.
     let options = if std::env::var_os("BENCH_QUICK").is_some() {

@@ -13,6 +13,13 @@
 //! - `bench`: measure the host's performance figures.
 //! - `chaos`: a seeded storm of faults, then the supervision invariants checked.
 
+/// jemalloc: restarts and spawns allocate and free across threads (stores,
+/// tasks, messages), where glibc's allocator spends up to a sixth of a
+/// group restart (README: Benchmark).
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 mod bench;
 mod cache_arg;
 mod chaos;
