@@ -237,7 +237,11 @@ impl AgentCell {
         let _ = agent.stop().await;
         let _ = agent.terminate(TerminateReason::Shutdown).await;
         drop(slot);
-        self.release(agent);
+        match self.lineage.upgrade() {
+            // The supervisor goes on with the next child meanwhile.
+            Some(lineage) => Reaper(lineage).reap_beside(agent),
+            None => drop(agent),
+        }
     }
 
     /// Release what is left of an ended agent in a task of its worker's

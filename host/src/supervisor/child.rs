@@ -236,6 +236,22 @@ impl Reaper {
             drop(agent);
         });
     }
+
+    /// [`reap`](Self::reap), for a supervisor that goes on stopping or
+    /// starting other children: the release yields once before it runs.
+    /// Spawned from the supervisor's thread, it would otherwise sit in that
+    /// thread's next-task slot (which other threads cannot take) and run
+    /// there at the supervisor's next pause, ahead of the supervisor; after
+    /// the yield it waits in the thread's queue, where an idle thread takes
+    /// it. (Measured: a `one_for_all` restart of 10, 170 -> 154 us p50.)
+    pub(super) fn reap_beside(&self, agent: Box<dyn SupervisedAgent>) {
+        let lineage = self.0.clone();
+        tokio::spawn(async move {
+            let _lineage = lineage;
+            tokio::task::yield_now().await;
+            drop(agent);
+        });
+    }
 }
 
 /// What woke a worker.
