@@ -109,8 +109,9 @@ struct Running {
     incarnation: u64,
     /// Aborted if the supervisor is dropped.
     task: AbortOnDropHandle<()>,
-    /// Asks for a graceful stop. Dropping it, without sending, tells the
-    /// child that its supervisor is gone: it dies at once.
+    /// Asks a nested supervisor for a graceful stop (an agent is stopped
+    /// through its `cell`). Dropping it, without sending, tells the child
+    /// that its supervisor is gone: it dies at once.
     stop: oneshot::Sender<()>,
     /// For a nested supervisor: the tracker of its subtree's tasks.
     subtree: Option<TaskTracker>,
@@ -729,7 +730,7 @@ impl Actor {
         let (stop_tx, stop_rx) = oneshot::channel();
         let exits = self.exits_tx.clone();
         let lineage = Arc::new(Lineage::new(&self.tracker, self.lineage.clone()));
-        let (task, started, route, bound, subtree, cell) = match &self.children[idx].spec {
+        let (task, started, route, subtree, cell) = match &self.children[idx].spec {
             ChildSpec::Agent(spec) => {
                 let (tx, rx) = mpsc::channel(64);
                 let factory = self.factory.clone();
@@ -786,19 +787,18 @@ impl Actor {
                     setup.meter.clone(),
                 );
                 cell.install(agent);
-                let reaper = child::Reaper(lineage.clone());
                 let worker_cell = cell.clone();
                 let worker_pid = pid.clone();
                 let (task, _started) =
                     child::spawn(pid.clone(), incarnation, exits, lineage, None, move |s| {
                         let _ = s.send(Ok(()));
-                        child::run_worker(worker_pid, setup, worker_cell, rx, stop_rx, reaper)
+                        child::run_worker(worker_pid, setup, worker_cell, rx, stop_rx)
                     });
                 let route = Route::Worker(WorkerLink {
                     cell: cell.clone(),
                     mailbox: tx,
                 });
-                (task, None, route, None, None, Some(cell))
+                (task, None, route, None, Some(cell))
             }
             ChildSpec::Supervisor(spec) => {
                 let subtree = TaskTracker::new();
@@ -823,31 +823,16 @@ impl Actor {
                     move |s| actor.run_boxed(initial, s, stop_rx),
                 );
                 let route = Route::Supervisor(handle);
-                (task, Some(started), route, None, Some(subtree), None)
+                (task, Some(started), route, Some(subtree), None)
             }
         };
-        let mut task = AbortOnDropHandle::new(task);
-        let failed = |why: String| {
-            let path = &self.children[idx].info.path;
-            SupervisionError::AgentStartFailed(
-                pid.clone(),
-                format!("{path} failed to start: {why}"),
-            )
-        };
-        let outcome = match (started, bound) {
+        let task = AbortOnDropHandle::new(task);
+        let outcome = match started {
             // An agent: started above.
-            (None, _) => Ok(Ok(())),
-            (Some(mut started), Some(bound)) => match timeout(bound, &mut started).await {
-                Ok(answer) => answer,
-                Err(_) => {
-                    let error = failed(format!("it did not start within {bound:?}"));
-                    task.abort();
-                    let _ = (&mut task).await;
-                    end(cell, subtree).await;
-                    return Err(error);
-                }
-            },
-            (Some(started), None) => started.await,
+            None => Ok(Ok(())),
+            // A nested supervisor: its task started it (its children's own
+            // starts are bounded by its agent timeout).
+            Some(started) => started.await,
         };
         let error = match outcome {
             Ok(Ok(())) => {
@@ -869,9 +854,13 @@ impl Actor {
                 });
                 return Ok(());
             }
-            Ok(Err(SupervisionError::AgentStartFailed(_, why))) => failed(why),
-            Ok(Err(e)) => failed(e.to_string()),
-            Err(_) => failed("its task ended while starting (it panicked)".into()),
+            Ok(Err(SupervisionError::AgentStartFailed(_, why))) => {
+                self.start_failed_error(idx, why)
+            }
+            Ok(Err(e)) => self.start_failed_error(idx, e.to_string()),
+            Err(_) => {
+                self.start_failed_error(idx, "its task ended while starting (it panicked)".into())
+            }
         };
         // The task ends by itself after a failed start; wait for it.
         let _ = task.await;

@@ -1,11 +1,11 @@
 //! Child tasks: the tokio task that owns one running child (a worker agent or
 //! a nested supervisor) and reports how it ended.
 //!
-//! Protocol with the supervisor:
+//! Protocol with the supervisor, for a nested supervisor:
 //! - the task first starts the child and answers on `started` (`Ok` or the
 //!   reason it could not start); a task that fails to start sends nothing
 //!   else;
-//! - afterwards, when the child ends on its own (crash, panic, exit), the
+//! - afterwards, when the child ends on its own (escalation, panic), the
 //!   task sends one [`ChildExit`] with its incarnation number;
 //! - the supervisor asks for a graceful stop through the `stop` signal (or
 //!   aborts the task for a brutal kill). A stopped child's exit report is
@@ -13,21 +13,25 @@
 //!   and ignores it. A `stop` signal dropped unsent means the supervisor is
 //!   gone: the child dies at once, without a graceful stop;
 //! - a task sends its exit report only once everything it ran has ended
-//!   (for a nested supervisor: its whole subtree), so that the supervisor
-//!   never restarts a child while an earlier incarnation still runs. What
-//!   is left of an ended agent (its store) is released by a [`Reaper`] task
-//!   in the same lineage: no code of the agent runs any more, and whoever
-//!   waits for the subtree waits for the release;
-//! - a worker's agent lives in an [`AgentCell`] that callers lock to call
-//!   it from their own tasks; the worker serves the rest (casts, system
-//!   messages, health checks, timers), picks up an agent that a call ended,
-//!   and kills the cell when its task ends, however it ends;
-//! - a worker also delivers its agent's due timers ([`deliver_timer`]):
-//!   each as an ordinary message whose reply goes nowhere. Timers belong to
-//!   the agent (its instance), so they end with it;
+//!   (its whole subtree), so that the supervisor never restarts a child
+//!   while an earlier incarnation still runs.
+//!
+//! For an agent, the supervisor creates, initialises and starts it itself
+//! and puts it in an [`AgentCell`], which callers lock to call it from
+//! their own tasks and through which the supervisor stops or kills it.
+//! Whoever ends the agent (a call it crashed in, or its worker) reports the
+//! end through the cell; what is left of it (its store) is released by a
+//! [`Reaper`] task in the worker's lineage, so whoever waits for the
+//! subtree waits for the release. Its worker task ([`run_worker`]) serves
+//! the rest: casts, system messages, health checks and timers. The worker
+//! kills the cell when its task ends, however it ends, and reports nothing
+//! itself but its own panic. Also:
+//! - a worker delivers its agent's due timers ([`deliver_timer`]): each as
+//!   an ordinary message whose reply goes nowhere. Timers belong to the
+//!   agent (its instance), so they end with it;
 //! - a worker reports what its agent consumes to the agent's meter (after
-//!   its start, each call and each health check), and counts each timer's
-//!   delivery there as a call of the agent.
+//!   each health check), as calls do after each call, and counts each
+//!   timer's delivery there as a call of the agent.
 
 use std::any::Any;
 use std::future::Future;
@@ -51,7 +55,7 @@ use crate::runtime::{CrashReport, MAX_REPORT_MESSAGE};
 use crate::text::{bound, fnv1a};
 use crate::{
     AgentPid, ExitReason, InitArgs, SupervisedAgent, SupervisionError, SupervisionResult,
-    SystemMessage, TerminateReason,
+    SystemMessage,
 };
 
 /// A request to a running worker.
@@ -198,19 +202,22 @@ where
 
 /// The body of a worker's task, once its supervisor has started the agent
 /// and put it in its `cell`: serve its timers, health checks and mailbox
-/// until it exits or is asked to stop. Calls reach the agent through the
-/// cell from their callers' tasks; see [`super::cell`].
+/// until the agent ends or is stopped or killed. Calls reach the agent
+/// through the cell from their callers' tasks, and the supervisor stops
+/// and kills it through the cell too; see [`super::cell`]. Always `None`:
+/// an agent's end is reported through its cell, and a panic of this task
+/// by [`spawn`].
 pub(crate) async fn run_worker(
     pid: AgentPid,
     setup: WorkerSetup,
     cell: Arc<AgentCell>,
     commands: mpsc::Receiver<WorkerCommand>,
-    stop: oneshot::Receiver<()>,
-    reaper: Reaper,
+    supervisor: oneshot::Receiver<()>,
 ) -> Option<Ending> {
     // However the task ends (even aborted), the agent goes with it.
     let _kill = KillOnDrop(&cell);
-    serve(&cell, &pid, &setup, commands, stop, &reaper).await
+    serve(&cell, &pid, &setup, commands, supervisor).await;
+    None
 }
 
 /// Kills its cell when dropped: the worker's task ended or was aborted.
@@ -256,8 +263,6 @@ impl Reaper {
 
 /// What woke a worker.
 enum Event {
-    /// A graceful stop (asked, or every handle of the agent is gone).
-    Stop,
     /// The earliest timer is due.
     Timer,
     /// A message from the mailbox.
@@ -266,20 +271,21 @@ enum Event {
     Health,
 }
 
-/// Serve timers, health checks and the mailbox until the agent exits or is
-/// asked to stop. `Some` after a graceful stop; `None` when the agent
-/// ended on its own (already reported through its cell), was killed, or
-/// its supervisor is gone.
+/// Serve timers, health checks and the mailbox until the agent ended (and
+/// was reported through its cell), was stopped or killed, or its
+/// supervisor is gone (`supervisor` dropped; nothing is ever sent on it).
 async fn serve(
     cell: &AgentCell,
     pid: &AgentPid,
     setup: &WorkerSetup,
     mut commands: mpsc::Receiver<WorkerCommand>,
-    mut stop: oneshot::Receiver<()>,
-    reaper: &Reaper,
-) -> Option<Ending> {
+    mut supervisor: oneshot::Receiver<()>,
+) -> Option<()> {
     let mut checks = health_checks(&setup.health);
     let mut streak = 0;
+    // The mailbox closes when the supervisor drops the agent's route, just
+    // before it stops the agent through the cell: it is not a stop signal.
+    let mut mailbox_open = true;
     loop {
         let due = {
             // `None`: ended (and reported) or killed.
@@ -287,15 +293,18 @@ async fn serve(
         };
         let event = tokio::select! {
             biased;
-            asked = &mut stop => match asked {
-                Ok(()) => Event::Stop,
-                // The supervisor is gone: die without a graceful stop.
-                Err(_) => return None,
-            },
+            // The supervisor is gone: die without a graceful stop.
+            _ = &mut supervisor => return None,
             () = cell.ended() => return None,
             () = cell.woken() => continue,
             () = until(due) => Event::Timer,
-            command = commands.recv() => command.map_or(Event::Stop, Event::Command),
+            command = commands.recv(), if mailbox_open => match command {
+                Some(command) => Event::Command(command),
+                None => {
+                    mailbox_open = false;
+                    continue;
+                }
+            },
             () = tick(&mut checks) => Event::Health,
         };
         if let Event::Command(WorkerCommand::Call(message, reply)) = event {
@@ -310,14 +319,6 @@ async fn serve(
             return None; // ended (and reported) or killed
         };
         let ending = match event {
-            Event::Stop => {
-                let _ = agent.stop().await;
-                let _ = agent.terminate(TerminateReason::Shutdown).await;
-                if let Some(agent) = slot.agent.take() {
-                    reaper.reap(agent);
-                }
-                return Some(ExitReason::Shutdown.into());
-            }
             Event::Timer => match agent.take_due_timer(tokio::time::Instant::now()) {
                 Some(message) => {
                     slot.sequence += 1;
