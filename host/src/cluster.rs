@@ -713,6 +713,22 @@ impl ClusterClient {
         })
     }
 
+    /// The leases bucket (a joining host creates it).
+    async fn leases(&self) -> Result<kv::Store, JoinError> {
+        async_nats::jetstream::new(self.client.clone())
+            .get_key_value(&self.names.leases)
+            .await
+            .map_err(|e| self.leases_error(e))
+    }
+
+    /// The error of an operation on the leases bucket.
+    fn leases_error(&self, error: impl std::fmt::Display) -> JoinError {
+        JoinError::Bucket {
+            bucket: self.names.leases.clone(),
+            message: error.to_string(),
+        }
+    }
+
     /// Who holds the lease of each of `units`, as the leases bucket says
     /// now (a holder that died keeps it until it expires).
     ///
@@ -720,21 +736,13 @@ impl ClusterClient {
     ///
     /// [`JoinError::Bucket`] if the bucket cannot be read.
     pub async fn units(&self, units: &[String]) -> Result<Vec<UnitStatus>, JoinError> {
-        let js = async_nats::jetstream::new(self.client.clone());
-        let bucket_error = |message: String| JoinError::Bucket {
-            bucket: self.names.leases.clone(),
-            message,
-        };
-        let store = js
-            .get_key_value(&self.names.leases)
-            .await
-            .map_err(|e| bucket_error(e.to_string()))?;
+        let store = self.leases().await?;
         let mut out = Vec::with_capacity(units.len());
         for unit in units {
             let entry = store
                 .entry(lease_key(unit))
                 .await
-                .map_err(|e| bucket_error(e.to_string()))?;
+                .map_err(|e| self.leases_error(e))?;
             let (holder, revision) = match entry {
                 Some(e) if e.operation == Operation::Put => {
                     (serde_json::from_slice(&e.value).ok(), e.revision)
@@ -761,22 +769,11 @@ impl ClusterClient {
     ///
     /// [`JoinError::Bucket`] if the bucket cannot be read.
     pub async fn hosts(&self, units: &[UnitStatus]) -> Result<Vec<HostStatus>, JoinError> {
-        let js = async_nats::jetstream::new(self.client.clone());
-        let bucket_error = |message: String| JoinError::Bucket {
-            bucket: self.names.leases.clone(),
-            message,
-        };
-        let store = js
-            .get_key_value(&self.names.leases)
-            .await
-            .map_err(|e| bucket_error(e.to_string()))?;
-        let mut keys = store
-            .keys()
-            .await
-            .map_err(|e| bucket_error(e.to_string()))?;
+        let store = self.leases().await?;
+        let mut keys = store.keys().await.map_err(|e| self.leases_error(e))?;
         let mut host_keys = Vec::new();
         while let Some(key) = keys.next().await {
-            let key = key.map_err(|e| bucket_error(e.to_string()))?;
+            let key = key.map_err(|e| self.leases_error(e))?;
             if key.starts_with("host.") {
                 host_keys.push(key);
                 if host_keys.len() >= MAX_HOSTS {
@@ -787,11 +784,7 @@ impl ClusterClient {
         let now = now_ms();
         let mut out = Vec::with_capacity(host_keys.len());
         for key in host_keys {
-            let Some(value) = store
-                .get(key)
-                .await
-                .map_err(|e| bucket_error(e.to_string()))?
-            else {
+            let Some(value) = store.get(key).await.map_err(|e| self.leases_error(e))? else {
                 continue;
             };
             if value.len() > MAX_HOST_RECORD_BYTES {
@@ -1292,23 +1285,16 @@ impl ClusterHost {
     ///
     /// [`JoinError::Bucket`] if the key cannot be written.
     pub async fn halt(&self, reason: &str) -> Result<(), JoinError> {
-        let js = async_nats::jetstream::new(self.client.client.clone());
-        let bucket_error = |message: String| JoinError::Bucket {
-            bucket: self.client.names.leases.clone(),
-            message,
-        };
-        let leases = js
-            .get_key_value(&self.client.names.leases)
-            .await
-            .map_err(|e| bucket_error(e.to_string()))?;
-        leases
+        self.client
+            .leases()
+            .await?
             .put(
                 history::HALT_KEY,
                 Bytes::from(format!("{reason} (on host {})", self.host_id)),
             )
             .await
             .map(|_| ())
-            .map_err(|e| bucket_error(e.to_string()))
+            .map_err(|e| self.client.leases_error(e))
     }
 
     /// Why the tree's root gave up on the cluster (on any host), if it did.
@@ -2266,6 +2252,22 @@ struct Serving {
 const DRAIN_BOUND: Duration = Duration::from_secs(2);
 
 impl Runner {
+    /// The unit did not start here (`error`): say so, and have the manager
+    /// give its lease up.
+    async fn start_failed(&self, incarnation: &str, error: &impl std::fmt::Display) {
+        let _ = self.events.send(ClusterEvent::StartFailed {
+            unit: self.unit.clone(),
+            incarnation: incarnation.to_owned(),
+            error: error.to_string(),
+        });
+        let _ = self
+            .notes
+            .send(RunnerNote::StartFailed {
+                unit: self.unit.clone(),
+            })
+            .await;
+    }
+
     async fn run(self, mut commands: mpsc::Receiver<Command>) {
         let mut serving: Option<Serving> = None;
         let mut incarnation = String::new();
@@ -2325,19 +2327,7 @@ impl Runner {
                                 incarnation: incarnation.clone(),
                             });
                         }
-                        Err(e) => {
-                            let _ = self.events.send(ClusterEvent::StartFailed {
-                                unit: self.unit.clone(),
-                                incarnation: incarnation.clone(),
-                                error: e.to_string(),
-                            });
-                            let _ = self
-                                .notes
-                                .send(RunnerNote::StartFailed {
-                                    unit: self.unit.clone(),
-                                })
-                                .await;
-                        }
+                        Err(e) => self.start_failed(&incarnation, &e).await,
                     }
                 }
                 Some(Command::Halt {
@@ -2372,20 +2362,8 @@ impl Runner {
                                     cause,
                                 });
                             }
-                            Err(e) => {
-                                // As a failed start: the lease is given up.
-                                let _ = self.events.send(ClusterEvent::StartFailed {
-                                    unit: self.unit.clone(),
-                                    incarnation: incarnation.clone(),
-                                    error: e.to_string(),
-                                });
-                                let _ = self
-                                    .notes
-                                    .send(RunnerNote::StartFailed {
-                                        unit: self.unit.clone(),
-                                    })
-                                    .await;
-                            }
+                            // As a failed start: the lease is given up.
+                            Err(e) => self.start_failed(&incarnation, &e).await,
                         }
                     }
                     let _ = done.send(());
