@@ -1335,18 +1335,10 @@ impl TreeFile {
         runtime: &Runtime,
         state: Arc<dyn StateStore>,
     ) -> Result<AgentSupervisor, TreeError> {
-        let components = self.check(runtime)?;
-        let mut factory = WasmAgentFactory::new(runtime.clone()).with_state_store(state);
-        for (path, component) in components {
-            factory = factory.with_component(path.display().to_string(), component);
-        }
-        let factory: Arc<dyn AgentFactory> = Arc::new(factory);
-        let config = supervisor_config(&self.root);
-        let mut sup = AgentSupervisor::new(config, factory.clone()).with_name(&self.root.name);
-        for child in &self.root.children {
-            sup = sup.with_child(child_spec(child, &self.root.name, &factory));
-        }
-        Ok(sup)
+        let (root, children) = self.build_units(runtime, state)?;
+        Ok(children
+            .into_iter()
+            .fold(root, |root, (_, child)| root.with_child(child)))
     }
 
     /// Like [`build_with_state`](Self::build_with_state), for a host of a

@@ -233,13 +233,7 @@ fn validate_accepts_a_valid_tree_file() {
 
 /// The tree file documented in the README, which must stay valid.
 fn readme_tree_example() -> String {
-    let readme = include_str!("../../README.md");
-    let start = readme
-        .find("```toml\n")
-        .expect("the README has a toml block")
-        + "```toml\n".len();
-    let end = start + readme[start..].find("```").expect("the toml block ends");
-    readme[start..end].to_owned()
+    common::readme_toml_block("")
 }
 
 #[test]

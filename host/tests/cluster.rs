@@ -298,6 +298,14 @@ fn check_replies(calls: &[Probe]) -> Vec<String> {
     order
 }
 
+/// Stop every host gracefully, and check that each stopped cleanly.
+fn stop_hosts(hosts: impl IntoIterator<Item = RunningHost>) {
+    for host in hosts {
+        let (status, stderr) = host.stop();
+        assert!(status.success(), "a host did not stop cleanly: {stderr}");
+    }
+}
+
 fn start_host(dir: &TempDir, url: &str, id: &str, tree: &str) -> RunningHost {
     let mut host = RunningHost::start(
         dir,
@@ -436,10 +444,7 @@ fn failover(name: &str, how: &str) {
         }
         _ => assert_eq!(entries.len(), repeat(), "{entries:?}"),
     }
-    for (_, host) in hosts {
-        let (status, stderr) = host.stop();
-        assert!(status.success(), "a host did not stop cleanly: {stderr}");
-    }
+    stop_hosts(hosts.into_values());
 }
 
 #[test]
@@ -491,10 +496,7 @@ fn when_the_nats_server_dies_the_owner_fences_and_the_cluster_recovers() {
         order.len() > 1,
         "no new incarnation after the server came back: {order:?}"
     );
-    for (_, host) in hosts {
-        let (status, stderr) = host.stop();
-        assert!(status.success(), "a host did not stop cleanly: {stderr}");
-    }
+    stop_hosts(hosts.into_values());
 }
 
 #[test]
@@ -726,18 +728,8 @@ fn call_costs(url: &str, dir: &TempDir) -> (Duration, Duration, f64) {
 /// The tree file of the README's "Many hosts" section is valid.
 #[test]
 fn the_readme_cluster_tree_validates() {
-    let readme = include_str!("../../README.md");
-    let section = readme
-        .find("## Many hosts")
-        .expect("the README has the section");
-    let start = section
-        + readme[section..]
-            .find("```toml\n")
-            .expect("the section has a toml block")
-        + "```toml\n".len();
-    let end = start + readme[start..].find("```").expect("the toml block ends");
     let dir = TempDir::new("readme-cluster-tree");
-    let path = dir.write("tree.toml", &readme[start..end]);
+    let path = dir.write("tree.toml", &common::readme_toml_block("## Many hosts"));
     let file = terraphim_agent_supervisor::tree::TreeFile::load(&path).expect("the tree is valid");
     assert_eq!(file.cluster.lease_ttl, Duration::from_secs(10));
     assert_eq!(file.cluster.placement["counter"]["zone"], "b");
@@ -834,10 +826,7 @@ fn one_lost_host_counts_once_in_the_shared_restart_history() {
     let mut units: Vec<&str> = entries.iter().map(|e| e.unit.as_str()).collect();
     units.sort();
     assert_eq!(units, ["counter", "other"]);
-    for host in others {
-        let (status, stderr) = host.stop();
-        assert!(status.success(), "{stderr}");
-    }
+    stop_hosts(others);
 }
 
 /// Takeovers beyond the root's intensity (max_restarts = 1: the second
@@ -917,10 +906,7 @@ fn agent_host_call_through_any_host_reaches_the_unit() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = common::cli::text(&out.stderr);
     assert!(stderr.contains("no unit `nobody` in this tree"), "{stderr}");
-    for (_, host) in hosts {
-        let (status, stderr) = host.stop();
-        assert!(status.success(), "{stderr}");
-    }
+    stop_hosts(hosts.into_values());
 }
 
 /// A host whose tree file differs from the one the cluster runs is refused
@@ -942,8 +928,7 @@ fn a_host_with_a_different_tree_file_is_refused() {
         stderr.contains("differs from the one the cluster's hosts run"),
         "{stderr}"
     );
-    let (status, stderr) = host.stop();
-    assert!(status.success(), "{stderr}");
+    stop_hosts([host]);
 }
 
 /// `agent-host cluster status` names each unit's host; `cluster drain HOST`
@@ -1002,10 +987,7 @@ fn cluster_status_names_the_owner_and_drain_hands_its_units_over() {
     let out = dir.agent_host(&["cluster", "drain", "--cluster", &nats.url, &tree, "nobody"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(common::cli::text(&out.stderr).contains("no such host"));
-    for host in hosts {
-        let (status, stderr) = host.stop();
-        assert!(status.success(), "{stderr}");
-    }
+    stop_hosts(hosts);
 }
 
 /// A unit in a crash loop makes its host's root exceed its intensity: the
@@ -1104,10 +1086,7 @@ fn placement_labels_choose_the_host() {
     });
     let reply = reply_from_new(&nats.url, "root/counter", None);
     assert_eq!(reply.host, "h2");
-    for host in [h1, h2] {
-        let (status, stderr) = host.stop();
-        assert!(status.success(), "{stderr}");
-    }
+    stop_hosts([h1, h2]);
 }
 
 /// A tree of crasher units, each pinned by labels to the hosts of its own
@@ -1466,10 +1445,7 @@ fn cluster_status_lists_every_live_host_idle_ones_too() {
     assert!(code.success(), "{stderr}");
     let text = status(false);
     assert!(!text.lines().any(|l| l.starts_with(idle)), "{text}");
-    for (_, host) in hosts {
-        let (status, stderr) = host.stop();
-        assert!(status.success(), "{stderr}");
-    }
+    stop_hosts(hosts.into_values());
 }
 
 /// `agent-host status` through any host shows the whole cluster: every
@@ -1569,10 +1545,7 @@ component = "echo.wasm"
         "{text}"
     );
     h2.signal("CONT");
-    for host in [h1, h2] {
-        let (status, stderr) = host.stop();
-        assert!(status.success(), "{stderr}");
-    }
+    stop_hosts([h1, h2]);
 }
 
 /// `--http` with `--cluster`: each host serves its own view (the units it
@@ -1660,10 +1633,7 @@ fn each_host_serves_its_own_view_with_http() {
         "{}",
         common::cli::text(&out.stderr)
     );
-    for host in [h1, h2] {
-        let (status, stderr) = host.stop();
-        assert!(status.success(), "{stderr}");
-    }
+    stop_hosts([h1, h2]);
 }
 
 /// The order that holds within a host: under `one_for_all`, a crash of

@@ -497,17 +497,7 @@ async fn js_agent_fits_its_limits() {
 
 /// The tree file of the README's "Write an agent" section.
 fn readme_polyglot_tree() -> String {
-    let readme = include_str!("../../README.md");
-    let section = readme
-        .find("## Write an agent in Rust, Python or JavaScript")
-        .expect("the README has the section");
-    let start = section
-        + readme[section..]
-            .find("```toml\n")
-            .expect("the section has a toml block")
-        + "```toml\n".len();
-    let end = start + readme[start..].find("```").expect("the toml block ends");
-    readme[start..end].to_owned()
+    common::readme_toml_block("## Write an agent in Rust, Python or JavaScript")
 }
 
 /// Whether `seen` has an event of `kind` (`ChildStarted`, ...) for `path`

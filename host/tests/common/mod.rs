@@ -37,6 +37,22 @@ pub fn tool_or_skip(
     found
 }
 
+/// The first ```` ```toml ```` block of the README after `heading` (from
+/// the top with `""`): documented tree files, which must stay valid.
+pub fn readme_toml_block(heading: &str) -> String {
+    let readme = include_str!("../../../README.md");
+    let section = readme
+        .find(heading)
+        .unwrap_or_else(|| panic!("the README has {heading:?}"));
+    let start = section
+        + readme[section..]
+            .find("```toml\n")
+            .unwrap_or_else(|| panic!("{heading:?} has a toml block"))
+        + "```toml\n".len();
+    let end = start + readme[start..].find("```").expect("the toml block ends");
+    readme[start..end].to_owned()
+}
+
 /// One runtime (engine) shared by every test of a test binary.
 pub fn runtime() -> &'static Runtime {
     static RUNTIME: OnceLock<Runtime> = OnceLock::new();
