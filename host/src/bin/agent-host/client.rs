@@ -261,25 +261,31 @@ pub async fn status(args: StatusArgs) -> CliResult {
         "PATH", "KIND", "STATUS", "RESTARTS"
     ));
     for row in &rows {
-        let last = row
-            .last_exit
-            .as_ref()
-            .map_or_else(|| "-".to_owned(), ToString::to_string);
+        let (kind, status, last) = columns(row);
         out.line(&format!(
-            "{:<w$}  {:<10}  {:<10}  {:>8}  {last}",
-            row.path,
-            match row.kind {
-                NodeKind::Supervisor => "supervisor",
-                NodeKind::Agent => "agent",
-            },
-            match row.circuit {
-                Some(CircuitStatus::Open { .. }) => "parked",
-                _ => status_text(&row.status),
-            },
-            row.restart_count,
+            "{:<w$}  {kind:<10}  {status:<10}  {:>8}  {last}",
+            row.path, row.restart_count,
         ));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The KIND, STATUS and LAST EXIT columns of a node's row (a child whose
+/// circuit is open shows as parked).
+fn columns(node: &NodeStatus) -> (&'static str, &'static str, String) {
+    let kind = match node.kind {
+        NodeKind::Supervisor => "supervisor",
+        NodeKind::Agent => "agent",
+    };
+    let status = match node.circuit {
+        Some(CircuitStatus::Open { .. }) => "parked",
+        _ => status_text(&node.status),
+    };
+    let last = node
+        .last_exit
+        .as_ref()
+        .map_or_else(|| "-".to_owned(), ToString::to_string);
+    (kind, status, last)
 }
 
 /// The status of every unit of a cluster, with the host that runs it: a
@@ -320,23 +326,10 @@ fn print_cluster_status(out: &Out, status: &control::ClusterStatus) {
     ));
     for row in &status.nodes {
         let node = &row.node;
-        let last = node
-            .last_exit
-            .as_ref()
-            .map_or_else(|| "-".to_owned(), ToString::to_string);
+        let (kind, state, last) = columns(node);
         out.line(&format!(
-            "{:<w$}  {:<hw$}  {:<10}  {:<10}  {:>8}  {last}",
-            node.path,
-            row.host,
-            match node.kind {
-                NodeKind::Supervisor => "supervisor",
-                NodeKind::Agent => "agent",
-            },
-            match node.circuit {
-                Some(CircuitStatus::Open { .. }) => "parked",
-                _ => status_text(&node.status),
-            },
-            node.restart_count,
+            "{:<w$}  {:<hw$}  {kind:<10}  {state:<10}  {:>8}  {last}",
+            node.path, row.host, node.restart_count,
         ));
     }
     for missing in &status.missing {
